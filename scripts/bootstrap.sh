@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs what minikproxy needs on a Debian 12 machine: the kernel userland (iptables with
+# both backends, nftables, ipset, conntrack, ipvsadm, iproute2) and a virtualenv in .venv with
+# the project and its development tools. Safe to run again; it only does what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_pkgs=()
+for spec in iptables:iptables-restore nftables:nft ipset:ipset conntrack:conntrack \
+            ipvsadm:ipvsadm iproute2:ip procps:sysctl; do
+    pkg=${spec%%:*} bin=${spec##*:}
+    command -v "$bin" >/dev/null 2>&1 || [ -x "/usr/sbin/$bin" ] || [ -x "/sbin/$bin" ] || need_pkgs+=("$pkg")
+done
+if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+    need_pkgs+=(python3-venv)
+fi
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "bootstrap: missing Debian packages: ${need_pkgs[*]} (run as root to install them)" >&2
+        exit 1
+    fi
+    echo "bootstrap: installing ${need_pkgs[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+fi
+
+stamp=.venv/.minikproxy-installed
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    echo "bootstrap: installing minikproxy into .venv" >&2
+    .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+    .venv/bin/python -m pip install -q -e '.[dev]'
+    touch "$stamp"
+fi

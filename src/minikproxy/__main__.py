@@ -1,0 +1,5 @@
+"""``python -m minikproxy``."""
+
+from minikproxy.cli import main
+
+raise SystemExit(main())

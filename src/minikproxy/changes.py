@@ -1,0 +1,249 @@
+"""Track API objects and turn them into ``ProxyState`` snapshots plus what changed.
+
+``ClusterTracker`` is fed raw objects (from manifests or from watches) and keeps the parsed
+model per Service. :meth:`ClusterTracker.snapshot` recomputes only the services touched since
+the previous snapshot of that family and reports them, so a partial sync can rewrite only
+their rules (kube-proxy's ``UpdateServiceMapResult.UpdatedServices``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from minikproxy.model.endpoint import Endpoint
+from minikproxy.model.names import IPV4, IPV6, IPFamily, NamespacedName, ServicePortName
+from minikproxy.model.parse import (
+    NodeInfo,
+    ParsedSlice,
+    parse_endpoint_slice,
+    parse_legacy_endpoints,
+    parse_node,
+    parse_service,
+)
+from minikproxy.model.problems import ProblemSink, ignore_problems
+from minikproxy.model.serviceport import ServicePort
+from minikproxy.model.state import ProxyState
+
+Obj = Mapping[str, Any]
+FAMILIES: tuple[IPFamily, ...] = (IPV4, IPV6)
+
+
+def _key(obj: Obj) -> NamespacedName:
+    meta = obj.get("metadata") or {}
+    return NamespacedName(str(meta.get("namespace") or "default"), str(meta.get("name") or ""))
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A state plus the Services whose ports or endpoints changed since the last snapshot.
+
+    ``changed`` is None when everything must be considered changed (first snapshot, or the
+    node's topology labels changed).
+    """
+
+    state: ProxyState
+    changed: frozenset[NamespacedName] | None
+    trigger_times: Mapping[NamespacedName, tuple[str, ...]]
+
+
+class ClusterTracker:
+    """The Services, EndpointSlices, Endpoints and Node of a cluster, parsed once."""
+
+    def __init__(self, node_name: str, *, report: ProblemSink = ignore_problems) -> None:
+        self.node_name = node_name
+        self._report = report
+        self._node = NodeInfo(name=node_name)
+        self._service_ports: dict[NamespacedName, dict[IPFamily, tuple[ServicePort, ...]]] = {}
+        self._slices: dict[NamespacedName, dict[str, ParsedSlice]] = {}
+        self._legacy: dict[NamespacedName, tuple[ParsedSlice, ...]] = {}
+        self._slice_owner: dict[NamespacedName, NamespacedName] = {}
+        self._ports: dict[IPFamily, dict[ServicePortName, ServicePort]] = {f: {} for f in FAMILIES}
+        self._endpoints: dict[IPFamily, dict[ServicePortName, tuple[Endpoint, ...]]] = {
+            f: {} for f in FAMILIES
+        }
+        self._by_service: dict[IPFamily, dict[NamespacedName, tuple[ServicePortName, ...]]] = {
+            f: {} for f in FAMILIES
+        }
+        self._eps_by_service: dict[IPFamily, dict[NamespacedName, tuple[ServicePortName, ...]]] = {
+            f: {} for f in FAMILIES
+        }
+        self._dirty: dict[IPFamily, set[NamespacedName]] = {f: set() for f in FAMILIES}
+        self._full: dict[IPFamily, bool] = {f: True for f in FAMILIES}
+        self._triggers: dict[NamespacedName, list[str]] = {}
+
+    # --- feeding -----------------------------------------------------------------------------
+
+    def _touch(self, key: NamespacedName) -> None:
+        for fam in FAMILIES:
+            self._dirty[fam].add(key)
+
+    def upsert_service(self, obj: Obj) -> None:
+        """Add or replace a v1 Service."""
+        key = _key(obj)
+        ports = {fam: parse_service(obj, fam, self._report) for fam in FAMILIES}
+        if self._service_ports.get(key) != ports:
+            self._service_ports[key] = ports
+            self._touch(key)
+
+    def delete_service(self, obj: Obj) -> None:
+        """Forget a v1 Service."""
+        key = _key(obj)
+        if self._service_ports.pop(key, None) is not None:
+            self._touch(key)
+
+    def upsert_endpoint_slice(self, obj: Obj) -> None:
+        """Add or replace a discovery.k8s.io/v1 EndpointSlice."""
+        slice_key = _key(obj)
+        parsed = parse_endpoint_slice(obj, self._report)
+        old_owner = self._slice_owner.pop(slice_key, None)
+        if old_owner is not None:
+            old = self._slices.get(old_owner, {}).pop(slice_key.name, None)
+            if parsed is not None and old == parsed:
+                self._slices[old_owner][slice_key.name] = parsed
+                self._slice_owner[slice_key] = old_owner
+                return
+            self._touch(old_owner)
+        if parsed is None:
+            return
+        self._slices.setdefault(parsed.service, {})[slice_key.name] = parsed
+        self._slice_owner[slice_key] = parsed.service
+        self._touch(parsed.service)
+        if parsed.trigger_time:
+            self._triggers.setdefault(parsed.service, []).append(parsed.trigger_time)
+
+    def delete_endpoint_slice(self, obj: Obj) -> None:
+        """Forget an EndpointSlice."""
+        slice_key = _key(obj)
+        owner = self._slice_owner.pop(slice_key, None)
+        if owner is not None:
+            self._slices.get(owner, {}).pop(slice_key.name, None)
+            if not self._slices.get(owner):
+                self._slices.pop(owner, None)
+            self._touch(owner)
+
+    def upsert_endpoints(self, obj: Obj) -> None:
+        """Add or replace a legacy v1 Endpoints (used only for Services without slices)."""
+        key = _key(obj)
+        parsed = parse_legacy_endpoints(obj, self._report)
+        if self._legacy.get(key) != parsed:
+            self._legacy[key] = parsed
+            self._touch(key)
+
+    def delete_endpoints(self, obj: Obj) -> None:
+        """Forget a legacy v1 Endpoints."""
+        key = _key(obj)
+        if self._legacy.pop(key, None) is not None:
+            self._touch(key)
+
+    def set_node(self, obj: Obj) -> None:
+        """Record this node's v1 Node; a zone-label change forces a full recompute."""
+        node = parse_node(obj, self._report)
+        if node is None or node.name != self.node_name:
+            return
+        if node.zone != self._node.zone:
+            self._full = {f: True for f in FAMILIES}
+        self._node = node
+
+    def override_node(self, node: NodeInfo) -> None:
+        """Replace the node wholesale (used when flags override the Node object)."""
+        if node.zone != self._node.zone:
+            self._full = {f: True for f in FAMILIES}
+        self._node = node
+
+    def add_objects(self, objects: Iterable[Obj]) -> None:
+        """Feed a batch of objects of any supported kind (others are ignored)."""
+        for obj in objects:
+            kind = obj.get("kind")
+            if kind == "Service":
+                self.upsert_service(obj)
+            elif kind == "EndpointSlice":
+                self.upsert_endpoint_slice(obj)
+            elif kind == "Endpoints":
+                self.upsert_endpoints(obj)
+            elif kind == "Node":
+                self.set_node(obj)
+
+    @property
+    def node(self) -> NodeInfo:
+        """This node, as last seen."""
+        return self._node
+
+    def pending_services(self, family: IPFamily) -> int:
+        """How many Services changed since the last snapshot of ``family``."""
+        return len(self._dirty[family])
+
+    # --- snapshots ---------------------------------------------------------------------------
+
+    def snapshot(self, family: IPFamily) -> Snapshot:
+        """Recompute the changed Services of ``family`` and return the new state."""
+        full = self._full[family]
+        dirty = (
+            set(self._service_ports) | set(self._slices) | set(self._legacy)
+            if full
+            else (self._dirty[family])
+        )
+        if full:
+            dirty |= set(self._by_service[family]) | set(self._eps_by_service[family])
+        ports, endpoints = self._ports[family], self._endpoints[family]
+        for key in dirty:
+            for name in self._by_service[family].pop(key, ()):
+                ports.pop(name, None)
+            for name in self._eps_by_service[family].pop(key, ()):
+                endpoints.pop(name, None)
+            svc_ports = self._service_ports.get(key, {}).get(family, ())
+            if svc_ports:
+                self._by_service[family][key] = tuple(p.name for p in svc_ports)
+                for p in svc_ports:
+                    ports[p.name] = p
+            eps = self._endpoints_for(key, family)
+            if eps:
+                self._eps_by_service[family][key] = tuple(eps)
+                endpoints.update(eps)
+        self._dirty[family] = set()
+        self._full[family] = False
+        triggers = {k: tuple(self._triggers.pop(k)) for k in dirty if k in self._triggers}
+        state = ProxyState(
+            family, self._node, dict(ports), dict(endpoints), dict(self._by_service[family])
+        )
+        return Snapshot(state, None if full else frozenset(dirty), triggers)
+
+    def _endpoints_for(
+        self, key: NamespacedName, family: IPFamily
+    ) -> dict[ServicePortName, tuple[Endpoint, ...]]:
+        slices = self._slices.get(key)
+        if slices:
+            sources: Iterable[ParsedSlice] = (slices[n] for n in sorted(slices))
+        else:
+            sources = self._legacy.get(key, ())
+        merged: dict[ServicePortName, dict[str, Endpoint]] = {}
+        node_name = self.node_name
+        for sl in sources:
+            if sl.family != family:
+                continue
+            for sp in sl.ports:
+                name = ServicePortName(key.namespace, key.name, sp.name, sp.protocol)
+                bucket = merged.setdefault(name, {})
+                for se in sl.endpoints:
+                    is_local = bool(se.node_name) and se.node_name == node_name
+                    ep = Endpoint(
+                        se.ip,
+                        sp.port,
+                        se.ready,
+                        se.serving,
+                        se.terminating,
+                        is_local,
+                        se.zone_hints,
+                        se.node_hints,
+                        se.node_name,
+                        se.zone,
+                    )
+                    address = ep.address
+                    if address not in bucket or is_local:
+                        bucket[address] = ep
+        return {
+            name: tuple(bucket[a] for a in sorted(bucket))
+            for name, bucket in merged.items()
+            if bucket
+        }

@@ -1,0 +1,53 @@
+"""The controller's subcommands: ``run`` and ``cleanup`` (flags as kube-proxy's)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+
+def add_subcommands(
+    sub: Any,
+    add_node_flags: Callable[[argparse.ArgumentParser], None],
+    duration: Callable[[str], float],
+) -> None:
+    """Register ``run`` and ``cleanup`` on the top-level subparsers."""
+    run = sub.add_parser(
+        "run",
+        help="watch the API server and keep this node's rules in sync (kube-proxy's job)",
+        description="Watch Services, EndpointSlices and this Node and keep the node's "
+        "iptables rules in sync, with partial syncs, metrics and health endpoints.",
+    )
+    add_node_flags(run)
+    run.add_argument("--kubeconfig", default=None, help="default: in-cluster, then $KUBECONFIG")
+    run.add_argument("--min-sync-period", type=duration, default=None, metavar="DURATION")
+    run.add_argument("--sync-period", type=duration, default=None, metavar="DURATION")
+    run.add_argument("--metrics-bind-address", default=None, metavar="IP:PORT")
+    run.add_argument("--healthz-bind-address", default=None, metavar="IP:PORT")
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="watch and compile as in production, print what would change, never touch the kernel",
+    )
+    run.add_argument(
+        "--iptables-backend",
+        choices=("auto", "nft", "legacy"),
+        default="auto",
+        help="iptables backend; auto picks the one that already holds rules",
+    )
+
+    cleanup = sub.add_parser(
+        "cleanup",
+        help="remove every chain and rule minikproxy (or kube-proxy's iptables mode) installed",
+    )
+    cleanup.add_argument("--iptables-backend", choices=("auto", "nft", "legacy"), default="auto")
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    """Run the ``run`` or ``cleanup`` subcommand."""
+    from minikproxy import controller
+
+    if args.command == "run":
+        return controller.main_run(args)
+    return controller.main_cleanup(args)

@@ -1,0 +1,59 @@
+"""kube-proxy's iptables chain names: a prefix plus 16 base32 characters of a SHA-256 hash.
+
+``KUBE-SVC-``/``KUBE-SVL-``/``KUBE-EXT-``/``KUBE-FW-`` hash ``str(ServicePortName)`` followed by
+the lower-cased protocol; ``KUBE-SEP-`` also appends the endpoint's ``ip:port``. So
+``default/kubernetes:https`` + ``tcp`` is ``KUBE-SVC-NPX46M4PTMTKRN6Y``, as on any cluster.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from functools import lru_cache
+from typing import NamedTuple
+
+from minikproxy.model.names import ServicePortName
+
+KUBE_SERVICES = "KUBE-SERVICES"
+KUBE_EXTERNAL_SERVICES = "KUBE-EXTERNAL-SERVICES"
+KUBE_NODEPORTS = "KUBE-NODEPORTS"
+KUBE_POSTROUTING = "KUBE-POSTROUTING"
+KUBE_MARK_MASQ = "KUBE-MARK-MASQ"
+KUBE_FORWARD = "KUBE-FORWARD"
+KUBE_PROXY_FIREWALL = "KUBE-PROXY-FIREWALL"
+KUBE_FIREWALL = "KUBE-FIREWALL"  # kubelet's; we fill it only for localhost NodePorts
+KUBE_PROXY_CANARY = "KUBE-PROXY-CANARY"
+
+SERVICE_CHAIN_PREFIXES = ("KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SEP-")
+
+
+def _hash16(text: str) -> str:
+    digest = hashlib.sha256(text.encode()).digest()
+    return base64.b32encode(digest)[:16].decode()
+
+
+class ServiceChains(NamedTuple):
+    """The per-service-port chain names."""
+
+    cluster: str  # KUBE-SVC-: endpoints for Cluster policy
+    local: str  # KUBE-SVL-: endpoints for Local policy
+    external: str  # KUBE-EXT-: entry for NodePort / external IP / LB traffic
+    firewall: str  # KUBE-FW-: loadBalancerSourceRanges
+
+
+@lru_cache(maxsize=1 << 16)
+def service_chains(name: ServicePortName) -> ServiceChains:
+    """The SVC/SVL/EXT/FW chain names of a service port."""
+    h = _hash16(f"{name}{name.protocol.lower()}")
+    return ServiceChains(f"KUBE-SVC-{h}", f"KUBE-SVL-{h}", f"KUBE-EXT-{h}", f"KUBE-FW-{h}")
+
+
+@lru_cache(maxsize=1 << 18)
+def endpoint_chain(name: ServicePortName, address: str) -> str:
+    """The KUBE-SEP- chain name of one endpoint (``address`` is ``ip:port``/``[ip]:port``)."""
+    return f"KUBE-SEP-{_hash16(f'{name}{name.protocol.lower()}{address}')}"
+
+
+def is_service_chain(chain: str) -> bool:
+    """True for per-service chains minikproxy (and kube-proxy) own and may delete."""
+    return chain.startswith(SERVICE_CHAIN_PREFIXES)

@@ -1,0 +1,112 @@
+"""Resolve configuration plus node facts into compiler options (done before compiling, never
+during: compilers do no lookups)."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+
+from minikproxy.compile.iptables import IptablesOptions
+from minikproxy.compile.localdetect import DetectLocalMode, make_local_detector
+from minikproxy.config import ConfigError, ProxyConfig
+from minikproxy.model.names import IPFamily
+from minikproxy.model.parse import NodeInfo, canonical_cidr, canonical_ip
+
+PRIMARY = "primary"
+
+
+def split_list(value: str) -> tuple[str, ...]:
+    """Split a comma-separated flag value, dropping blanks."""
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def primary_node_ips(config: ProxyConfig, node: NodeInfo, family: IPFamily) -> tuple[str, ...]:
+    """The node's IPs in ``family``: ``--node-ip`` if given, else the Node's addresses."""
+    ips: list[str] = []
+    for text in config.node_ips:
+        parsed = canonical_ip(text)
+        if parsed is None:
+            raise ConfigError(f"--node-ip: invalid IP address {text!r}")
+        if parsed[1] == family:
+            ips.append(parsed[0])
+    return tuple(ips) if config.node_ips else node.addresses_of(family)
+
+
+def nodeport_addresses(
+    config: ProxyConfig, node: NodeInfo, family: IPFamily, node_addresses: Sequence[str]
+) -> tuple[str, ...] | None:
+    """The node IPs NodePorts answer on, or None for "every local address".
+
+    Follows kube-proxy's ``--nodeport-addresses``: empty (or no CIDR of this family) means
+    every local address; ``primary`` means the node's primary IPs; otherwise the addresses of
+    ``node_addresses`` inside one of the CIDRs.
+    """
+    cidrs: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    primary = False
+    for text in config.nodeport_addresses:
+        if text == PRIMARY:
+            primary = True
+            continue
+        parsed = canonical_cidr(text)
+        if parsed is None:
+            raise ConfigError(f"--nodeport-addresses: invalid CIDR {text!r}")
+        if parsed[1] == family:
+            cidrs.append(ipaddress.ip_network(parsed[0]))
+    if primary:
+        return primary_node_ips(config, node, family)[:1]
+    if not cidrs:
+        return None
+    out: list[str] = []
+    for text in node_addresses:
+        parsed = canonical_ip(text)
+        if parsed is None or parsed[1] != family:
+            continue
+        ip = ipaddress.ip_address(parsed[0])
+        if any(ip in cidr for cidr in cidrs) and parsed[0] not in out:
+            out.append(parsed[0])
+    return tuple(out)
+
+
+def iptables_options(
+    config: ProxyConfig,
+    node: NodeInfo,
+    family: IPFamily,
+    *,
+    node_addresses: Sequence[str] = (),
+    random_fully: bool = True,
+) -> IptablesOptions:
+    """Compiler options for ``family`` on ``node``.
+
+    ``node_addresses`` are the addresses NodePorts may be bound to when
+    ``--nodeport-addresses`` lists CIDRs (the host's interface addresses when running, the
+    Node's addresses or ``--node-addresses`` when rendering offline).
+    """
+    try:
+        detector = make_local_detector(
+            _detect_mode(config.detect_local_mode),
+            family,
+            cluster_cidrs=split_list(config.cluster_cidr),
+            node_pod_cidrs=node.pod_cidrs,
+            bridge_interface=config.bridge_interface,
+            interface_name_prefix=config.interface_name_prefix,
+        )
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    node_ips = primary_node_ips(config, node, family)
+    return IptablesOptions(
+        family=family,
+        masquerade_bit=config.masquerade_bit,
+        masquerade_all=config.masquerade_all,
+        local_detector=detector,
+        node_ip=node_ips[0] if node_ips else "",
+        nodeport_addresses=nodeport_addresses(config, node, family, node_addresses or node_ips),
+        localhost_nodeports=config.localhost_nodeports,
+        random_fully=random_fully,
+        conntrack_tcp_be_liberal=config.conntrack_tcp_be_liberal,
+    )
+
+
+def _detect_mode(mode: str) -> DetectLocalMode:
+    if mode not in ("ClusterCIDR", "NodeCIDR", "BridgeInterface", "InterfaceNamePrefix"):
+        raise ConfigError(f"--detect-local-mode: unknown mode {mode!r}")
+    return mode  # type: ignore[return-value]

@@ -1,0 +1,77 @@
+"""``minikproxy render``: the rules the controller would install, from manifest files."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from minikproxy.changes import ClusterTracker
+from minikproxy.compile.iptables import IptablesRuleset, compile_iptables
+from minikproxy.config import ConfigError, ProxyConfig
+from minikproxy.model.names import IPV4, IPV6, IPFamily, NamespacedName
+from minikproxy.model.parse import NodeInfo
+from minikproxy.model.problems import ObjectProblem
+from minikproxy.nodeopts import iptables_options
+from minikproxy.sources.manifests import SourcedObject
+
+
+@dataclass
+class RenderResult:
+    """The payloads per family, with what was skipped along the way."""
+
+    payloads: dict[IPFamily, str]
+    rulesets: dict[IPFamily, IptablesRuleset]
+    node: NodeInfo
+    problems: list[ObjectProblem] = field(default_factory=list)
+
+
+def choose_node_name(objects: Sequence[SourcedObject], override: str) -> str:
+    """``--hostname-override``, else the only Node in the input, else this machine's name."""
+    if override:
+        return override.strip().lower()
+    nodes = [o.obj for o in objects if o.obj.get("kind") == "Node"]
+    if len(nodes) == 1:
+        return str((nodes[0].get("metadata") or {}).get("name") or "")
+    return socket.gethostname().lower()
+
+
+def render_objects(
+    objects: Sequence[SourcedObject],
+    config: ProxyConfig,
+    *,
+    families: Sequence[IPFamily] = (IPV4, IPV6),
+    node_addresses: Sequence[str] = (),
+    services: Sequence[NamespacedName] = (),
+) -> RenderResult:
+    """Compile ``objects`` for this node; ``services`` restricts the output for reading."""
+    node_name = choose_node_name(objects, config.hostname_override)
+    problems: list[ObjectProblem] = []
+    source_of: dict[int, str] = {}
+
+    def report(problem: ObjectProblem) -> None:
+        problems.append(problem)
+
+    tracker = ClusterTracker(node_name, report=report)
+    for item in objects:
+        before = len(problems)
+        tracker.add_objects([item.obj])
+        for i in range(before, len(problems)):
+            source_of[i] = item.source
+    problems = [
+        ObjectProblem(p.kind, p.namespace, p.name, p.field, p.message, source_of.get(i, ""))
+        for i, p in enumerate(problems)
+    ]
+    node = tracker.node
+    payloads: dict[IPFamily, str] = {}
+    rulesets: dict[IPFamily, IptablesRuleset] = {}
+    for family in families:
+        if config.mode != "iptables":
+            raise ConfigError(f"--proxy-mode: unsupported mode {config.mode!r}")
+        options = iptables_options(config, node, family, node_addresses=node_addresses)
+        ruleset = compile_iptables(tracker.snapshot(family).state, options)
+        rulesets[family] = ruleset
+        payloads[family] = (
+            ruleset.render_services(set(services)) if services else ruleset.render()
+        )
+    return RenderResult(payloads, rulesets, node, problems)
