@@ -225,10 +225,14 @@ class ClusterTracker:
             for sp in sl.ports:
                 name = ServicePortName(key.namespace, key.name, sp.name, sp.protocol)
                 bucket = merged.setdefault(name, {})
+                suffix = f":{sp.port}"
                 for se in sl.endpoints:
                     is_local = bool(se.node_name) and se.node_name == node_name
+                    ip = se.ip
+                    address = f"[{ip}]{suffix}" if ":" in ip else f"{ip}{suffix}"
                     ep = Endpoint(
-                        se.ip,
+                        address,
+                        ip,
                         sp.port,
                         se.ready,
                         se.serving,
@@ -239,7 +243,6 @@ class ClusterTracker:
                         se.node_name,
                         se.zone,
                     )
-                    address = ep.address
                     if address not in bucket or is_local:
                         bucket[address] = ep
         return {

@@ -133,7 +133,8 @@ def config_from_mapping(doc: Mapping[str, Any], source: str) -> ProxyConfig:
             settings["cluster_cidr"] = _expect(value or "", str, where(key))
         elif key == "clientConnection":
             conn = _expect(value or {}, Mapping, where(key))
-            settings["kubeconfig"] = _expect(conn.get("kubeconfig") or "", str, where(f"{key}.kubeconfig"))
+            kubeconfig = conn.get("kubeconfig") or ""
+            settings["kubeconfig"] = _expect(kubeconfig, str, where(f"{key}.kubeconfig"))
         elif key in ("healthzBindAddress", "metricsBindAddress"):
             target = "healthz_bind_address" if key.startswith("healthz") else "metrics_bind_address"
             if value:

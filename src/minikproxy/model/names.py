@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 IPFamily = Literal["IPv4", "IPv6"]
 Protocol = Literal["TCP", "UDP", "SCTP"]
@@ -13,9 +12,12 @@ IPV6: IPFamily = "IPv6"
 PROTOCOLS: tuple[Protocol, ...] = ("TCP", "UDP", "SCTP")
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class NamespacedName:
-    """A namespace/name pair; ``str()`` gives ``namespace/name``."""
+class NamespacedName(NamedTuple):
+    """A namespace/name pair; ``str()`` gives ``namespace/name``.
+
+    A NamedTuple (not a dataclass) so hashing, comparison and sorting run in C: these keys
+    are used in every dictionary lookup of the model and compilers.
+    """
 
     namespace: str
     name: str
@@ -24,13 +26,12 @@ class NamespacedName:
         return f"{self.namespace}/{self.name}"
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class ServicePortName:
+class ServicePortName(NamedTuple):
     """kube-proxy's key of one service port: ``namespace/name:portName`` plus the protocol.
 
     ``str()`` is kube-proxy's ``ServicePortName.String()``: the port name is left out (with
     its colon) when the port is unnamed. The chain-name hashes are computed from ``str()``
-    and the lower-cased protocol.
+    and the lower-cased protocol. Tuple order is the output order of every compiler.
     """
 
     namespace: str

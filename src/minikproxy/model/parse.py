@@ -7,10 +7,12 @@ them and are reported to a :data:`ProblemSink` naming namespace/name and the fie
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+from minikproxy.model.endpoint import NO_HINTS
 from minikproxy.model.names import (
     IPV4,
     IPV6,
@@ -34,14 +36,24 @@ Obj = Mapping[str, Any]
 
 
 def canonical_ip(text: Any) -> tuple[str, IPFamily] | None:
-    """Return the canonical form and family of an IP address string, or None if invalid."""
+    """Return the canonical form and family of an IP address string, or None if invalid.
+
+    Uses the C ``inet_pton``/``inet_ntop`` (``ipaddress`` is ~10x slower, and this runs for
+    every endpoint). IPv4 with leading zeros is rejected, as by ``ipaddress``.
+    """
     if not isinstance(text, str):
         return None
+    text = text.strip()
     try:
-        ip = ipaddress.ip_address(text.strip())
-    except ValueError:
+        return socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, text)), IPV4
+    except OSError:
+        pass
+    if "%" in text:  # zone ids are not valid in Kubernetes addresses
         return None
-    return (str(ip), IPV4) if ip.version == 4 else (str(ip), IPV6)
+    try:
+        return socket.inet_ntop(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, text)), IPV6
+    except OSError:
+        return None
 
 
 def canonical_cidr(text: Any) -> tuple[str, IPFamily] | None:
@@ -309,7 +321,15 @@ def parse_endpoint_slice(obj: Obj, report: ProblemSink) -> ParsedSlice | None:
         cond = ep.get("conditions") or {}
         ready = cond.get("ready") is not False
         serving = ready if cond.get("serving") is None else bool(cond.get("serving"))
-        hints = ep.get("hints") or {}
+        hints = ep.get("hints")
+        zone_hints = node_hints = NO_HINTS
+        if hints:
+            zone_hints = frozenset(
+                str(h.get("name")) for h in hints.get("forZones") or [] if h.get("name")
+            )
+            node_hints = frozenset(
+                str(h.get("name")) for h in hints.get("forNodes") or [] if h.get("name")
+            )
         endpoints.append(
             SliceEndpoint(
                 ip=parsed[0],
@@ -318,12 +338,8 @@ def parse_endpoint_slice(obj: Obj, report: ProblemSink) -> ParsedSlice | None:
                 terminating=cond.get("terminating") is True,
                 node_name=str(ep.get("nodeName") or ""),
                 zone=str(ep.get("zone") or ""),
-                zone_hints=frozenset(
-                    str(h.get("name")) for h in hints.get("forZones") or [] if h.get("name")
-                ),
-                node_hints=frozenset(
-                    str(h.get("name")) for h in hints.get("forNodes") or [] if h.get("name")
-                ),
+                zone_hints=zone_hints,
+                node_hints=node_hints,
             )
         )
     annotations = (obj.get("metadata") or {}).get("annotations") or {}

@@ -87,11 +87,15 @@ def categorize_endpoints(
 
     if port.uses_cluster_endpoints:
         mode, reason = topology_mode_from_hints(endpoints, node_name, zone)
-        cluster = tuple(
-            ep
-            for ep in endpoints
-            if ep.ready and _available_for_topology(ep, mode, node_name, zone)
-        )
+        if mode:
+            cluster = tuple(
+                ep
+                for ep in endpoints
+                if ep.ready and _available_for_topology(ep, mode, node_name, zone)
+            )
+        else:
+            ready = [ep for ep in endpoints if ep.ready]
+            cluster = tuple(endpoints) if len(ready) == len(endpoints) else tuple(ready)
         if not cluster:
             # No ready endpoint anywhere (topology never filters everything away).
             cluster = tuple(ep for ep in endpoints if ep.serving and ep.terminating)
@@ -122,9 +126,5 @@ def categorize_endpoints(
     else:
         merged = {ep.address: ep for ep in cluster}
         merged.update((ep.address, ep) for ep in local)
-        reachable = tuple(sorted(merged.values(), key=_address_key))
+        reachable = tuple(merged[a] for a in sorted(merged))
     return CategorizedEndpoints(cluster, local, reachable, has_any, mode, reason)
-
-
-def _address_key(ep: Endpoint) -> str:
-    return ep.address
