@@ -71,7 +71,5 @@ def render_objects(
         options = iptables_options(config, node, family, node_addresses=node_addresses)
         ruleset = compile_iptables(tracker.snapshot(family).state, options)
         rulesets[family] = ruleset
-        payloads[family] = (
-            ruleset.render_services(set(services)) if services else ruleset.render()
-        )
+        payloads[family] = ruleset.render_services(set(services)) if services else ruleset.render()
     return RenderResult(payloads, rulesets, node, problems)
