@@ -1,0 +1,134 @@
+"""Hypothesis strategies for random valid clusters (tests only; needs ``hypothesis``).
+
+A cluster is a list of raw API objects (Services, EndpointSlices, one Node named
+``node-a``) covering every Service type, both families, all protocols, traffic policies,
+affinity, source ranges, terminating endpoints and topology hints.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import strategies as st
+
+Obj = dict[str, Any]
+NODE = "node-a"
+NODES = (NODE, "node-b", "node-c")
+ZONES = ("zone-a", "zone-b")
+
+
+def node_object() -> Obj:
+    """The Node the clusters are compiled for."""
+    return {
+        "kind": "Node",
+        "metadata": {"name": NODE, "labels": {"topology.kubernetes.io/zone": "zone-a"}},
+        "spec": {"podCIDRs": ["10.244.0.0/24", "fd00:10:244::/64"]},
+        "status": {
+            "addresses": [
+                {"type": "InternalIP", "address": "192.168.1.10"},
+                {"type": "InternalIP", "address": "fd00:192:168:1::10"},
+            ]
+        },
+    }
+
+
+@st.composite
+def endpoint(draw: st.DrawFn, family: str, index: int) -> Obj:
+    """One EndpointSlice endpoint."""
+    ip = f"10.244.{index // 250}.{index % 250 + 2}"
+    if family == "IPv6":
+        ip = f"fd00:10:244::{index + 2:x}"
+    state = draw(st.sampled_from(["ready", "ready", "ready", "terminating", "not-ready"]))
+    conditions = {
+        "ready": {"ready": True},
+        "terminating": {"ready": False, "serving": True, "terminating": True},
+        "not-ready": {"ready": False, "serving": False, "terminating": False},
+    }[state]
+    ep: Obj = {"addresses": [ip], "conditions": conditions}
+    if draw(st.booleans()):
+        ep["nodeName"] = draw(st.sampled_from(NODES))
+    if draw(st.integers(0, 3)) == 0:
+        ep["hints"] = {"forZones": [{"name": draw(st.sampled_from(ZONES))}]}
+    return ep
+
+
+@st.composite
+def service_with_slices(draw: st.DrawFn, index: int) -> list[Obj]:
+    """A Service and its EndpointSlices (possibly none)."""
+    name, namespace = f"svc{index}", draw(st.sampled_from(["default", "prod"]))
+    svc_type = draw(st.sampled_from(["ClusterIP", "ClusterIP", "NodePort", "LoadBalancer"]))
+    dual = draw(st.integers(0, 3)) == 0
+    cluster_ips = [f"10.96.{index // 250}.{index % 250 + 1}"]
+    if dual:
+        cluster_ips.append(f"fd00:10:96::{index + 1:x}")
+    port_count = draw(st.integers(1, 2))
+    ports = []
+    for p in range(port_count):
+        port: Obj = {
+            "name": f"p{p}",
+            "port": draw(st.sampled_from([53, 80, 443, 8080])) + p,
+            "protocol": draw(st.sampled_from(["TCP", "TCP", "UDP", "SCTP"])),
+        }
+        if svc_type != "ClusterIP":
+            port["nodePort"] = 30000 + index * 2 + p
+        ports.append(port)
+    spec: Obj = {"type": svc_type, "clusterIP": cluster_ips[0], "clusterIPs": cluster_ips}
+    spec["ports"] = ports
+    if draw(st.booleans()):
+        spec["externalIPs"] = [f"203.0.113.{index % 250 + 1}"]
+    if svc_type != "ClusterIP" and draw(st.booleans()):
+        spec["externalTrafficPolicy"] = "Local"
+        if svc_type == "LoadBalancer":
+            spec["healthCheckNodePort"] = 32000 + index
+    if draw(st.integers(0, 3)) == 0:
+        spec["internalTrafficPolicy"] = "Local"
+    if draw(st.integers(0, 3)) == 0:
+        spec["sessionAffinity"] = "ClientIP"
+        timeout = draw(st.integers(1, 86400))
+        spec["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": timeout}}
+    status: Obj = {}
+    if svc_type == "LoadBalancer":
+        status = {"loadBalancer": {"ingress": [{"ip": f"198.51.100.{index % 250 + 1}"}]}}
+        if draw(st.booleans()):
+            spec["loadBalancerSourceRanges"] = draw(
+                st.sampled_from([["192.168.0.0/16"], [" 10.0.0.0/8", "172.16.0.0/12 "]])
+            )
+    objs: list[Obj] = [
+        {
+            "kind": "Service",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": spec,
+            "status": status,
+        }
+    ]
+    families = ["IPv4", "IPv6"] if dual else ["IPv4"]
+    for s in range(draw(st.integers(0, 2))):
+        family = draw(st.sampled_from(families))
+        count = draw(st.integers(0, 4))
+        base = index * 16 + s * 5
+        objs.append(
+            {
+                "kind": "EndpointSlice",
+                "metadata": {
+                    "name": f"{name}-{s}",
+                    "namespace": namespace,
+                    "labels": {"kubernetes.io/service-name": name},
+                },
+                "addressType": family,
+                "endpoints": [draw(endpoint(family, base + i)) for i in range(count)],
+                "ports": [
+                    {"name": p["name"], "port": 9000 + i, "protocol": p["protocol"]}
+                    for i, p in enumerate(ports)
+                ],
+            }
+        )
+    return objs
+
+
+@st.composite
+def clusters(draw: st.DrawFn, max_services: int = 8) -> list[Obj]:
+    """A random valid cluster: the Node plus up to ``max_services`` Services and slices."""
+    objs = [node_object()]
+    for i in range(draw(st.integers(0, max_services))):
+        objs.extend(draw(service_with_slices(i)))
+    return objs

@@ -1,0 +1,244 @@
+"""Real traffic through compiled rules: client netns -> node netns (rules) -> backend netns.
+
+The node is ``node-1`` at 10.10.1.1 (client side) and 10.10.2.1 (backend side); backends
+are 10.10.2.2-4 ("pods"). Services are routed to the node by the harness (10.96.0.0/16,
+203.0.113.0/24). Each test compiles manifests with the real compiler and loads the payload
+with the real iptables-restore.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from minikproxy.config import ProxyConfig
+from minikproxy.model.names import IPV4, IPV6, IPFamily
+from minikproxy.render import render_objects
+from minikproxy.sources.manifests import SourcedObject
+from minikproxy.testing.netns import Probe, Topology
+
+pytestmark = pytest.mark.kernel
+
+NODE = "node-1"
+BACKENDS = ["10.10.2.2", "10.10.2.3", "10.10.2.4"]
+CLIENT = "10.10.1.2"
+NODE_IP = "10.10.1.1"
+TARGET_PORT = 8080
+
+
+def service(name: str, cluster_ip: str, port: int = 80, proto: str = "TCP", **spec: Any) -> Any:
+    status = spec.pop("status", {})
+    cluster_ips = spec.pop("clusterIPs", [cluster_ip])
+    ports = [{"name": "p", "port": port, "protocol": proto, **spec.pop("port_extra", {})}]
+    body = {"clusterIP": cluster_ip, "clusterIPs": cluster_ips, "ports": ports, **spec}
+    return {
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": "t"},
+        "spec": body,
+        "status": status,
+    }
+
+
+def slice_(
+    name: str,
+    ips: list[str],
+    *,
+    proto: str = "TCP",
+    local: tuple[str, ...] = (),
+    family: str = "IPv4",
+    **conditions: bool,
+) -> Any:
+    endpoints = []
+    for ip in ips:
+        ep: dict[str, Any] = {"addresses": [ip], "conditions": {"ready": True, **conditions}}
+        ep["nodeName"] = NODE if ip in local else "node-2"
+        endpoints.append(ep)
+    return {
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": f"{name}-{family.lower()}",
+            "namespace": "t",
+            "labels": {"kubernetes.io/service-name": name},
+        },
+        "addressType": family,
+        "endpoints": endpoints,
+        "ports": [{"name": "p", "port": TARGET_PORT, "protocol": proto}],
+    }
+
+
+NODE_OBJ = {
+    "kind": "Node",
+    "metadata": {"name": NODE},
+    "status": {
+        "addresses": [
+            {"type": "InternalIP", "address": NODE_IP},
+            {"type": "InternalIP", "address": "fd00:10:1::1"},
+        ]
+    },
+}
+
+
+def payload(objs: list[Any], family: IPFamily = IPV4, **config: Any) -> str:
+    cfg = ProxyConfig(hostname_override=NODE, **config)
+    sourced = [SourcedObject(o, "test") for o in [NODE_OBJ, *objs]]
+    result = render_objects(sourced, cfg, families=[family])
+    assert result.problems == []
+    return result.payloads[family]
+
+
+@pytest.fixture
+def topo(shared_topology: Topology) -> Topology:
+    shared_topology.serve_backends(TARGET_PORT, protos=("tcp", "udp"))
+    return shared_topology
+
+
+def landings(
+    topo: Topology, dst: str, port: int, count: int = 30, proto: str = "tcp"
+) -> Counter[str]:
+    results = topo.connect_many([Probe(dst, port, proto)] * count, timeout=2.0)  # type: ignore[arg-type]
+    assert all(r.ok for r in results), [r.outcome for r in results if not r.ok]
+    return Counter(r.server_ip for r in results)
+
+
+@pytest.mark.parametrize("backend", ["nft", "legacy"])
+def test_cluster_ip_balances_over_every_backend(topo: Topology, backend: str) -> None:
+    objs = [service("web", "10.96.0.10"), slice_("web", BACKENDS)]
+    topo.load_iptables(payload(objs, cluster_cidr="10.10.2.0/24"), backend=backend)  # type: ignore[arg-type]
+    seen = landings(topo, "10.96.0.10", 80, count=40)
+    assert set(seen) == set(BACKENDS)
+
+
+def test_cluster_ip_masquerades_only_off_cluster_clients(topo: Topology) -> None:
+    objs = [service("web", "10.96.0.10"), slice_("web", BACKENDS)]
+    topo.load_iptables(payload(objs, cluster_cidr="10.10.2.0/24"))
+    off_cluster = topo.connect("10.96.0.10", 80)
+    assert off_cluster.ok and topo.masqueraded(off_cluster)
+
+    topo.reset_rules()
+    topo.load_iptables(payload(objs, cluster_cidr="10.10.0.0/16"))  # the client is a "pod"
+    in_cluster = topo.connect("10.96.0.10", 80)
+    assert in_cluster.ok and not topo.masqueraded(in_cluster)
+
+    topo.reset_rules()
+    topo.load_iptables(payload(objs, cluster_cidr="10.10.0.0/16", masquerade_all=True))
+    forced = topo.connect("10.96.0.10", 80)
+    assert forced.ok and topo.masqueraded(forced)
+
+
+def test_udp_cluster_ip(topo: Topology) -> None:
+    objs = [
+        service("dns", "10.96.0.53", port=53, proto="UDP"),
+        slice_("dns", BACKENDS, proto="UDP"),
+    ]
+    topo.load_iptables(payload(objs, cluster_cidr="10.10.2.0/24"))
+    assert set(landings(topo, "10.96.0.53", 53, proto="udp")) <= set(BACKENDS)
+
+
+def test_nodeport_external_ip_and_load_balancer_ip(topo: Topology) -> None:
+    svc = service(
+        "shop",
+        "10.96.0.20",
+        type="LoadBalancer",
+        externalIPs=["203.0.113.10"],
+        port_extra={"nodePort": 30080},
+        status={"loadBalancer": {"ingress": [{"ip": "203.0.113.20"}]}},
+    )
+    topo.load_iptables(payload([svc, slice_("shop", BACKENDS)], cluster_cidr="10.10.2.0/24"))
+    for dst, port in (
+        ("10.96.0.20", 80),
+        (NODE_IP, 30080),
+        ("203.0.113.10", 80),
+        ("203.0.113.20", 80),
+    ):
+        result = topo.connect(dst, port)
+        assert result.ok, (dst, port, result)
+        assert result.server_ip in BACKENDS
+        assert topo.masqueraded(result), "external traffic with ETP=Cluster is masqueraded"
+
+
+def test_no_endpoints_rejects(topo: Topology) -> None:
+    svc = service("empty", "10.96.0.30", type="NodePort", port_extra={"nodePort": 30030})
+    topo.load_iptables(payload([svc], cluster_cidr="10.10.2.0/24"))
+    assert topo.connect("10.96.0.30", 80).outcome == "refused"
+    assert topo.connect(NODE_IP, 30030).outcome == "refused"
+
+
+def test_external_policy_local(topo: Topology) -> None:
+    svc = service(
+        "local",
+        "10.96.0.40",
+        type="NodePort",
+        externalTrafficPolicy="Local",
+        port_extra={"nodePort": 30040},
+    )
+    # Only 10.10.2.3 runs on this node: NodePort traffic lands there, source preserved.
+    objs = [svc, slice_("local", BACKENDS, local=("10.10.2.3",))]
+    topo.load_iptables(payload(objs, cluster_cidr="10.10.2.0/24"))
+    seen = landings(topo, NODE_IP, 30040, count=15)
+    assert set(seen) == {"10.10.2.3"}
+    result = topo.connect(NODE_IP, 30040)
+    assert not topo.masqueraded(result)
+    # ClusterIP traffic still uses every endpoint.
+    assert set(landings(topo, "10.96.0.40", 80, count=40)) == set(BACKENDS)
+
+
+def test_external_policy_local_without_local_endpoints_drops(topo: Topology) -> None:
+    svc = service(
+        "remote", "10.96.0.41", type="NodePort", externalTrafficPolicy="Local",
+        port_extra={"nodePort": 30041},
+    )  # fmt: skip
+    topo.load_iptables(payload([svc, slice_("remote", BACKENDS)], cluster_cidr="10.10.2.0/24"))
+    assert topo.connect(NODE_IP, 30041, timeout=0.5).outcome == "timeout"
+    assert topo.connect("10.96.0.41", 80).ok  # internal traffic is unaffected
+
+
+def test_internal_policy_local_without_local_endpoints_drops(topo: Topology) -> None:
+    svc = service("itp", "10.96.0.42", internalTrafficPolicy="Local")
+    topo.load_iptables(payload([svc, slice_("itp", BACKENDS)], cluster_cidr="10.10.2.0/24"))
+    assert topo.connect("10.96.0.42", 80, timeout=0.5).outcome == "timeout"
+
+
+def test_session_affinity_sticks(topo: Topology) -> None:
+    svc = service("sticky", "10.96.0.50", sessionAffinity="ClientIP")
+    topo.load_iptables(payload([svc, slice_("sticky", BACKENDS)], cluster_cidr="10.10.2.0/24"))
+    first = topo.connect("10.96.0.50", 80)
+    assert first.ok
+    # Sequential connections (affinity is recorded when the first one is DNATed).
+    for _ in range(10):
+        assert topo.connect("10.96.0.50", 80).server_ip == first.server_ip
+
+
+def test_load_balancer_source_ranges(topo: Topology) -> None:
+    def lb(name: str, vip: str, ranges: list[str]) -> Any:
+        return service(
+            name, f"10.96.0.{60 + int(vip[-1])}", type="LoadBalancer",
+            loadBalancerSourceRanges=ranges, port_extra={"nodePort": 30060 + int(vip[-1])},
+            status={"loadBalancer": {"ingress": [{"ip": vip}]}},
+        )  # fmt: skip
+
+    objs = [
+        lb("allowed", "203.0.113.61", ["10.10.1.0/24"]),
+        lb("denied", "203.0.113.62", ["192.0.2.0/24"]),
+        slice_("allowed", BACKENDS),
+        slice_("denied", BACKENDS),
+    ]
+    topo.load_iptables(payload(objs, cluster_cidr="10.10.2.0/24"))
+    assert topo.connect("203.0.113.61", 80).ok
+    assert topo.connect("203.0.113.62", 80, timeout=0.5).outcome == "timeout"
+
+
+def test_terminating_endpoints_are_a_fallback(topo: Topology) -> None:
+    svc = service("drain", "10.96.0.70")
+    draining = slice_("drain", ["10.10.2.4"], ready=False, serving=True, terminating=True)
+    topo.load_iptables(payload([svc, draining], cluster_cidr="10.10.2.0/24"))
+    assert set(landings(topo, "10.96.0.70", 80, count=5)) == {"10.10.2.4"}
+
+
+def test_ipv6_cluster_ip(topo: Topology) -> None:
+    v6 = ["fd00:10:2::2", "fd00:10:2::3"]
+    svc = service("dual", "10.96.0.80", clusterIPs=["10.96.0.80", "fd00:96::80"])
+    objs = [svc, slice_("dual", v6, family="IPv6"), slice_("dual", BACKENDS)]
+    topo.load_iptables(payload(objs, IPV6, cluster_cidr="fd00:10:2::/64"), family=IPV6)
+    assert set(landings(topo, "fd00:96::80", 80, count=20)) == set(v6)
