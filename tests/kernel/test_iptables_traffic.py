@@ -17,7 +17,7 @@ from minikproxy.config import ProxyConfig
 from minikproxy.model.names import IPV4, IPV6, IPFamily
 from minikproxy.render import render_objects
 from minikproxy.sources.manifests import SourcedObject
-from minikproxy.testing.netns import Probe, Topology
+from minikproxy.testing.netns import Probe, Proto, Topology
 
 pytestmark = pytest.mark.kernel
 
