@@ -1,0 +1,329 @@
+"""Proxy health state machine, /healthz and /livez, and service health check ports over HTTP."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from minikproxy.healthz import (
+    HealthzServer,
+    ProxierHealth,
+    ServiceHealthServer,
+    format_go_time,
+    split_host_port,
+)
+from minikproxy.metrics import ProxyMetrics
+from minikproxy.model.names import IPV4, IPV6, NamespacedName
+from minikproxy.runner import FakeClock
+
+T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
+TIMEOUT = 60.0
+
+
+def get(url: str) -> tuple[int, dict[str, str], bytes]:
+    """GET ``url``; return status, headers and body, also for error statuses."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, dict(resp.headers.items()), resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers.items()), err.read()
+
+
+def refused(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(T0)
+
+
+@pytest.fixture
+def health(clock: FakeClock) -> ProxierHealth:
+    return ProxierHealth(clock, health_timeout=TIMEOUT)
+
+
+# -- state machine ------------------------------------------------------------------------------
+
+
+def test_go_time_format() -> None:
+    assert format_go_time(T0) == "2023-11-14T22:13:20Z"
+    assert format_go_time(T0 + 0.5) == "2023-11-14T22:13:20.5Z"
+    assert format_go_time(T0 + 0.000123) == "2023-11-14T22:13:20.000123Z"
+    assert format_go_time(None) == "0001-01-01T00:00:00Z"
+
+
+def test_starting_proxy_is_healthy(health: ProxierHealth, clock: FakeClock) -> None:
+    health.queued_update(IPV4)  # never updated yet: not judged
+    clock.advance(10 * TIMEOUT)
+    healthy, body = health.health()
+    assert healthy
+    assert body == {
+        "lastUpdated": "0001-01-01T00:00:00Z",
+        "currentTime": format_go_time(clock.now()),
+        "healthy": True,
+    }
+
+
+def test_update_queued_too_long_is_unhealthy(health: ProxierHealth, clock: FakeClock) -> None:
+    health.updated(IPV4)
+    clock.advance(5)
+    health.queued_update(IPV4)
+    clock.advance(10)
+    health.queued_update(IPV4)  # the oldest pending time is kept
+    clock.advance(TIMEOUT - 10 - 0.5)
+    assert health.is_healthy()
+    clock.advance(0.5)  # exactly health_timeout after the first queued update
+    healthy, body = health.health()
+    assert not healthy
+    assert body == {
+        "lastUpdated": "2023-11-14T22:13:20Z",
+        "currentTime": format_go_time(T0 + 5 + TIMEOUT),
+        "healthy": False,
+        "status": {"IPv4": {"lastUpdated": "2023-11-14T22:13:20Z", "healthy": False}},
+    }
+    health.updated(IPV4)
+    assert health.is_healthy()
+
+
+def test_each_family_is_judged_separately(health: ProxierHealth, clock: FakeClock) -> None:
+    health.updated(IPV4)
+    health.updated(IPV6)
+    health.queued_update(IPV6)
+    clock.advance(TIMEOUT)
+    health.updated(IPV4)
+    healthy, body = health.health()
+    assert not healthy
+    assert body["lastUpdated"] == format_go_time(T0 + TIMEOUT)  # the latest of any family
+    assert body["status"] == {
+        "IPv4": {"lastUpdated": format_go_time(T0 + TIMEOUT), "healthy": True},
+        "IPv6": {"lastUpdated": format_go_time(T0), "healthy": False},
+    }
+
+
+@pytest.mark.parametrize(
+    ("node", "eligible"),
+    [
+        ({"metadata": {"name": "n1"}, "spec": {}}, True),
+        ({"metadata": {"name": "n1", "deletionTimestamp": "2024-01-01T00:00:00Z"}}, False),
+        (
+            {
+                "metadata": {"name": "n1"},
+                "spec": {"taints": [{"key": "ToBeDeletedByClusterAutoscaler", "value": "1"}]},
+            },
+            False,
+        ),
+        ({"metadata": {"name": "n1"}, "spec": {"taints": [{"key": "other"}]}}, True),
+    ],
+)
+def test_node_eligibility(health: ProxierHealth, node: dict[str, Any], eligible: bool) -> None:
+    assert health.node_eligible  # eligible until told otherwise
+    health.sync_node(node)
+    assert health.node_eligible is eligible
+    code, body = health.healthz()
+    assert code == (200 if eligible else 503)
+    assert body["nodeEligible"] is eligible
+    assert body["healthy"] is True  # the proxier itself is fine
+    assert health.livez()[0] == 200  # livez ignores the node
+
+
+def test_healthy_answers_report_current_time_as_last_updated(
+    health: ProxierHealth, clock: FakeClock
+) -> None:
+    health.updated(IPV4)
+    clock.advance(30)
+    code, body = health.healthz()
+    assert code == 200
+    assert list(body) == ["lastUpdated", "currentTime", "nodeEligible", "healthy", "status"]
+    assert body["lastUpdated"] == body["currentTime"] == format_go_time(T0 + 30)
+    assert body["status"]["IPv4"]["lastUpdated"] == format_go_time(T0)
+    code, body = health.livez()
+    assert code == 200
+    assert "nodeEligible" not in body
+
+
+# -- HTTP: /healthz and /livez --------------------------------------------------------------------
+
+
+@pytest.fixture
+def metrics() -> ProxyMetrics:
+    return ProxyMetrics()
+
+
+@pytest.fixture
+def healthz_url(health: ProxierHealth, metrics: ProxyMetrics) -> Iterator[str]:
+    server = HealthzServer("127.0.0.1:0", health, metrics=metrics)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{server.port}"
+    finally:
+        server.stop()
+
+
+def counted(metrics: ProxyMetrics, name: str, code: str) -> float | None:
+    return metrics.registry.get_sample_value(name, {"code": code})
+
+
+def test_healthz_over_http(
+    healthz_url: str, health: ProxierHealth, clock: FakeClock, metrics: ProxyMetrics
+) -> None:
+    health.updated(IPV4)
+    status, headers, raw = get(healthz_url + "/healthz")
+    assert status == 200
+    assert headers["Content-Type"] == "application/json"
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    assert json.loads(raw) == {
+        "lastUpdated": "2023-11-14T22:13:20Z",
+        "currentTime": "2023-11-14T22:13:20Z",
+        "nodeEligible": True,
+        "healthy": True,
+        "status": {"IPv4": {"lastUpdated": "2023-11-14T22:13:20Z", "healthy": True}},
+    }
+    assert raw.startswith(b'{"lastUpdated":"2023-11-14T22:13:20Z","currentTime":')  # compact
+
+    health.queued_update(IPV4)
+    clock.advance(TIMEOUT)
+    status, _, raw = get(healthz_url + "/healthz")
+    assert status == 503
+    body = json.loads(raw)
+    assert body["healthy"] is False
+    assert body["lastUpdated"] == "2023-11-14T22:13:20Z"
+    assert counted(metrics, "kubeproxy_proxy_healthz_total", "200") == 1
+    assert counted(metrics, "kubeproxy_proxy_healthz_total", "503") == 1
+
+
+def test_livez_over_http_ignores_node(
+    healthz_url: str, health: ProxierHealth, metrics: ProxyMetrics
+) -> None:
+    health.updated(IPV4)
+    health.sync_node({"metadata": {"name": "n", "deletionTimestamp": "2024-01-01T00:00:00Z"}})
+    assert get(healthz_url + "/healthz")[0] == 503
+    status, headers, raw = get(healthz_url + "/livez?verbose")
+    assert status == 200
+    assert headers["Content-Type"] == "application/json"
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    assert "nodeEligible" not in json.loads(raw)
+    assert counted(metrics, "kubeproxy_proxy_livez_total", "200") == 1
+    assert counted(metrics, "kubeproxy_proxy_healthz_total", "503") == 1
+    assert get(healthz_url + "/nope")[0] == 404
+
+
+def test_split_host_port() -> None:
+    assert split_host_port("0.0.0.0:10256") == ("0.0.0.0", 10256)
+    assert split_host_port("[::1]:0") == ("::1", 0)
+    with pytest.raises(ValueError):
+        split_host_port("::1:80")
+    with pytest.raises(ValueError):
+        split_host_port("localhost")
+
+
+# -- service health check ports -------------------------------------------------------------------
+
+
+@pytest.fixture
+def services(health: ProxierHealth) -> Iterator[ServiceHealthServer]:
+    server = ServiceHealthServer(["127.0.0.1"], health)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def service_url(server: ServiceHealthServer, name: NamespacedName) -> str:
+    (port,) = server.listening()[name]
+    return f"http://127.0.0.1:{port}/"
+
+
+def test_service_health_answers_per_local_endpoints(
+    services: ServiceHealthServer, health: ProxierHealth, clock: FakeClock
+) -> None:
+    web = NamespacedName("default", "web")
+    services.sync_services({"default/web": 0})
+    url = service_url(services, web)
+
+    status, headers, raw = get(url)  # no endpoints reported yet
+    assert status == 503
+    assert headers["X-Load-Balancing-Endpoint-Weight"] == "0"
+
+    services.sync_endpoints({web: 2})
+    status, headers, raw = get(url + "any/path")
+    assert status == 200
+    assert headers["Content-Type"] == "application/json"
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    assert headers["X-Load-Balancing-Endpoint-Weight"] == "2"
+    assert raw == (
+        b'{\n\t"service": {\n\t\t"namespace": "default",\n\t\t"name": "web"\n\t},\n'
+        b'\t"localEndpoints": 2,\n\t"serviceProxyHealthy": true\n}'
+    )
+
+    # An unhealthy proxy fails the check even with local endpoints.
+    health.updated(IPV4)
+    health.queued_update(IPV4)
+    clock.advance(TIMEOUT)
+    status, _, raw = get(url)
+    assert status == 503
+    assert json.loads(raw) == {
+        "service": {"namespace": "default", "name": "web"},
+        "localEndpoints": 2,
+        "serviceProxyHealthy": False,
+    }
+
+    # Services missing from an endpoints sync drop to 0.
+    health.updated(IPV4)
+    services.sync_endpoints({})
+    assert get(url)[0] == 503
+
+
+def test_service_listeners_open_and_close(services: ServiceHealthServer) -> None:
+    a, b = NamespacedName("ns", "a"), NamespacedName("ns", "b")
+    services.sync_services({a: 0, b: 0})
+    port_a = services.listening()[a][0]
+    port_b = services.listening()[b][0]
+    services.sync_endpoints({a: 1, b: 3})
+    assert get(f"http://127.0.0.1:{port_b}/")[1]["X-Load-Balancing-Endpoint-Weight"] == "3"
+
+    services.sync_services({a: 0})  # b goes away, a is left alone
+    assert list(services.listening()) == [a]
+    assert services.listening()[a] == [port_a]
+    assert refused(port_b)
+    assert get(f"http://127.0.0.1:{port_a}/")[0] == 200
+
+    services.sync_services({})
+    assert services.listening() == {}
+    assert refused(port_a)
+
+
+def test_port_that_fails_to_bind_is_retried_on_next_sync(services: ServiceHealthServer) -> None:
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    port = blocker.getsockname()[1]
+    name = NamespacedName("ns", "busy")
+    try:
+        services.sync_services({name: port})  # logged, not raised
+        assert services.listening() == {}
+    finally:
+        blocker.close()
+    services.sync_services({name: port})
+    assert services.listening() == {name: [port]}
+    services.sync_endpoints({name: 1})
+    assert get(f"http://127.0.0.1:{port}/")[0] == 200
+
+
+def test_changed_port_reopens_listener(services: ServiceHealthServer) -> None:
+    name = NamespacedName("ns", "moving")
+    services.sync_services({name: 0})
+    old = services.listening()[name][0]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        new = probe.getsockname()[1]
+    services.sync_services({name: new})
+    assert services.listening() == {name: [new]}
+    assert refused(old)
