@@ -8,10 +8,11 @@ their rules (kube-proxy's ``UpdateServiceMapResult.UpdatedServices``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from minikproxy.gcutil import gc_paused
 from minikproxy.model.endpoint import Endpoint
 from minikproxy.model.names import IPV4, IPV6, IPFamily, NamespacedName, ServicePortName
 from minikproxy.model.parse import (
@@ -22,7 +23,7 @@ from minikproxy.model.parse import (
     parse_node,
     parse_service,
 )
-from minikproxy.model.problems import ProblemSink, ignore_problems
+from minikproxy.model.problems import ObjectProblem, ProblemSink, ignore_problems
 from minikproxy.model.serviceport import ServicePort
 from minikproxy.model.state import ProxyState
 
@@ -71,7 +72,7 @@ class ClusterTracker:
         }
         self._dirty: dict[IPFamily, set[NamespacedName]] = {f: set() for f in FAMILIES}
         self._full: dict[IPFamily, bool] = {f: True for f in FAMILIES}
-        self._triggers: dict[NamespacedName, list[str]] = {}
+        self._triggers: dict[IPFamily, dict[NamespacedName, list[str]]] = {f: {} for f in FAMILIES}
 
     # --- feeding -----------------------------------------------------------------------------
 
@@ -82,7 +83,14 @@ class ClusterTracker:
     def upsert_service(self, obj: Obj) -> None:
         """Add or replace a v1 Service."""
         key = _key(obj)
-        ports = {fam: parse_service(obj, fam, self._report) for fam in FAMILIES}
+        spec = obj.get("spec") or {}
+        cluster_ips = spec.get("clusterIPs") or [spec.get("clusterIP")]
+        has_v6 = any(isinstance(ip, str) and ":" in ip for ip in cluster_ips)
+        has_v4 = any(not (isinstance(ip, str) and ":" in ip) for ip in cluster_ips)
+        # Problems are family-independent: report them from the first family parsed only.
+        v4 = parse_service(obj, IPV4, self._report) if has_v4 else ()
+        v6 = parse_service(obj, IPV6, ignore_problems if has_v4 else self._report) if has_v6 else ()
+        ports = {IPV4: v4, IPV6: v6}
         if self._service_ports.get(key) != ports:
             self._service_ports[key] = ports
             self._touch(key)
@@ -111,7 +119,8 @@ class ClusterTracker:
         self._slice_owner[slice_key] = parsed.service
         self._touch(parsed.service)
         if parsed.trigger_time:
-            self._triggers.setdefault(parsed.service, []).append(parsed.trigger_time)
+            by_service = self._triggers[parsed.family]
+            by_service.setdefault(parsed.service, []).append(parsed.trigger_time)
 
     def delete_endpoint_slice(self, obj: Obj) -> None:
         """Forget an EndpointSlice."""
@@ -154,16 +163,37 @@ class ClusterTracker:
 
     def add_objects(self, objects: Iterable[Obj]) -> None:
         """Feed a batch of objects of any supported kind (others are ignored)."""
-        for obj in objects:
-            kind = obj.get("kind")
-            if kind == "Service":
-                self.upsert_service(obj)
-            elif kind == "EndpointSlice":
-                self.upsert_endpoint_slice(obj)
-            elif kind == "Endpoints":
-                self.upsert_endpoints(obj)
-            elif kind == "Node":
-                self.set_node(obj)
+        handlers: dict[str, Callable[[Obj], None]] = {
+            "Service": self.upsert_service,
+            "EndpointSlice": self.upsert_endpoint_slice,
+            "Endpoints": self.upsert_endpoints,
+            "Node": self.set_node,
+        }
+        with gc_paused():
+            for obj in objects:
+                handler = handlers.get(str(obj.get("kind")))
+                if handler is not None:
+                    self.guarded(handler, obj)
+
+    def guarded(self, handler: Callable[[Obj], None], obj: Obj) -> bool:
+        """Call ``handler(obj)``; a malformed object (wrong shapes, not just bad values) is
+        reported as a problem and skipped instead of raising. Returns False if skipped."""
+        try:
+            handler(obj)
+        except (AttributeError, TypeError, ValueError, KeyError) as err:
+            meta = obj.get("metadata")
+            meta = meta if isinstance(meta, Mapping) else {}
+            self._report(
+                ObjectProblem(
+                    str(obj.get("kind") or "object"),
+                    str(meta.get("namespace") or ""),
+                    str(meta.get("name") or ""),
+                    "(structure)",
+                    f"malformed object, skipped: {type(err).__name__}: {err}",
+                )
+            )
+            return False
+        return True
 
     @property
     def node(self) -> NodeInfo:
@@ -178,6 +208,10 @@ class ClusterTracker:
 
     def snapshot(self, family: IPFamily) -> Snapshot:
         """Recompute the changed Services of ``family`` and return the new state."""
+        with gc_paused():
+            return self._snapshot(family)
+
+    def _snapshot(self, family: IPFamily) -> Snapshot:
         full = self._full[family]
         dirty = (
             set(self._service_ports) | set(self._slices) | set(self._legacy)
@@ -203,7 +237,8 @@ class ClusterTracker:
                 endpoints.update(eps)
         self._dirty[family] = set()
         self._full[family] = False
-        triggers = {k: tuple(self._triggers.pop(k)) for k in dirty if k in self._triggers}
+        pending = self._triggers[family]  # per family, as kube-proxy's change trackers
+        triggers = {k: tuple(pending.pop(k)) for k in dirty if k in pending}
         state = ProxyState(
             family, self._node, dict(ports), dict(endpoints), dict(self._by_service[family])
         )

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from minikproxy.changes import ClusterTracker
 from minikproxy.compile.iptables import IptablesRuleset, compile_iptables
@@ -47,21 +49,19 @@ def render_objects(
     """Compile ``objects`` for this node; ``services`` restricts the output for reading."""
     node_name = choose_node_name(objects, config.hostname_override)
     problems: list[ObjectProblem] = []
-    source_of: dict[int, str] = {}
+    current_source = ""
 
     def report(problem: ObjectProblem) -> None:
-        problems.append(problem)
+        problems.append(dataclasses.replace(problem, source=current_source))
+
+    def stream() -> Iterator[Mapping[str, Any]]:
+        nonlocal current_source
+        for item in objects:
+            current_source = item.source
+            yield item.obj
 
     tracker = ClusterTracker(node_name, report=report)
-    for item in objects:
-        before = len(problems)
-        tracker.add_objects([item.obj])
-        for i in range(before, len(problems)):
-            source_of[i] = item.source
-    problems = [
-        ObjectProblem(p.kind, p.namespace, p.name, p.field, p.message, source_of.get(i, ""))
-        for i, p in enumerate(problems)
-    ]
+    tracker.add_objects(stream())
     node = tracker.node
     payloads: dict[IPFamily, str] = {}
     rulesets: dict[IPFamily, IptablesRuleset] = {}

@@ -11,9 +11,7 @@ chains for an ``iptables-restore --noflush`` (kube-proxy's minimized restore).
 from __future__ import annotations
 
 import bisect
-import gc
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple
@@ -32,6 +30,7 @@ from minikproxy.compile.names import (
     endpoint_chain_for_key,
     service_chains,
 )
+from minikproxy.gcutil import gc_paused
 from minikproxy.model.endpoint import Endpoint
 from minikproxy.model.names import IPV4, IPV6, IPFamily, NamespacedName, ServicePortName
 from minikproxy.model.serviceport import ServicePort
@@ -684,19 +683,6 @@ def _top_level(
         into[(table, chain)] = text
 
 
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Pause the cyclic GC: a full compile allocates ~10^5 acyclic strings and tuples, and
-    the collections they trigger cost up to half the compile time at 10k services."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
 def compile_iptables(
     state: ProxyState,
     options: IptablesOptions,
@@ -721,7 +707,7 @@ def compile_iptables(
         and previous.large_cluster == large
     )
     if not incremental:
-        with _gc_paused():
+        with gc_paused():
             services = {
                 name: compile_service_port(
                     port, state.categorize(port), options, large_cluster=large

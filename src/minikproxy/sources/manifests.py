@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from minikproxy.gcutil import gc_paused
+
 SUPPORTED_KINDS = frozenset({"Service", "EndpointSlice", "Endpoints", "Node"})
 _LIST_ITEM_KIND = {
     "ServiceList": "Service",
@@ -23,6 +25,7 @@ _LIST_ITEM_KIND = {
     "NodeList": "Node",
 }
 _MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
+_STDIN = "<stdin>"
 
 try:  # PyYAML's C loader is ~10x faster; fall back to the pure-Python one
     _Loader: Any = yaml.CSafeLoader
@@ -66,7 +69,7 @@ def _read(name: str) -> str:
 
 def _documents(name: str, text: str) -> list[Any]:
     stripped = text.lstrip()
-    if name.endswith(".json") or (name == "-" and stripped[:1] in ("{", "[")):
+    if name.endswith(".json") or (name == _STDIN and stripped[:1] in ("{", "[")):
         try:
             doc = json.loads(text)
         except json.JSONDecodeError as err:
@@ -108,9 +111,14 @@ def load_manifests(paths: Iterable[str], notes: list[str]) -> list[SourcedObject
     Objects of other kinds are skipped with a line appended to ``notes``.
     """
     out: list[SourcedObject] = []
-    for path in paths:
-        for name in _files(path):
-            source = "<stdin>" if name == "-" else name
-            for doc in _documents(source, _read(name)):
-                out.extend(SourcedObject(obj, source) for obj in _flatten(doc, source, notes))
+    with gc_paused():
+        for path in paths:
+            _load_path(path, out, notes)
     return out
+
+
+def _load_path(path: str, out: list[SourcedObject], notes: list[str]) -> None:
+    for name in _files(path):
+        source = _STDIN if name == "-" else name
+        for doc in _documents(source, _read(name)):
+            out.extend(SourcedObject(obj, source) for obj in _flatten(doc, source, notes))
