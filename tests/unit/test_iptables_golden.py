@@ -116,3 +116,17 @@ def test_large_cluster_mode_drops_endpoint_comments() -> None:
     assert all("--comment" not in m for m in sep_rule.findall(large))
     assert all(m.startswith("-m comment --comment ns-") for m in sep_rule.findall(small))
     assert " -> 10." not in large and " -> 10." in small
+
+
+def test_rule_counts_match_the_rendered_ruleset() -> None:
+    ruleset = overall_ruleset()
+    tables = parse_restore(ruleset.render(jumps=False, canary=False))
+    expected = {t: sum(len(rules) for rules in chains.values()) for t, chains in tables.items()}
+    assert ruleset.rule_counts() == expected
+
+
+def test_stale_chains_are_flushed_and_deleted_in_a_full_render() -> None:
+    text = overall_ruleset().render(delete_chains=["KUBE-SVC-STALE0000000000"])
+    nat = text[text.index("*nat") :]
+    assert ":KUBE-SVC-STALE0000000000 - [0:0]" in nat
+    assert nat.index(":KUBE-SVC-STALE") < nat.index("-X KUBE-SVC-STALE0000000000")

@@ -125,4 +125,6 @@ def test_partial_restore_equals_full_restore(
     expected: Tables = {}
     apply_restore(expected, compile_objects(after, family).render(jumps=False), noflush=False)
     assert kernel == expected
-    assert partial.render(jumps=False) == compile_objects(after, family).render(jumps=False)
+    full = compile_objects(after, family)
+    assert partial.render(jumps=False) == full.render(jumps=False)
+    assert partial.rule_counts() == full.rule_counts()

@@ -91,6 +91,7 @@ class ServiceRules(NamedTuple):
     chains: tuple[str, ...]
     chain_decls: str
     rules: str
+    rule_count: int
     categorized: CategorizedEndpoints
     no_local_internal: bool
     no_local_external: bool
@@ -434,6 +435,7 @@ def compile_service_port(
                 f"-A {sep} {sep_comment}{pm} -j DNAT --to-destination {address}\n"
             )
 
+    rules_text = "".join(rules)
     return ServiceRules(
         name=name,
         filter_services=filter_services,
@@ -444,7 +446,8 @@ def compile_service_port(
         nat_nodeports=nat_nodeports,
         chains=tuple(own_chains),
         chain_decls=":" + " - [0:0]\n:".join(own_chains) + " - [0:0]\n" if own_chains else "",
-        rules="".join(rules),
+        rules=rules_text,
+        rule_count=rules_text.count("\n"),
         categorized=categorized,
         no_local_internal=has_endpoints and not has_internal,
         no_local_external=has_endpoints and not has_external and port.externally_accessible,
@@ -517,6 +520,7 @@ class IptablesRuleset:
         large_cluster: bool,
         top_level: dict[tuple[str, str], str],
         port_index: dict[NamespacedName, tuple[ServicePortName, ...]],
+        service_rule_count: int,
         previous: IptablesRuleset | None = None,
         changed: frozenset[ServicePortName] | None = None,
         dirty_top_level: frozenset[tuple[str, str]] | None = None,
@@ -527,6 +531,7 @@ class IptablesRuleset:
         self.large_cluster = large_cluster
         self.top_level = top_level
         self.port_index = port_index
+        self.service_rule_count = service_rule_count
         self.previous = previous
         self.changed = changed
         self.dirty_top_level = dirty_top_level
@@ -547,13 +552,17 @@ class IptablesRuleset:
 
     # --- full restore -----------------------------------------------------------------------
 
-    def render(self, *, jumps: bool = True, canary: bool = True) -> str:
+    def render(
+        self, *, jumps: bool = True, canary: bool = True, delete_chains: Iterable[str] = ()
+    ) -> str:
         """The complete ``iptables-restore`` input.
 
         With ``jumps`` the rules in the built-in chains are included (for loading into a fresh
         namespace; the controller ensures those separately, as kube-proxy does). With
         ``canary`` the KUBE-PROXY-CANARY chains are declared in mangle, nat and filter.
+        ``delete_chains`` are stale nat chains found in the kernel: flushed, then deleted.
         """
+        stale = sorted(set(delete_chains))
         out: list[str] = []
         for table in ("filter", "nat"):
             out.append(f"*{table}\n")
@@ -563,11 +572,13 @@ class IptablesRuleset:
                 out.append(f":{KUBE_PROXY_CANARY} - [0:0]\n")
             if table == "nat":
                 out.extend(self.services[n].chain_decls for n in self.order)
+                out.extend(f":{c} - [0:0]\n" for c in stale)
             if jumps:
                 out.extend(_jump_lines(table, self.options))
             out.extend(self.top_level.get((table, c), "") for c in names)
             if table == "nat":
                 out.extend(self.services[n].rules for n in self.order)
+                out.extend(f"-X {c}\n" for c in stale)
             out.append("COMMIT\n")
         if canary:
             out.append(f"*mangle\n:{KUBE_PROXY_CANARY} - [0:0]\nCOMMIT\n")
@@ -652,12 +663,10 @@ class IptablesRuleset:
 
     def rule_counts(self) -> dict[str, int]:
         """Rules per table in the full ruleset (for ``sync_proxy_rules_iptables_total``)."""
-        filter_count = sum(
-            text.count("\n") for (t, _), text in self.top_level.items() if t == "filter"
-        )
-        nat_count = sum(text.count("\n") for (t, _), text in self.top_level.items() if t == "nat")
-        nat_count += sum(r.rules.count("\n") for r in self.services.values())
-        return {"filter": filter_count, "nat": nat_count}
+        counts = {"filter": 0, "nat": self.service_rule_count}
+        for (table, _), text in self.top_level.items():
+            counts[table] += text.count("\n")
+        return counts
 
 
 def _jump_lines(table: str, options: IptablesOptions) -> Iterable[str]:
@@ -726,6 +735,7 @@ def compile_iptables(
             large_cluster=large,
             top_level=top,
             port_index=dict(state.ports_by_service),
+            service_rule_count=sum(r.rule_count for r in services.values()),
         )
 
     assert previous is not None and changed_services is not None
@@ -735,6 +745,7 @@ def compile_iptables(
     dirty_fields: set[str] = set()
     by_service = state.ports_by_service
     port_index = dict(previous.port_index)
+    rule_count = previous.service_rule_count
     order_copied = False
     for svc in changed_services:
         new_names = by_service.get(svc, ())
@@ -744,6 +755,7 @@ def compile_iptables(
         for name in old_names:
             if name not in new_names:
                 old = services.pop(name)
+                rule_count -= old.rule_count
                 changed.add(name)
                 dirty_fields.update(f for _, _, f in _DYNAMIC_CHAINS if old[_FIELD_INDEX[f]])
                 if not order_copied:
@@ -758,7 +770,7 @@ def compile_iptables(
                     order, order_copied = list(order), True
                 bisect.insort(order, name)
                 dirty_fields.update(f for _, _, f in _DYNAMIC_CHAINS if rules[_FIELD_INDEX[f]])
-            elif old_rules[1:10] == rules[1:10]:
+            elif old_rules[1:11] == rules[1:11]:
                 services[name] = rules  # same rules; keep the fresh endpoint categorisation
                 continue
             else:
@@ -767,6 +779,7 @@ def compile_iptables(
                     for _, _, f in _DYNAMIC_CHAINS
                     if old_rules[_FIELD_INDEX[f]] != rules[_FIELD_INDEX[f]]
                 )
+            rule_count += rules.rule_count - (old_rules.rule_count if old_rules else 0)
             services[name] = rules
             changed.add(name)
     top = dict(previous.top_level)
@@ -779,6 +792,7 @@ def compile_iptables(
         large_cluster=large,
         top_level=top,
         port_index=port_index,
+        service_rule_count=rule_count,
         previous=previous,
         changed=frozenset(changed),
         dirty_top_level=frozenset((t, c) for t, c, _ in which),

@@ -1,0 +1,64 @@
+# minikproxy: a Python implementation of kube-proxy, as a node agent image.
+#
+#   docker build -t minikproxy:0.1.0 .
+#
+# Two stages on the same base (so the venv built in the first runs unchanged in the second):
+# the builder turns the project and its dependencies into wheels and installs them into a
+# venv; the final image gets that venv plus Debian's python3 and the netfilter userland,
+# and nothing else (no compiler, no pip, no apt lists, no wheel files, no caches).
+# The base is pinned by tag; pin it by digest (debian:12-slim@sha256:...) where you build.
+
+FROM debian:12-slim AS builder
+ENV DEBIAN_FRONTEND=noninteractive \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PYTHONDONTWRITEBYTECODE=1
+# Debian package versions are not pinned (DL3008): Debian 12 point releases replace them and
+# remove the old versions from the archive, so a pinned build would break at the next one.
+# The tag pins the release; security updates within it are wanted.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+# Only what the wheel needs (see .dockerignore): pyproject.toml, README.md, src/.
+COPY pyproject.toml README.md ./
+COPY src ./src
+RUN python3 -m venv /opt/minikproxy \
+    && /opt/minikproxy/bin/pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
+    && /opt/minikproxy/bin/pip wheel --no-cache-dir --wheel-dir /wheels /wheels/minikproxy-*.whl \
+    && /opt/minikproxy/bin/pip install --no-cache-dir --no-index --find-links /wheels \
+        /wheels/minikproxy-*.whl \
+    && /opt/minikproxy/bin/python -m pip uninstall -y pip setuptools \
+    && /opt/minikproxy/bin/minikproxy --version
+
+FROM debian:12-slim
+ARG VERSION=0.1.0
+LABEL org.opencontainers.image.title="minikproxy" \
+      org.opencontainers.image.description="A Python implementation of kube-proxy (iptables mode)" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.base.name="docker.io/library/debian:12-slim"
+ENV DEBIAN_FRONTEND=noninteractive
+# python3 is Debian 12's (3.11), the interpreter the builder's venv was made with.
+# iptables ships both backends (iptables-nft, iptables-legacy) and ip6tables; --iptables-backend
+# picks one at run time. nftables, ipset, conntrack, ipvsadm and iproute2 are the rest of the
+# userland kube-proxy's modes use. Versions unpinned on purpose: see the builder stage (DL3008).
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends \
+        python3 iptables nftables ipset conntrack ipvsadm iproute2 \
+    && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb
+COPY --from=builder /opt/minikproxy /opt/minikproxy
+# The DaemonSet runs with readOnlyRootFilesystem: never try to write .pyc files at run time.
+ENV PATH=/opt/minikproxy/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+# No USER: the proxy must run as root. It programs the host's netfilter from the host network
+# namespace (hostNetwork), which takes CAP_NET_ADMIN (and CAP_NET_RAW for legacy iptables'
+# raw socket) in the initial user namespace, and it writes the host's root-owned
+# /run/xtables.lock. A non-root user would need ambient capabilities and a chown of the host's
+# lock file; the DaemonSet instead runs it as root with every capability dropped except
+# NET_ADMIN and NET_RAW, no privilege escalation and a read-only root filesystem.
+ENTRYPOINT ["minikproxy"]
+CMD ["run"]
