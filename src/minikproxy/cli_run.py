@@ -46,8 +46,8 @@ def add_subcommands(
 
 def dispatch(args: argparse.Namespace) -> int:
     """Run the ``run`` or ``cleanup`` subcommand."""
-    from minikproxy import controller
+    from minikproxy.controller import main_cleanup, main_run
 
     if args.command == "run":
-        return controller.main_run(args)
-    return controller.main_cleanup(args)
+        return main_run(args)
+    return main_cleanup(args)

@@ -584,6 +584,37 @@ class IptablesRuleset:
             out.append(f"*mangle\n:{KUBE_PROXY_CANARY} - [0:0]\nCOMMIT\n")
         return "".join(out)
 
+    def render_service_batch(self, names: Sequence[ServicePortName]) -> str:
+        """The own chains of ``names`` only, for ``--noflush``: a full sync written in batches.
+
+        KUBE-MARK-MASQ must already exist (the controller ensures it); nothing else outside
+        these services' chains is touched.
+        """
+        parts = [self.services[n] for n in names]
+        decls = "".join(r.chain_decls for r in parts)
+        return f"*nat\n{decls}{''.join(r.rules for r in parts)}COMMIT\n"
+
+    def render_top_level(self, *, canary: bool = True, delete_chains: Iterable[str] = ()) -> str:
+        """Every top-level chain (and canaries), deleting ``delete_chains``: the last step of a
+        full sync written in batches, after :meth:`render_service_batch` for every service."""
+        stale = sorted(set(delete_chains))
+        out: list[str] = []
+        for table in ("filter", "nat"):
+            names = self._filter_chain_names() if table == "filter" else NAT_CHAINS
+            out.append(f"*{table}\n")
+            out.extend(f":{c} - [0:0]\n" for c in names)
+            if canary:
+                out.append(f":{KUBE_PROXY_CANARY} - [0:0]\n")
+            if table == "nat":
+                out.extend(f":{c} - [0:0]\n" for c in stale)
+            out.extend(self.top_level.get((table, c), "") for c in names)
+            if table == "nat":
+                out.extend(f"-X {c}\n" for c in stale)
+            out.append("COMMIT\n")
+        if canary:
+            out.append(f"*mangle\n:{KUBE_PROXY_CANARY} - [0:0]\nCOMMIT\n")
+        return "".join(out)
+
     # --- partial restore --------------------------------------------------------------------
 
     def render_partial(self, *, rewrite_top_level: bool = False) -> str:

@@ -75,6 +75,11 @@ class Conntrack(Protocol):
         destination ``orig_ip``, reply source ``dest_ip``): flows to a removed endpoint."""
         ...
 
+    def clear_entries_for_port_nat(self, port: int, dest_ip: str, protocol: str) -> int:
+        """Delete ``protocol`` flows to original destination port ``port`` (a NodePort) that
+        were DNATed to ``dest_ip`` (reply source): NodePort flows to a removed endpoint."""
+        ...
+
     def list_entries(
         self, protocol: str | None = None, family: IPFamily | None = None
     ) -> list[ConntrackFlow]:
@@ -144,6 +149,15 @@ class RealConntrack:
                 "--orig-port-dst",
                 str(check_port(port)),
             ]
+        )
+
+    def clear_entries_for_port_nat(self, port: int, dest_ip: str, protocol: str) -> int:
+        """``conntrack -D -f FAMILY -p PROTO --orig-port-dst PORT --reply-src DEST``."""
+        family = _FAMILY_ARG[ip_family_of(dest_ip)]
+        proto = check_protocol(protocol)
+        port_arg = str(check_port(port))
+        return self._delete(
+            ["-f", family, "-p", proto, "--orig-port-dst", port_arg, "--reply-src", dest_ip]
         )
 
     def clear_entries_for_nat(self, orig_ip: str, dest_ip: str, protocol: str) -> int:

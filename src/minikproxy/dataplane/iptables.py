@@ -232,8 +232,8 @@ class IptablesRunner(Protocol):
         """Insert the rule at the top of ``chain`` unless present; True if it was inserted."""
         ...
 
-    def delete_rule(self, table: str, chain: str, args: Sequence[str]) -> None:
-        """Delete the rule if present (absent rule or chain is not an error)."""
+    def delete_rule(self, table: str, chain: str, args: Sequence[str]) -> bool:
+        """Delete the rule if present (absent rule or chain is not an error); True if deleted."""
         ...
 
     def flush_chain(self, table: str, chain: str) -> None:
@@ -367,12 +367,13 @@ class RealIptables:
         self._check(argv, self._run(argv))
         return True
 
-    def delete_rule(self, table: str, chain: str, args: Sequence[str]) -> None:
-        """``-C`` the rule, then ``-D`` it if present."""
+    def delete_rule(self, table: str, chain: str, args: Sequence[str]) -> bool:
+        """``-C`` the rule, then ``-D`` it if present; True if it was deleted."""
         if not self._rule_exists(table, chain, args):
-            return
+            return False
         argv = self._command(table, "-D", chain, args)
         self._check(argv, self._run(argv))
+        return True
 
     def flush_chain(self, table: str, chain: str) -> None:
         """``-F`` the chain."""

@@ -67,12 +67,14 @@ class FakeConntrack:
         self.cleared_ips: set[tuple[str, str]] = set()
         self.cleared_ports: set[tuple[int, str, IPFamily]] = set()
         self.cleared_nats: set[tuple[str, str, str]] = set()
+        self.cleared_port_nats: set[tuple[int, str, str]] = set()
 
     def reset(self) -> None:
         """Forget what was cleared (the flows stay)."""
         self.cleared_ips.clear()
         self.cleared_ports.clear()
         self.cleared_nats.clear()
+        self.cleared_port_nats.clear()
 
     def _remove(self, matches: Callable[[ConntrackFlow], bool]) -> int:
         kept = [flow for flow in self.flows if not matches(flow)]
@@ -94,6 +96,19 @@ class FakeConntrack:
         return self._remove(
             lambda f: (
                 f["protocol"] == protocol and f["family"] == family and f["orig_dport"] == port
+            )
+        )
+
+    def clear_entries_for_port_nat(self, port: int, dest_ip: str, protocol: str) -> int:
+        """Record ``(port, dest_ip, protocol)``; remove flows to ``port`` DNATed to
+        ``dest_ip``."""
+        protocol = check_protocol(protocol)
+        self.cleared_port_nats.add((check_port(port), dest_ip, protocol))
+        return self._remove(
+            lambda f: (
+                f["protocol"] == protocol
+                and f["orig_dport"] == port
+                and _same_ip(f["reply_src"], dest_ip)
             )
         )
 

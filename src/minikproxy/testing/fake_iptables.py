@@ -266,13 +266,15 @@ class FakeIptables:
             target.rules.insert(0, rule)
             return True
 
-    def delete_rule(self, table: str, chain: str, args: Sequence[str]) -> None:
+    def delete_rule(self, table: str, chain: str, args: Sequence[str]) -> bool:
         """Delete the first identical rule, if any (a missing chain is not an error)."""
         with self._lock:
             chains = self._table(table)
             rule = Rule.from_args(chain, args)
             if chain in chains and rule in chains[chain].rules:
                 chains[chain].rules.remove(rule)
+                return True
+            return False
 
     def flush_chain(self, table: str, chain: str) -> None:
         """Empty ``chain``; IptablesError if it does not exist."""

@@ -1,0 +1,284 @@
+"""``minikproxy run`` and ``minikproxy cleanup``: wiring the sources, proxier, runner, health
+and metrics servers together. No logic of its own beyond start-up and shutdown."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from minikproxy.cleanup import cleanup_iptables
+from minikproxy.config import ConfigError, ProxyConfig
+from minikproxy.dataplane.conntrack import RealConntrack
+from minikproxy.dataplane.execer import Execer, RealExecer
+from minikproxy.dataplane.iptables import (
+    IptablesBackend,
+    IptablesError,
+    RealIptables,
+    detect_backend,
+)
+from minikproxy.dataplane.netinfo import NetInfoError, local_addresses
+from minikproxy.healthz import HealthzServer, ProxierHealth, ServiceHealthServer
+from minikproxy.metrics import MetricsServer, ProxyMetrics
+from minikproxy.model.names import IPV4, IPV6, IPFamily
+from minikproxy.proxier import Proxier
+from minikproxy.runner import BoundedFrequencyRunner
+from minikproxy.sources.kubeapi import ENDPOINT_SLICES, SERVICES, Reflector, node_spec
+
+logger = logging.getLogger("minikproxy")
+
+
+def node_name_from(config: ProxyConfig) -> str:
+    """``--hostname-override``, else ``$NODE_NAME``, else the hostname (lower-cased)."""
+    name = config.hostname_override or os.environ.get("NODE_NAME", "") or socket.gethostname()
+    return name.strip().lower()
+
+
+def usable_families(execer: Execer, backend: IptablesBackend) -> list[IPFamily]:
+    """IPv4, plus IPv6 when ip6tables works on this node."""
+    families: list[IPFamily] = [IPV4]
+    try:
+        RealIptables(execer, IPV6, backend).save("nat")
+        families.append(IPV6)
+    except IptablesError as err:
+        logger.info("IPv6 disabled: ip6tables is not usable here (%s)", err)
+    return families
+
+
+@dataclass
+class Controller:
+    """The running proxy: reflectors -> proxier -> runner, plus health and metrics servers.
+
+    ``execer`` None means dry-run (compile and print to ``out``, never touch the kernel).
+    """
+
+    config: ProxyConfig
+    node_name: str
+    api_client: Any
+    execer: Execer | None = None
+    backend: IptablesBackend = "nft"
+    families: Sequence[IPFamily] = (IPV4,)
+    out: TextIO | None = None
+    metrics_bind_address: str | None = None
+    healthz_bind_address: str | None = None
+    service_health_addresses: Sequence[str] = ("",)
+    reflector_options: dict[str, Any] = field(default_factory=dict)
+    metrics: ProxyMetrics = field(default_factory=ProxyMetrics)
+
+    def __post_init__(self) -> None:
+        self.stop_event = threading.Event()
+        self.health = ProxierHealth(health_timeout=2 * self.config.sync_period)
+        dataplanes = None
+        conntrack = None
+        addresses: Callable[[IPFamily], Sequence[str]] | None = None
+        service_health = None
+        if self.execer is not None:
+            execer = self.execer
+            dataplanes = {f: RealIptables(execer, f, self.backend) for f in self.families}
+            conntrack = RealConntrack(execer)
+            addresses = self._local_addresses
+            service_health = ServiceHealthServer(self.service_health_addresses, self.health)
+        self.proxier = Proxier(
+            config=self.config,
+            node_name=self.node_name,
+            families=self.families,
+            metrics=self.metrics,
+            health=self.health,
+            dataplanes=dataplanes,
+            conntrack=conntrack,
+            service_health=service_health,
+            local_addresses=addresses,
+            out=self.out,
+        )
+        self.runner = BoundedFrequencyRunner(
+            "sync-runner",
+            self.proxier.sync_proxy_rules,
+            min_interval=self.config.min_sync_period,
+            max_interval=self.config.sync_period,
+            retry_interval=self.config.sync_period,
+        )
+        self.proxier.runner = self.runner
+        self._servers: list[Any] = []
+        self._threads: list[threading.Thread] = []
+        self.reflectors = [
+            Reflector(self.api_client, spec, self.proxier.handler(kind), **self.reflector_options)
+            for spec, kind in (
+                (SERVICES, "services"),
+                (ENDPOINT_SLICES, "endpointslices"),
+                (node_spec(self.node_name), "nodes"),
+            )
+        ]
+
+    def _local_addresses(self, family: IPFamily) -> list[str]:
+        assert self.execer is not None
+        try:
+            return [str(ip) for ip in local_addresses(self.execer, family)]
+        except NetInfoError as err:
+            logger.warning("cannot list local addresses for --nodeport-addresses: %s", err)
+            return []
+
+    def start(self) -> None:
+        """Start servers, watches and the sync loop (returns at once)."""
+        if self.metrics_bind_address:
+            server = MetricsServer(self.metrics_bind_address, self.metrics, self.config.mode)
+            server.start()
+            self._servers.append(server)
+        if self.healthz_bind_address:
+            healthz = HealthzServer(self.healthz_bind_address, self.health, metrics=self.metrics)
+            healthz.start()
+            self._servers.append(healthz)
+        for reflector in self.reflectors:
+            self._threads.append(reflector.start(self.stop_event))
+        self._spawn("sync-loop", lambda: self.runner.loop(self.stop_event))
+        if self.execer is not None:
+            self._spawn("canary-monitor", self._monitor_canaries)
+
+    def _spawn(self, name: str, target: Callable[[], None]) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _monitor_canaries(self) -> None:
+        while not self.stop_event.wait(self.config.sync_period):
+            self.proxier.check_canaries()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop everything, leaving the installed rules in place (no traffic interruption)."""
+        self.stop_event.set()
+        for thread in self._threads:
+            thread.join(timeout)
+        for server in self._servers:
+            server.stop()
+        if self.proxier.service_health is not None:
+            self.proxier.service_health.stop()
+
+    @property
+    def servers(self) -> list[Any]:
+        """The started HTTP servers (metrics first, then healthz, when enabled)."""
+        return list(self._servers)
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _choose_backend(execer: Execer, flag: str) -> IptablesBackend:
+    if flag in ("nft", "legacy"):
+        return flag  # type: ignore[return-value]
+    return detect_backend(execer)
+
+
+def main_run(args: argparse.Namespace) -> int:
+    """``minikproxy run``."""
+    from minikproxy.cli import config_from_args
+    from minikproxy.sources.kubeclient import KubeConfigError, load_api_client
+
+    _setup_logging()
+    try:
+        config = config_from_args(args)
+    except ConfigError as err:
+        logger.error("%s", err)
+        return 2
+    node_name = node_name_from(config)
+    dry_run = bool(args.dry_run)
+    if not dry_run and os.geteuid() != 0:
+        logger.error("minikproxy run needs root (NET_ADMIN) to program iptables; use --dry-run")
+        return 1
+    execer = None if dry_run else RealExecer()
+    backend: IptablesBackend = "nft"
+    families: list[IPFamily] = [IPV4, IPV6]
+    if execer is not None:
+        backend = _choose_backend(execer, args.iptables_backend)
+        families = usable_families(execer, backend)
+    logger.info(
+        "Using %s proxier%s",
+        config.mode,
+        " (dry-run: the kernel is never touched)" if dry_run else f", iptables backend {backend}",
+    )
+    logger.info("Node name %r; families %s", node_name, ", ".join(families))
+    logger.info(
+        "Node IPs: %s",
+        ", ".join(config.node_ips) if config.node_ips else "from the Node object's addresses",
+    )
+    logger.info(
+        "Cluster CIDR %r; local traffic detection: %s",
+        config.cluster_cidr or "",
+        config.detect_local_mode
+        if config.cluster_cidr or config.detect_local_mode != "ClusterCIDR"
+        else "none (no --cluster-cidr)",
+    )
+    try:
+        api_client = load_api_client(config.kubeconfig or None)
+    except KubeConfigError as err:
+        logger.error("%s", err)
+        return 2
+    controller = Controller(
+        config,
+        node_name,
+        api_client,
+        execer=execer,
+        backend=backend,
+        families=families,
+        out=sys.stdout if dry_run else None,
+        metrics_bind_address=config.metrics_bind_address or None,
+        healthz_bind_address=config.healthz_bind_address or None,
+    )
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        logger.info(
+            "received %s: stopping, leaving the rules in place", signal.Signals(signum).name
+        )
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    controller.start()
+    stop.wait()
+    controller.stop()
+    return 0
+
+
+def main_cleanup(args: argparse.Namespace) -> int:
+    """``minikproxy cleanup``: remove our chains and rules in both families and backends."""
+    _setup_logging()
+    if os.geteuid() != 0:
+        logger.error("minikproxy cleanup needs root")
+        return 1
+    execer = RealExecer()
+    backends: list[IptablesBackend] = (
+        [args.iptables_backend] if args.iptables_backend in ("nft", "legacy") else ["nft", "legacy"]
+    )
+    removed_any = failed = False
+    for backend in backends:
+        for family in (IPV4, IPV6):
+            ipt = RealIptables(execer, family, backend)
+            try:
+                report = cleanup_iptables(ipt)
+            except IptablesError as err:
+                if backend == "legacy" and args.iptables_backend == "auto":
+                    logger.debug("legacy %s cleanup skipped: %s", family, err)
+                    continue
+                logger.error("%s %s cleanup failed: %s", backend, family, err)
+                failed = True
+                continue
+            for rule in report.jump_rules:
+                print(f"removed jump rule ({backend} {family}): {rule}")
+            for table, chains in report.chains.items():
+                where = f"{table} ({backend} {family})"
+                print(f"removed {len(chains)} chains from {where}: {' '.join(chains)}")
+            removed_any = removed_any or not report.empty
+    if not removed_any and not failed:
+        print("nothing to remove: no minikproxy or kube-proxy iptables rules found")
+    return 1 if failed else 0

@@ -1,0 +1,278 @@
+"""End to end: the controller watches a fake API server through the real ``kubernetes`` client
+and programs the node netns of a test topology; connections from the client netns show what
+the kernel does. The controller runs in this process; its iptables and conntrack commands
+run inside the node namespace."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from minikproxy.config import ProxyConfig
+from minikproxy.controller import Controller
+from minikproxy.dataplane.execer import ExecResult, RealExecer
+from minikproxy.model.names import IPV4
+from minikproxy.sources.kubeclient import load_api_client
+from minikproxy.testing.apiserver import FakeApiServer
+from minikproxy.testing.netns import Probe, Topology
+
+pytestmark = pytest.mark.kernel
+
+NODE = "node-1"
+BACKENDS = ["10.10.2.2", "10.10.2.3", "10.10.2.4"]
+VIP = "10.96.0.10"
+
+
+def wait_for(check: Callable[[], bool], timeout: float = 15.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what or check}")
+
+
+def service(name: str, ip: str, proto: str = "TCP", **spec: Any) -> dict[str, Any]:
+    ports = [{"name": "p", "port": 80, "protocol": proto, **spec.pop("port_extra", {})}]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"clusterIP": ip, "clusterIPs": [ip], "ports": ports, **spec},
+    }
+
+
+def endpoint_slice(
+    name: str, ips: list[str], proto: str = "TCP", local: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": f"{name}-1",
+            "namespace": "default",
+            "labels": {"kubernetes.io/service-name": name},
+        },
+        "addressType": "IPv4",
+        "endpoints": [
+            {
+                "addresses": [ip],
+                "conditions": {"ready": True},
+                "nodeName": NODE if ip in local else "node-2",
+            }
+            for ip in ips
+        ],
+        "ports": [{"name": "p", "port": 8080, "protocol": proto}],
+    }
+
+
+NODE_OBJ = {
+    "apiVersion": "v1",
+    "kind": "Node",
+    "metadata": {"name": NODE},
+    "status": {"addresses": [{"type": "InternalIP", "address": "10.10.1.1"}]},
+}
+
+
+class FlakyExecer(RealExecer):
+    """Runs commands in the node netns; when armed, corrupts the next iptables-restore input
+    so the real tool rejects it (and must leave the old rules in place)."""
+
+    def __init__(self, netns: str) -> None:
+        super().__init__(netns)
+        self.break_next_restore = False
+        self.failed_restores = 0
+
+    def run(
+        self, argv: Any, *, stdin: bytes | None = None, timeout: float | None = None
+    ) -> ExecResult:
+        if self.break_next_restore and "restore" in argv[0] and stdin:
+            self.break_next_restore = False
+            self.failed_restores += 1
+            stdin = stdin.replace(b"COMMIT\n", b"-A KUBE-SERVICES -j NO-SUCH-CHAIN\nCOMMIT\n", 1)
+        return super().run(argv, stdin=stdin, timeout=timeout)
+
+
+class Harness:
+    def __init__(self, topo: Topology, api: FakeApiServer, kubeconfig: Path) -> None:
+        self.topo, self.api, self.kubeconfig = topo, api, kubeconfig
+        self.execer = FlakyExecer(topo.namespaces["node"])
+        self.controller: Controller | None = None
+
+    def start(self, **config: Any) -> Controller:
+        settings = {
+            "hostname_override": NODE,
+            "cluster_cidr": "10.10.2.0/24",
+            "min_sync_period": 0.0,
+            "sync_period": 30.0,
+            **config,
+        }
+        self.controller = Controller(
+            ProxyConfig().with_overrides(**settings),
+            NODE,
+            load_api_client(str(self.kubeconfig)),
+            execer=self.execer,
+            backend="nft",
+            families=[IPV4],
+            metrics_bind_address="127.0.0.1:0",
+            healthz_bind_address="127.0.0.1:0",
+            service_health_addresses=("127.0.0.1",),
+            reflector_options={"backoff_initial": 0.05, "backoff_max": 0.3},
+        )
+        self.controller.start()
+        return self.controller
+
+    def stop(self) -> None:
+        if self.controller is not None:
+            self.controller.stop()
+            self.controller = None
+
+    def lands(
+        self, dst: str = VIP, port: int = 80, count: int = 20, proto: str = "tcp"
+    ) -> set[str]:
+        results = self.topo.connect_many([Probe(dst, port, proto)] * count, timeout=1.0)  # type: ignore[arg-type]
+        return {r.server_ip for r in results if r.ok}
+
+    def outcome(self, dst: str = VIP, port: int = 80) -> str:
+        return self.topo.connect(dst, port, timeout=0.5).outcome
+
+
+@pytest.fixture
+def harness(topology: Topology, tmp_path: Path) -> Iterator[Harness]:
+    topology.serve_backends(8080, protos=("tcp", "udp"), family=IPV4)
+    with FakeApiServer() as api:
+        api.create(NODE_OBJ)
+        h = Harness(topology, api, api.write_kubeconfig(tmp_path / "kubeconfig"))
+        try:
+            yield h
+        finally:
+            h.stop()
+
+
+def test_service_lifecycle_scaling_and_deletion(harness: Harness) -> None:
+    api = harness.api
+    harness.start()
+    api.create(service("web", VIP))
+    api.create(endpoint_slice("web", BACKENDS))
+    wait_for(lambda: harness.lands() == set(BACKENDS), what="traffic on all backends")
+
+    api.update(endpoint_slice("web", ["10.10.2.3"]))
+    wait_for(lambda: harness.lands() == {"10.10.2.3"}, what="scaled down to one backend")
+
+    api.update(endpoint_slice("web", []))
+    wait_for(lambda: harness.outcome() == "refused", what="REJECT without endpoints")
+
+    api.delete("services", "default", "web")
+    wait_for(lambda: harness.outcome() == "unreachable", what="no rules for a deleted service")
+    controller = harness.controller
+    assert controller is not None and controller.proxier.last_sync is not None
+    assert not controller.proxier.last_sync.full  # changes after the first go partial
+
+
+def test_external_traffic_policy_local(harness: Harness) -> None:
+    api = harness.api
+    harness.start()
+    svc = service(
+        "local", "10.96.0.20", type="NodePort", externalTrafficPolicy="Local",
+        port_extra={"nodePort": 30020},
+    )  # fmt: skip
+    api.create(svc)
+    api.create(endpoint_slice("local", BACKENDS, local=("10.10.2.4",)))
+    wait_for(lambda: harness.lands("10.10.1.1", 30020) == {"10.10.2.4"}, what="local endpoint")
+    result = harness.topo.connect("10.10.1.1", 30020)
+    assert not harness.topo.masqueraded(result)
+    api.update(endpoint_slice("local", BACKENDS))  # no local endpoint left: DROP
+    wait_for(lambda: harness.outcome("10.10.1.1", 30020) == "timeout", what="DROP")
+
+
+def test_api_outage_and_410_relist(harness: Harness) -> None:
+    api = harness.api
+    harness.start()
+    api.create(service("web", VIP))
+    api.create(endpoint_slice("web", BACKENDS))
+    api.create(service("gone", "10.96.0.30"))
+    api.create(endpoint_slice("gone", BACKENDS))
+    wait_for(lambda: harness.lands("10.96.0.30") == set(BACKENDS), what="both services up")
+
+    with api.outage():
+        time.sleep(0.5)  # the watches are down: nothing may be flushed
+        assert harness.lands() == set(BACKENDS)
+        assert harness.lands("10.96.0.30") == set(BACKENDS)
+
+    # A deletion the watch never sees: history is compacted and the watches dropped, so the
+    # reflectors get 410 Gone, relist, and must notice "gone" disappeared.
+    api.delete("services", "default", "gone")
+    api.delete("endpointslices", "default", "gone-1")
+    api.update(endpoint_slice("web", ["10.10.2.2"]))
+    api.compact()
+    api.drop_watches()
+    wait_for(lambda: harness.outcome("10.96.0.30") == "unreachable", what="deletion reconciled")
+    wait_for(lambda: harness.lands() == {"10.10.2.2"}, what="update reconciled")
+
+
+def test_restart_keeps_connections_working(harness: Harness) -> None:
+    api = harness.api
+    harness.start()
+    api.create(service("web", VIP))
+    api.create(endpoint_slice("web", BACKENDS))
+    wait_for(lambda: harness.lands() == set(BACKENDS), what="traffic")
+    harness.stop()
+    assert harness.lands() == set(BACKENDS)  # rules left in place while the proxy is down
+    controller = harness.start()
+    assert harness.lands() == set(BACKENDS)
+    wait_for(lambda: controller.proxier.last_sync is not None, what="first sync after restart")
+    assert controller.proxier.last_sync is not None and controller.proxier.last_sync.full
+    assert harness.lands() == set(BACKENDS)
+
+
+def test_failed_restore_keeps_old_rules_then_recovers(harness: Harness) -> None:
+    api = harness.api
+    controller = harness.start()
+    api.create(service("web", VIP))
+    api.create(endpoint_slice("web", BACKENDS))
+    wait_for(lambda: harness.lands() == set(BACKENDS), what="traffic")
+
+    harness.execer.break_next_restore = True
+    api.update(endpoint_slice("web", ["10.10.2.2"]))
+    wait_for(lambda: harness.execer.failed_restores == 1, what="the broken restore")
+    assert harness.lands() == set(BACKENDS)  # the old rules are intact
+    wait_for(lambda: harness.lands() == {"10.10.2.2"}, what="retry with a full sync")
+    assert controller.metrics.iptables_restore_failures_total._value.get() == 1
+    assert controller.metrics.iptables_partial_restore_failures_total._value.get() == 1
+
+
+def test_external_flush_is_repaired(harness: Harness) -> None:
+    api = harness.api
+    harness.start(sync_period=0.5)
+    api.create(service("web", VIP))
+    api.create(endpoint_slice("web", BACKENDS))
+    wait_for(lambda: harness.lands() == set(BACKENDS), what="traffic")
+    for table in ("nat", "filter", "mangle"):
+        harness.topo.node_exec(["iptables-nft", "-t", table, "-F"])
+        harness.topo.node_exec(["iptables-nft", "-t", table, "-X"])
+    assert harness.outcome() == "unreachable"
+    wait_for(lambda: harness.lands() == set(BACKENDS), what="canary noticed, full resync")
+
+
+def test_stale_udp_conntrack_entries_are_removed(harness: Harness) -> None:
+    api = harness.api
+    harness.start()
+    api.create(service("dns", "10.96.0.53", proto="UDP"))
+    api.create(endpoint_slice("dns", ["10.10.2.2"], proto="UDP"))
+    wait_for(lambda: harness.lands("10.96.0.53", proto="udp") == {"10.10.2.2"}, what="udp")
+
+    def flows_to(ip: str) -> int:
+        return sum(
+            1
+            for e in harness.topo.conntrack_list()
+            if e.proto == "udp" and e.orig_dst == "10.96.0.53" and e.reply_src == ip
+        )
+
+    assert flows_to("10.10.2.2") > 0
+    api.update(endpoint_slice("dns", ["10.10.2.3"], proto="UDP"))
+    wait_for(lambda: flows_to("10.10.2.2") == 0, what="flows to the removed endpoint deleted")
+    assert harness.lands("10.96.0.53", proto="udp") == {"10.10.2.3"}
