@@ -95,9 +95,9 @@ def topo(shared_topology: Topology) -> Topology:
 
 
 def landings(
-    topo: Topology, dst: str, port: int, count: int = 30, proto: str = "tcp"
+    topo: Topology, dst: str, port: int, count: int = 30, proto: Proto = "tcp"
 ) -> Counter[str]:
-    results = topo.connect_many([Probe(dst, port, proto)] * count, timeout=2.0)  # type: ignore[arg-type]
+    results = topo.connect_many([Probe(dst, port, proto)] * count, timeout=2.0)
     assert all(r.ok for r in results), [r.outcome for r in results if not r.ok]
     return Counter(r.server_ip for r in results)
 
