@@ -18,7 +18,7 @@ from minikproxy.dataplane.execer import ExecResult, RealExecer
 from minikproxy.model.names import IPV4
 from minikproxy.sources.kubeclient import load_api_client
 from minikproxy.testing.apiserver import FakeApiServer
-from minikproxy.testing.netns import Probe, Topology
+from minikproxy.testing.netns import Probe, Proto, Topology
 
 pytestmark = pytest.mark.kernel
 
@@ -132,9 +132,9 @@ class Harness:
             self.controller = None
 
     def lands(
-        self, dst: str = VIP, port: int = 80, count: int = 20, proto: str = "tcp"
+        self, dst: str = VIP, port: int = 80, count: int = 20, proto: Proto = "tcp"
     ) -> set[str]:
-        results = self.topo.connect_many([Probe(dst, port, proto)] * count, timeout=1.0)  # type: ignore[arg-type]
+        results = self.topo.connect_many([Probe(dst, port, proto)] * count, timeout=1.0)
         return {r.server_ip for r in results if r.ok}
 
     def outcome(self, dst: str = VIP, port: int = 80) -> str:
