@@ -170,3 +170,45 @@ def test_initial_list_10k_services_10k_slices(benchmark: Any, api_client: Any) -
         initial_list, args=(api_client,), rounds=5, iterations=1, warmup_rounds=1
     )
     assert counts == (SERVICE_COUNT, SERVICE_COUNT)
+
+
+def initial_list_into_model(api: Any) -> int:
+    """As kube-proxy starts: list both resources into the proxier's tracker, then build the
+    node-local model (the IPv4 snapshot the first sync compiles). Returns the port count."""
+    from minikproxy.config import ProxyConfig
+    from minikproxy.healthz import ProxierHealth
+    from minikproxy.metrics import ProxyMetrics
+    from minikproxy.proxier import Proxier
+
+    proxier = Proxier(
+        config=ProxyConfig(),
+        node_name="node-0",
+        families=["IPv4"],
+        metrics=ProxyMetrics(),
+        health=ProxierHealth(),
+    )
+    stop = threading.Event()
+    proxier.initial_load_gc.hold()  # as Controller.start does
+    services, slices = proxier.handler("services"), proxier.handler("endpointslices")
+    threads = [
+        Reflector(api, SERVICES, services, page_size=500).start(stop),
+        Reflector(api, ENDPOINT_SLICES, slices, page_size=500).start(stop),
+    ]
+    try:
+        deadline = threading.Event()
+        while not proxier.initialized and not deadline.wait(0.005):
+            pass
+        snapshot = proxier.tracker.snapshot("IPv4")
+        proxier.initial_load_gc.release()  # as after the first sync
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+    return len(snapshot.state.services)
+
+
+def test_initial_list_into_model_10k(benchmark: Any, api_client: Any) -> None:
+    ports = benchmark.pedantic(
+        initial_list_into_model, args=(api_client,), rounds=5, iterations=1, warmup_rounds=1
+    )
+    assert ports == 2 * SERVICE_COUNT

@@ -126,6 +126,7 @@ class Controller:
 
     def start(self) -> None:
         """Start servers, watches and the sync loop (returns at once)."""
+        self.proxier.initial_load_gc.hold()
         if self.metrics_bind_address:
             server = MetricsServer(self.metrics_bind_address, self.metrics, self.config.mode)
             server.start()
@@ -154,6 +155,7 @@ class Controller:
         self.stop_event.set()
         for thread in self._threads:
             thread.join(timeout)
+        self.proxier.initial_load_gc.release()
         for server in self._servers:
             server.stop()
         if self.proxier.service_health is not None:

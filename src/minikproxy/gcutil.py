@@ -23,3 +23,29 @@ def gc_paused() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
+
+
+class InitialLoadGC:
+    """GC policy for a controller's start: hold the collector off while the initial lists
+    arrive, then freeze what they built and re-enable it.
+
+    After :meth:`release`, the objects of the initial state sit in the permanent generation
+    (``gc.freeze``), so later collections scan only what changed since. Both calls are
+    idempotent; ``release`` is a no-op unless ``hold`` disabled the collector.
+    """
+
+    def __init__(self) -> None:
+        self._held = False
+
+    def hold(self) -> None:
+        """Disable the cyclic GC until :meth:`release`."""
+        if not self._held and gc.isenabled():
+            gc.disable()
+            self._held = True
+
+    def release(self) -> None:
+        """Freeze the objects built so far and re-enable the GC."""
+        if self._held:
+            self._held = False
+            gc.freeze()
+            gc.enable()

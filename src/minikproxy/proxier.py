@@ -24,6 +24,7 @@ from minikproxy.compile.names import KUBE_MARK_MASQ, KUBE_PROXY_CANARY, is_servi
 from minikproxy.config import ProxyConfig
 from minikproxy.dataplane.conntrack import Conntrack, ConntrackError
 from minikproxy.dataplane.iptables import IptablesError, IptablesRunner
+from minikproxy.gcutil import InitialLoadGC
 from minikproxy.healthz import ProxierHealth, ServiceHealthServer
 from minikproxy.metrics import ProxyMetrics
 from minikproxy.model.names import IPFamily, NamespacedName
@@ -97,18 +98,24 @@ class Proxier:
     wallclock: Callable[[], float] = time.time
     full_sync_period: float = FULL_SYNC_PERIOD
     nft_batch: int = NFT_FULL_SYNC_BATCH
+    rewrite_top_level: bool = False  # True: kube-proxy's partial sync (always KUBE-SERVICES)
     runner: Runner | None = None
     last_sync: SyncResult | None = None
     tracker: ClusterTracker = field(init=False)
 
     def __post_init__(self) -> None:
         self.tracker = ClusterTracker(self.node_name, report=self._log_problem)
+        # Trigger times not after this are ignored, like kube-proxy's trackerStartTime: a
+        # restart must not report every EndpointSlice's age as programming latency.
+        self._started_at = self.wallclock()
         self._lock = threading.Lock()
         self._synced: set[str] = set()
         self._needs_full = True
         self._last_full = -float("inf")
         self._failures = 0
         self._families: dict[IPFamily, _FamilyState] = {f: _FamilyState() for f in self.families}
+        # Held by the controller while the initial lists arrive; released after the first sync.
+        self.initial_load_gc = InitialLoadGC()
         self._random_fully = {
             f: ipt.has_random_fully() for f, ipt in (self.dataplanes or {}).items()
         }
@@ -214,6 +221,7 @@ class Proxier:
         except (IptablesError, OSError, ValueError) as err:
             return self._failed(err, full, start)
         duration = self.clock() - start
+        self.initial_load_gc.release()
         self._needs_full = False
         self._failures = 0
         if full:
@@ -275,7 +283,7 @@ class Proxier:
         if full or ruleset.changed is None:
             written = self._apply_full(ipt, ruleset)
         else:
-            data = ruleset.render_partial().encode()
+            data = ruleset.render_partial(rewrite_top_level=self.rewrite_top_level).encode()
             if data:
                 ipt.restore(data, noflush=True, counters=True)
             written = len(data)
@@ -324,26 +332,26 @@ class Proxier:
         for snapshot in snapshots.values():
             for times in snapshot.trigger_times.values():
                 for text in times:
-                    latency = _seconds_since(text, now)
-                    if latency is not None:
-                        metrics.network_programming_latency.observe(latency)
+                    stamp = _timestamp(text)
+                    if stamp is not None and stamp > self._started_at:
+                        metrics.network_programming_latency.observe(max(0.0, now - stamp))
         counts = {"filter": 0, "nat": 0}
-        no_local = {"internal": 0, "external": 0}
-        for state in self._families.values():
-            if state.applied is None:
-                continue
-            for table, count in state.applied.rule_counts().items():
+        applied = [s.applied for s in self._families.values() if s.applied is not None]
+        for ruleset in applied:
+            for table, count in ruleset.rule_counts().items():
                 counts[table] += count
-            if full or state.applied.changed:
-                for rules in state.applied.services.values():
+        # Recounted over every family when any changed: a partial sync of one family must
+        # not drop the other family's services from the sum.
+        if full or any(ruleset.changed for ruleset in applied):
+            no_local = {"internal": 0, "external": 0}
+            for ruleset in applied:
+                for rules in ruleset.services.values():
                     no_local["internal"] += rules.no_local_internal
                     no_local["external"] += rules.no_local_external
-                metrics.sync_proxy_rules_no_local_endpoints_total.labels(
-                    traffic_policy="internal"
-                ).set(no_local["internal"])
-                metrics.sync_proxy_rules_no_local_endpoints_total.labels(
-                    traffic_policy="external"
-                ).set(no_local["external"])
+            for policy, total in no_local.items():
+                metrics.sync_proxy_rules_no_local_endpoints_total.labels(traffic_policy=policy).set(
+                    total
+                )
         for table, count in counts.items():
             metrics.iptables_rules_total.labels(table=table).set(count)
         for family in self.families:
@@ -437,9 +445,8 @@ def _kind(full: bool) -> str:
     return "full" if full else "partial"
 
 
-def _seconds_since(rfc3339: str, now: float) -> float | None:
+def _timestamp(rfc3339: str) -> float | None:
     try:
-        stamp = datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
+        return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
     except ValueError:
         return None
-    return max(0.0, now - stamp)

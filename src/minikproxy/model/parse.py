@@ -35,6 +35,9 @@ AUTOSCALER_TAINT = "ToBeDeletedByClusterAutoscaler"
 Obj = Mapping[str, Any]
 
 
+_AF = {IPV4: socket.AF_INET, IPV6: socket.AF_INET6}
+
+
 def canonical_ip(text: Any) -> tuple[str, IPFamily] | None:
     """Return the canonical form and family of an IP address string, or None if invalid.
 
@@ -309,17 +312,23 @@ def parse_endpoint_slice(obj: Obj, report: ProblemSink) -> ParsedSlice | None:
         ports.append(SlicePort(str(p.get("name") or ""), proto, number))
 
     endpoints: list[SliceEndpoint] = []
+    pton, ntop, af = socket.inet_pton, socket.inet_ntop, _AF[family]
     for i, ep in enumerate(obj.get("endpoints") or []):
         addresses = ep.get("addresses") or []
         if not addresses:
             continue
-        parsed = canonical_ip(addresses[0])  # kube-proxy uses the first address only
-        if parsed is None:
-            problem(f"endpoints[{i}].addresses[0]", f"invalid IP address {addresses[0]!r}")
-            continue
-        if parsed[1] != family:
-            problem(f"endpoints[{i}].addresses[0]", f"{addresses[0]!r} is not {family}")
-            continue
+        text = addresses[0]  # kube-proxy uses the first address only
+        try:  # fast path: a canonical address of the slice's family (nearly always)
+            ip = ntop(af, pton(af, text))
+        except (OSError, TypeError):
+            parsed = canonical_ip(text)
+            if parsed is None:
+                problem(f"endpoints[{i}].addresses[0]", f"invalid IP address {text!r}")
+                continue
+            if parsed[1] != family:
+                problem(f"endpoints[{i}].addresses[0]", f"{text!r} is not {family}")
+                continue
+            ip = parsed[0]
         cond = ep.get("conditions") or {}
         ready = cond.get("ready") is not False
         serving = cond.get("serving") is not False  # nil means serving, as in kube-proxy
@@ -333,15 +342,15 @@ def parse_endpoint_slice(obj: Obj, report: ProblemSink) -> ParsedSlice | None:
                 str(h.get("name")) for h in hints.get("forNodes") or [] if h.get("name")
             )
         endpoints.append(
-            SliceEndpoint(
-                ip=parsed[0],
-                ready=ready,
-                serving=serving,
-                terminating=cond.get("terminating") is True,
-                node_name=str(ep.get("nodeName") or ""),
-                zone=str(ep.get("zone") or ""),
-                zone_hints=zone_hints,
-                node_hints=node_hints,
+            SliceEndpoint(  # positional: this runs for every endpoint of the cluster
+                ip,
+                ready,
+                serving,
+                cond.get("terminating") is True,
+                str(ep.get("nodeName") or ""),
+                str(ep.get("zone") or ""),
+                zone_hints,
+                node_hints,
             )
         )
     annotations = (obj.get("metadata") or {}).get("annotations") or {}
