@@ -93,6 +93,7 @@ def test_endpoint_change_to_kernel(benchmark: Any, cluster: Any, strategy: str) 
     def change() -> None:
         generation = next(_generations)
         new_slice = synthetic_slice(target, 10, generation=generation)
+        del new_slice["metadata"]["resourceVersion"]  # an unconditional update
         execer.marker = new_slice["endpoints"][0]["addresses"][0].encode() + b":8080"
         execer.done.clear()
         api.update(new_slice)

@@ -127,6 +127,8 @@ class Controller:
     def start(self) -> None:
         """Start servers, watches and the sync loop (returns at once)."""
         self.proxier.initial_load_gc.hold()
+        if self.execer is not None and self.config.localhost_nodeports and IPV4 in self.families:
+            self._enable_route_localnet(self.execer)
         if self.metrics_bind_address:
             server = MetricsServer(self.metrics_bind_address, self.metrics, self.config.mode)
             server.start()
@@ -140,6 +142,18 @@ class Controller:
         self._spawn("sync-loop", lambda: self.runner.loop(self.stop_event))
         if self.execer is not None:
             self._spawn("canary-monitor", self._monitor_canaries)
+
+    @staticmethod
+    def _enable_route_localnet(execer: Execer) -> None:
+        """Localhost NodePorts need ``route_localnet`` (kube-proxy sets it too; the
+        KUBE-FIREWALL rule closes the hole it opens, k/k#90259)."""
+        result = execer.run(["sysctl", "-w", "net.ipv4.conf.all.route_localnet=1"])
+        if result.returncode != 0:
+            logger.warning(
+                "cannot set net.ipv4.conf.all.route_localnet=1 (%s): NodePorts on 127.0.0.1 "
+                "will not work; set iptables.localhostNodePorts: false to silence this",
+                result.stderr.decode(errors="replace").strip(),
+            )
 
     def _spawn(self, name: str, target: Callable[[], None]) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)

@@ -242,3 +242,18 @@ def test_ipv6_cluster_ip(topo: Topology) -> None:
     objs = [svc, slice_("dual", v6, family="IPv6"), slice_("dual", BACKENDS)]
     topo.load_iptables(payload(objs, IPV6, cluster_cidr="fd00:10:2::/64"), family=IPV6)
     assert set(landings(topo, "fd00:96::80", 80, count=20)) == set(v6)
+
+
+def test_localhost_nodeports(topo: Topology) -> None:
+    svc = service("lh", "10.96.0.90", type="NodePort", port_extra={"nodePort": 30090})
+    objs = [svc, slice_("lh", BACKENDS)]
+    topo.node_exec(["sysctl", "-qw", "net.ipv4.conf.all.route_localnet=1"])
+    topo.load_iptables(payload(objs, cluster_cidr="10.10.2.0/24"))
+    on = topo.connect("127.0.0.1", 30090, from_ns="node")
+    assert on.ok and on.server_ip in BACKENDS
+    assert topo.masqueraded(on, "127.0.0.1")
+
+    topo.reset_rules()
+    topo.load_iptables(payload(objs, cluster_cidr="10.10.2.0/24", localhost_nodeports=False))
+    assert topo.connect("127.0.0.1", 30090, from_ns="node").outcome == "refused"
+    assert topo.connect(NODE_IP, 30090).ok  # other addresses still work
