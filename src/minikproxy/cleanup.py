@@ -45,10 +45,15 @@ class CleanupReport:
 def cleanup_iptables(ipt: IptablesRunner) -> CleanupReport:
     """Unlink the jump rules, then flush and delete our chains, table by table.
 
-    kubelet's KUBE-FIREWALL and its jumps are left alone (kubelet owns them).
+    kubelet's KUBE-FIREWALL and its jumps are left alone (kubelet owns them). A jump whose
+    target chain is gone is not looked for: ``iptables -C`` fails (exit 2) on a rule naming a
+    chain that does not exist, and no such rule can exist anyway.
     """
     report = CleanupReport(ipt.family)
+    existing = {table: ipt.list_chains(table) for table in {j.table for j in JUMP_RULES}}
     for jump in JUMP_RULES:
+        if jump.target not in existing[jump.table]:
+            continue
         args = shlex.split(jump.args())
         if ipt.delete_rule(jump.table, jump.source, args):
             report.jump_rules.append(f"-t {jump.table} -A {jump.source} {jump.args()}")

@@ -66,8 +66,9 @@ def describe_changes(
     )
     for name in names:
         before, after = service_lines(old.services.get(name)), service_lines(new.services.get(name))
-        removed = [line for line in before if line not in set(after)]
-        added = [line for line in after if line not in set(before)]
+        before_set, after_set = set(before), set(after)
+        removed = [line for line in before if line not in after_set]
+        added = [line for line in after if line not in before_set]
         if not removed and not added:
             continue
         verb = "added" if not before else "removed" if not after else "changed"

@@ -114,6 +114,7 @@ class Proxier:
         self._last_full = -float("inf")
         self._failures = 0
         self._families: dict[IPFamily, _FamilyState] = {f: _FamilyState() for f in self.families}
+        self._written_rules = {"filter": 0, "nat": 0}
         # Held by the controller while the initial lists arrive; released after the first sync.
         self.initial_load_gc = InitialLoadGC()
         self._random_fully = {
@@ -215,6 +216,7 @@ class Proxier:
         self.metrics.service_changes_pending.set(0)
         self.metrics.endpoint_changes_pending.set(0)
         restored = 0
+        self._written_rules = {"filter": 0, "nat": 0}
         try:
             for family in self.families:
                 restored += self._sync_family(family, snapshots[family], node, full)
@@ -284,9 +286,7 @@ class Proxier:
             written = self._apply_full(ipt, ruleset)
         else:
             data = ruleset.render_partial(rewrite_top_level=self.rewrite_top_level).encode()
-            if data:
-                ipt.restore(data, noflush=True, counters=True)
-            written = len(data)
+            written = self._restore(ipt, data) if data else 0
         old_ruleset, old_state = state.applied, state.applied_state
         state.applied, state.applied_state, state.compiled = ruleset, snapshot.state, ruleset
         if old_ruleset is not None and old_state is not None and self.conntrack is not None:
@@ -306,13 +306,20 @@ class Proxier:
             written = 0
             for i in range(0, len(ruleset.order), batch):
                 data = ruleset.render_service_batch(ruleset.order[i : i + batch]).encode()
-                ipt.restore(data, noflush=True, counters=True)
-                written += len(data)
+                written += self._restore(ipt, data)
             data = ruleset.render_top_level(delete_chains=stale).encode()
-            ipt.restore(data, noflush=True, counters=True)
-            return written + len(data)
+            return written + self._restore(ipt, data)
         data = ruleset.render(jumps=False, canary=True, delete_chains=stale).encode()
+        return self._restore(ipt, data)
+
+    def _restore(self, ipt: IptablesRunner, data: bytes) -> int:
+        """``iptables-restore --noflush`` of ``data``, tallying the rules written per table
+        (``sync_proxy_rules_iptables_last``); returns the bytes written."""
         ipt.restore(data, noflush=True, counters=True)
+        for section in data.split(b"\n*"):  # one per table; bytes ops: this can be MBs
+            table = section[:64].lstrip(b"*").split(b"\n", 1)[0].strip().decode(errors="replace")
+            if table in self._written_rules:
+                self._written_rules[table] += section.count(b"\n-A ")
         return len(data)
 
     # --- after a successful sync -----------------------------------------------------------
@@ -354,6 +361,9 @@ class Proxier:
                 )
         for table, count in counts.items():
             metrics.iptables_rules_total.labels(table=table).set(count)
+        if self.dataplanes is not None:
+            for table, count in self._written_rules.items():
+                metrics.iptables_rules_last_sync.labels(table=table).set(count)
         for family in self.families:
             self.health.updated(family)
         self._sync_service_health()

@@ -37,13 +37,8 @@ CONTROLLER_REQUESTS: frozenset[tuple[str, str, str]] = frozenset(
         ("", "services", "watch"),
         ("discovery.k8s.io", "endpointslices", "list"),
         ("discovery.k8s.io", "endpointslices", "watch"),
-        ("", "nodes", "get"),
         ("", "nodes", "list"),
         ("", "nodes", "watch"),
-        ("", "events", "create"),
-        ("", "events", "patch"),
-        ("events.k8s.io", "events", "create"),
-        ("events.k8s.io", "events", "patch"),
     }
 )
 

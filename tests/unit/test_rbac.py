@@ -1,0 +1,229 @@
+"""The ClusterRole in deploy/base grants exactly what the running controller asks for.
+
+A dry-run :class:`~minikproxy.controller.Controller` watches a fake API server through the real
+``kubernetes`` client: its first lists, a change, a dropped watch and a ``410 Gone`` relist.
+Every request the server answered is mapped to (apiGroup, resource, verb) and checked against
+the ClusterRole parsed from the manifests, in both directions.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from minikproxy.config import ProxyConfig
+from minikproxy.controller import Controller
+from minikproxy.model.names import IPV4
+from minikproxy.sources.kubeclient import load_api_client
+from minikproxy.testing.apiserver import FakeApiServer, RequestRecord
+
+ROOT = Path(__file__).resolve().parents[2]
+CLUSTER_ROLE = ROOT / "deploy" / "base" / "clusterrole.yaml"
+NODE = "node-1"
+PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
+HEADLESS_LABEL = "service.kubernetes.io/headless"
+PROXY_SELECTOR = f"!{PROXY_NAME_LABEL},!{HEADLESS_LABEL}"
+
+Permission = tuple[str, str, str]  # (apiGroup, resource, verb)
+
+
+def wait_for(check: Callable[[], bool], timeout: float = 15.0, what: str = "") -> None:
+    """Poll ``check`` until it is true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def granted_by_cluster_role() -> set[Permission]:
+    """Every (apiGroup, resource, verb) the ClusterRole grants."""
+    docs = [d for d in yaml.safe_load_all(CLUSTER_ROLE.read_text()) if d]
+    (role,) = [d for d in docs if d.get("kind") == "ClusterRole"]
+    granted: set[Permission] = set()
+    for rule in role["rules"]:
+        assert not rule.get("nonResourceURLs") and not rule.get("resourceNames"), rule
+        granted |= {
+            (group, resource, verb)
+            for group in rule["apiGroups"]
+            for resource in rule["resources"]
+            for verb in rule["verbs"]
+        }
+    return granted
+
+
+def permission(record: RequestRecord) -> Permission:
+    """The RBAC permission a request needs."""
+    assert record.resource is not None and record.group is not None, (
+        f"non-resource request {record.method} {record.path}: the ClusterRole has no "
+        "nonResourceURLs"
+    )
+    return (record.group, record.resource, record.verb)
+
+
+def service(name: str, ip: str, **labels: str) -> dict[str, Any]:
+    """A ClusterIP Service with one TCP port."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": "default", "labels": labels},
+        "spec": {
+            "clusterIP": ip,
+            "clusterIPs": [ip],
+            "ports": [{"name": "p", "port": 80, "protocol": "TCP"}],
+        },
+    }
+
+
+def endpoint_slice(name: str, *addresses: str, **labels: str) -> dict[str, Any]:
+    """An IPv4 EndpointSlice of Service ``name`` with ready endpoints."""
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": f"{name}-1",
+            "namespace": "default",
+            "labels": {"kubernetes.io/service-name": name, **labels},
+        },
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [a], "conditions": {"ready": True}} for a in addresses],
+        "ports": [{"name": "p", "port": 8080, "protocol": "TCP"}],
+    }
+
+
+def lists_of(api: FakeApiServer) -> list[RequestRecord]:
+    """The list requests answered so far."""
+    return [r for r in api.request_log if r.verb == "list"]
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FakeApiServer, str]]:
+    """Run a dry-run controller through a realistic session; yield the server and the printout.
+
+    The session: initial lists, a Service and slice change, a Service claimed by another proxy
+    and a headless one (both filtered out by the server), dropped watches, and a 410 relist.
+    """
+    with FakeApiServer() as api:
+        api.create(
+            {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {"name": NODE},
+                "status": {"addresses": [{"type": "InternalIP", "address": "192.168.5.1"}]},
+            }
+        )
+        api.create(service("web", "10.96.0.10"))
+        api.create(endpoint_slice("web", "10.244.1.5"))
+        kubeconfig = api.write_kubeconfig(tmp_path_factory.mktemp("rbac") / "kubeconfig")
+        out = io.StringIO()
+        config = ProxyConfig().with_overrides(
+            hostname_override=NODE, min_sync_period=0.0, sync_period=30.0
+        )
+        controller = Controller(
+            config,
+            NODE,
+            load_api_client(str(kubeconfig)),
+            execer=None,
+            families=[IPV4],
+            out=out,
+            reflector_options={"backoff_initial": 0.05, "backoff_max": 0.2},
+        )
+        controller.start()
+        try:
+            wait_for(lambda: controller.proxier.last_sync is not None, what="the first sync")
+            assert api.wait_for_watches(3), "the three watches did not start"
+
+            api.update(endpoint_slice("web", "10.244.1.5", "10.244.2.6"))
+            api.create(service("other", "10.96.0.11", **{PROXY_NAME_LABEL: "other-proxy"}))
+            api.create(service("headless", "10.96.0.12", **{HEADLESS_LABEL: ""}))
+            api.create(service("api", "10.96.0.13"))
+            api.create(endpoint_slice("api", "10.244.3.7"))
+            wait_for(lambda: "default/api:p" in out.getvalue(), what="the new service synced")
+
+            before = api.watch_count
+            api.drop_watches()  # the watches resume from their resourceVersion
+            wait_for(lambda: api.watch_count >= before, what="the watches resumed")
+            with api.outage():  # a change the watches miss, then history is compacted
+                api.update(endpoint_slice("web", "10.244.2.6"))
+                api.compact()
+            # 410 Gone on resuming: every reflector relists
+            wait_for(lambda: len(lists_of(api)) >= 6, what="the relists")
+            wait_for(lambda: "10.244.1.5" in out.getvalue().split("changed")[-1], what="relist")
+            wait_for(lambda: api.watch_count >= 3, what="the watches after the relist")
+            time.sleep(0.2)  # let anything in flight settle
+        finally:
+            controller.stop()
+        yield api, out.getvalue()
+
+
+def test_every_request_is_granted_by_the_cluster_role(
+    session: tuple[FakeApiServer, str],
+) -> None:
+    api, _ = session
+    requested = {permission(r) for r in api.request_log}
+    granted = granted_by_cluster_role()
+    assert requested <= granted, f"not granted: {sorted(requested - granted)}"
+
+
+def test_the_cluster_role_grants_nothing_the_controller_does_not_request(
+    session: tuple[FakeApiServer, str],
+) -> None:
+    api, _ = session
+    requested = {permission(r) for r in api.request_log}
+    assert granted_by_cluster_role() - requested == set()
+    assert requested == {
+        ("", "services", "list"),
+        ("", "services", "watch"),
+        ("discovery.k8s.io", "endpointslices", "list"),
+        ("discovery.k8s.io", "endpointslices", "watch"),
+        ("", "nodes", "list"),
+        ("", "nodes", "watch"),
+    }
+
+
+def test_the_session_relisted_and_only_read(session: tuple[FakeApiServer, str]) -> None:
+    api, printout = session
+    log = api.request_log
+    lists = [str(r.resource) for r in lists_of(api)]
+    # the first lists and the relists after 410 Gone (nothing is paged at these sizes)
+    assert sorted(lists) == sorted(["services", "endpointslices", "nodes"] * 2), lists
+    assert {r.verb for r in log} == {"list", "watch"}
+    assert all(r.method == "GET" and r.namespace is None for r in log), "cluster-wide reads only"
+    assert "- " in printout and "+ " in printout, "the change reached the proxier"
+
+
+def test_services_and_slices_are_selected_like_kube_proxy(
+    session: tuple[FakeApiServer, str],
+) -> None:
+    api, printout = session
+    for record in api.request_log:
+        if record.resource in ("services", "endpointslices"):
+            assert record.query.get("labelSelector") == PROXY_SELECTOR, record
+            assert "fieldSelector" not in record.query, record
+    # what the server filtered out never reached the proxier
+    assert "default/other" not in printout and "default/headless" not in printout
+    assert "default/api:p" in printout
+
+
+def test_only_this_node_is_read(session: tuple[FakeApiServer, str]) -> None:
+    api, _ = session
+    nodes = [r for r in api.request_log if r.resource == "nodes"]
+    assert nodes
+    for record in nodes:
+        assert record.query.get("fieldSelector") == f"metadata.name={NODE}", record
+        assert "labelSelector" not in record.query, record
+        assert record.name is None, "a list/watch narrowed by field selector, not a get"
+
+
+def test_watches_resume_from_a_resource_version(session: tuple[FakeApiServer, str]) -> None:
+    api, _ = session
+    watches = [r for r in api.request_log if r.verb == "watch"]
+    assert len(watches) >= 9  # 3 first, 3 resumed after the drop, 3 after the relist
+    assert all(r.query.get("resourceVersion") for r in watches), watches
