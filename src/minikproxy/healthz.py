@@ -391,7 +391,9 @@ class BackgroundHTTPServer:
         )
         self._server, self._thread = server, thread
         thread.start()
-        logger.info("%s: serving on %s", self.name, self.bind_address)
+        logger.info(
+            "%s: serving on %s (port %d)", self.name, self.bind_address, self.port_of(server)
+        )
 
     @staticmethod
     def port_of(server: _AppServer) -> int:

@@ -115,6 +115,7 @@ class Proxier:
         self._failures = 0
         self._families: dict[IPFamily, _FamilyState] = {f: _FamilyState() for f in self.families}
         self._written_rules = {"filter": 0, "nat": 0}
+        self._logged_node_addresses: list[Any] | None = None
         # Held by the controller while the initial lists arrive; released after the first sync.
         self.initial_load_gc = InitialLoadGC()
         self._random_fully = {
@@ -150,6 +151,7 @@ class Proxier:
                 return
             fn = tracker.set_node
             self.health.sync_node(dict(obj))
+            self._log_node_addresses(obj)
         else:
             raise ValueError(f"unknown kind {kind!r}")
         with self._lock:
@@ -159,6 +161,20 @@ class Proxier:
         self.metrics.endpoint_changes_pending.set(pending)
         if self.initialized:
             self.sync()
+
+    def _log_node_addresses(self, obj: Mapping[str, Any]) -> None:
+        """Log the node IPs learned from the Node object (when ``--node-ip`` is not given),
+        as kube-proxy logs the IPs it detects."""
+        if self.config.node_ips:
+            return
+        addresses = [
+            a.get("address")
+            for a in (obj.get("status") or {}).get("addresses") or []
+            if isinstance(a, Mapping) and a.get("type") in ("InternalIP", "ExternalIP")
+        ]
+        if addresses != self._logged_node_addresses:
+            self._logged_node_addresses = addresses
+            logger.info("Node IPs from the Node object: %s", ", ".join(map(str, addresses)))
 
     def _mark_synced(self, kind: str) -> None:
         was = self.initialized
