@@ -254,32 +254,37 @@ class ClusterTracker:
             sources = self._legacy.get(key, ())
         merged: dict[ServicePortName, dict[str, Endpoint]] = {}
         node_name = self.node_name
+        make = Endpoint._make
         for sl in sources:
             if sl.family != family:
                 continue
-            for sp in sl.ports:
-                name = ServicePortName(key.namespace, key.name, sp.name, sp.protocol)
-                bucket = merged.setdefault(name, {})
-                suffix = f":{sp.port}"
-                for se in sl.endpoints:
-                    is_local = bool(se.node_name) and se.node_name == node_name
-                    ip = se.ip
-                    address = f"[{ip}]{suffix}" if ":" in ip else f"{ip}{suffix}"
-                    ep = Endpoint(
-                        address,
-                        ip,
-                        sp.port,
+            # Per endpoint once (not per port): the host part of the address and the fields
+            # after ``port`` in Endpoint's order. This runs for every endpoint of the cluster.
+            prepared = [
+                (
+                    f"[{se.ip}]" if ":" in se.ip else se.ip,
+                    se.ip,
+                    (
                         se.ready,
                         se.serving,
                         se.terminating,
-                        is_local,
+                        bool(se.node_name) and se.node_name == node_name,
                         se.zone_hints,
                         se.node_hints,
                         se.node_name,
                         se.zone,
-                    )
-                    if address not in bucket or is_local:
-                        bucket[address] = ep
+                    ),
+                )
+                for se in sl.endpoints
+            ]
+            for sp in sl.ports:
+                name = ServicePortName(key.namespace, key.name, sp.name, sp.protocol)
+                bucket = merged.setdefault(name, {})
+                suffix, port = f":{sp.port}", sp.port
+                for host, ip, rest in prepared:
+                    address = host + suffix
+                    if address not in bucket or rest[3]:  # rest[3]: is_local wins duplicates
+                        bucket[address] = make((address, ip, port, *rest))
         return {
             name: tuple(bucket[a] for a in sorted(bucket))
             for name, bucket in merged.items()

@@ -6,13 +6,13 @@ is. Errors name the file and the line.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 import yaml
 
 from minikproxy.gcutil import gc_paused
@@ -71,8 +71,8 @@ def _documents(name: str, text: str) -> list[Any]:
     stripped = text.lstrip()
     if name.endswith(".json") or (name == _STDIN and stripped[:1] in ("{", "[")):
         try:
-            doc = json.loads(text)
-        except json.JSONDecodeError as err:
+            doc = orjson.loads(text)
+        except orjson.JSONDecodeError as err:  # a json.JSONDecodeError: has lineno, colno
             raise ManifestError(
                 f"{name}: line {err.lineno} column {err.colno}: invalid JSON: {err.msg}"
             ) from None
