@@ -183,8 +183,8 @@ def test_malformed_input_names_file_and_line(
     ("text", "pattern"),
     [
         pytest.param("a: [1\n", r"^<stdin>: line 2 column \d+: invalid YAML", id="yaml"),
-        pytest.param('[{"kind": "Service"},\n]', r"^<stdin>: line 1 column 21: invalid JSON: trailing comma",
-                     id="json"),
+        pytest.param('[{"kind": "Service"},\n]',
+                     r"^<stdin>: line 1 column 21: invalid JSON: trailing comma", id="json"),
     ],
 )  # fmt: skip
 def test_malformed_stdin_names_stdin(
