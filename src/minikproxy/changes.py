@@ -254,7 +254,8 @@ class ClusterTracker:
             sources = self._legacy.get(key, ())
         merged: dict[ServicePortName, dict[str, Endpoint]] = {}
         node_name = self.node_name
-        make = Endpoint._make
+        # tuple.__new__ directly: the NamedTuple's own __new__ is a Python frame per call.
+        new = tuple.__new__
         for sl in sources:
             if sl.family != family:
                 continue
@@ -284,7 +285,7 @@ class ClusterTracker:
                 for host, ip, rest in prepared:
                     address = host + suffix
                     if address not in bucket or rest[3]:  # rest[3]: is_local wins duplicates
-                        bucket[address] = make((address, ip, port, *rest))
+                        bucket[address] = new(Endpoint, (address, ip, port, *rest))
         return {
             name: tuple(bucket[a] for a in sorted(bucket))
             for name, bucket in merged.items()

@@ -36,6 +36,7 @@ Obj = Mapping[str, Any]
 
 
 _AF = {IPV4: socket.AF_INET, IPV6: socket.AF_INET6}
+_NO_CONDITIONS: Mapping[str, Any] = {}
 
 
 def canonical_ip(text: Any) -> tuple[str, IPFamily] | None:
@@ -312,7 +313,7 @@ def parse_endpoint_slice(obj: Obj, report: ProblemSink) -> ParsedSlice | None:
         ports.append(SlicePort(str(p.get("name") or ""), proto, number))
 
     endpoints: list[SliceEndpoint] = []
-    pton, ntop, af = socket.inet_pton, socket.inet_ntop, _AF[family]
+    pton, ntop, af, new = socket.inet_pton, socket.inet_ntop, _AF[family], tuple.__new__
     for i, ep in enumerate(obj.get("endpoints") or []):
         addresses = ep.get("addresses") or []
         if not addresses:
@@ -329,9 +330,7 @@ def parse_endpoint_slice(obj: Obj, report: ProblemSink) -> ParsedSlice | None:
                 problem(f"endpoints[{i}].addresses[0]", f"{text!r} is not {family}")
                 continue
             ip = parsed[0]
-        cond = ep.get("conditions") or {}
-        ready = cond.get("ready") is not False
-        serving = cond.get("serving") is not False  # nil means serving, as in kube-proxy
+        cond = ep.get("conditions") or _NO_CONDITIONS
         hints = ep.get("hints")
         zone_hints = node_hints = NO_HINTS
         if hints:
@@ -341,16 +340,21 @@ def parse_endpoint_slice(obj: Obj, report: ProblemSink) -> ParsedSlice | None:
             node_hints = frozenset(
                 str(h.get("name")) for h in hints.get("forNodes") or [] if h.get("name")
             )
+        # tuple.__new__ rather than SliceEndpoint(...): no Python frame per endpoint.
+        # Conditions: ready and serving default to true (nil), as in kube-proxy.
         endpoints.append(
-            SliceEndpoint(  # positional: this runs for every endpoint of the cluster
-                ip,
-                ready,
-                serving,
-                cond.get("terminating") is True,
-                str(ep.get("nodeName") or ""),
-                str(ep.get("zone") or ""),
-                zone_hints,
-                node_hints,
+            new(
+                SliceEndpoint,
+                (
+                    ip,
+                    cond.get("ready") is not False,
+                    cond.get("serving") is not False,
+                    cond.get("terminating") is True,
+                    str(ep.get("nodeName") or ""),
+                    str(ep.get("zone") or ""),
+                    zone_hints,
+                    node_hints,
+                ),
             )
         )
     annotations = (obj.get("metadata") or {}).get("annotations") or {}
