@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from functools import lru_cache
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from minikproxy.model.names import ServicePortName
 
@@ -29,18 +29,27 @@ SERVICE_CHAIN_PREFIXES = ("KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KU
 _B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 # 10 bits -> 2 base32 characters; 16 characters are the first 80 bits of the digest.
 _B32_PAIRS = tuple(_B32[i >> 5] + _B32[i & 31] for i in range(1024))
-_SHIFTS = (70, 60, 50, 40, 30, 20, 10, 0)
 
 
-def _hash16(text: str) -> str:
+def _hash16(text: str, _sha256: Any = hashlib.sha256, _pairs: tuple[str, ...] = _B32_PAIRS) -> str:
     """The first 16 characters of base32(sha256(text)) (standard alphabet).
 
-    Equal to ``base64.b32encode(digest)[:16]``, which is pure Python before 3.13 and ~10x
-    slower: chain names are hashed for every endpoint, so this is on the hot path.
+    Equal to ``base64.b32encode(digest)[:16]``, which is pure Python before 3.13 and ~20x
+    slower: chain names are hashed for every endpoint, so this is on the hot path. The 80
+    bits are turned into 8 pairs of characters through a 1024-entry table, unrolled (half
+    the cost of a loop).
     """
-    n = int.from_bytes(hashlib.sha256(text.encode()).digest()[:10], "big")
-    pairs = _B32_PAIRS
-    return "".join([pairs[(n >> s) & 1023] for s in _SHIFTS])
+    n = int.from_bytes(_sha256(text.encode()).digest()[:10], "big")
+    return (
+        _pairs[n >> 70]
+        + _pairs[(n >> 60) & 1023]
+        + _pairs[(n >> 50) & 1023]
+        + _pairs[(n >> 40) & 1023]
+        + _pairs[(n >> 30) & 1023]
+        + _pairs[(n >> 20) & 1023]
+        + _pairs[(n >> 10) & 1023]
+        + _pairs[n & 1023]
+    )
 
 
 class ServiceChains(NamedTuple):
