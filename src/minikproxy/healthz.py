@@ -424,10 +424,34 @@ class BackgroundHTTPServer:
         logger.info("%s: stopped serving on %s", self.name, self.bind_address)
 
 
+class AppServer:
+    """A server whose routes are its :meth:`app` method, served in the background."""
+
+    def __init__(self, bind_address: str, *, name: str) -> None:
+        self._http = BackgroundHTTPServer(bind_address, self.app, name=name)
+
+    def app(self, path: str) -> Response:
+        """Answer one request for ``path`` (subclasses define the routes)."""
+        raise NotImplementedError
+
+    def start(self) -> None:
+        """Bind and serve in the background; raises ``OSError`` on bind failure."""
+        self._http.start()
+
+    def stop(self) -> None:
+        """Stop serving."""
+        self._http.stop()
+
+    @property
+    def port(self) -> int:
+        """The bound port."""
+        return self._http.port
+
+
 # -- /healthz and /livez ------------------------------------------------------------------------
 
 
-class HealthzServer:
+class HealthzServer(AppServer):
     """kube-proxy's proxy health server: ``/healthz`` and ``/livez`` as JSON.
 
     Every answer is counted in ``kubeproxy_proxy_healthz_total{code}`` or
@@ -443,7 +467,7 @@ class HealthzServer:
     ) -> None:
         self.health = health
         self.metrics = metrics
-        self._http = BackgroundHTTPServer(bind_address, self.app, name="healthz")
+        super().__init__(bind_address, name="healthz")
 
     def app(self, path: str) -> Response:
         """Answer one request for ``path``."""
@@ -458,19 +482,6 @@ class HealthzServer:
         else:
             return NOT_FOUND
         return json_response(code, body)
-
-    def start(self) -> None:
-        """Bind and serve in the background; raises ``OSError`` on bind failure."""
-        self._http.start()
-
-    def stop(self) -> None:
-        """Stop serving."""
-        self._http.stop()
-
-    @property
-    def port(self) -> int:
-        """The bound port."""
-        return self._http.port
 
 
 # -- service health check node ports -------------------------------------------------------------

@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Sample
 
-from minikproxy.healthz import NOT_FOUND, BackgroundHTTPServer, Response
+from minikproxy.healthz import NOT_FOUND, AppServer, Response
 
 __all__ = [
     "METRICS_CONTENT_TYPE",
@@ -272,7 +272,7 @@ def render_text(families: Iterable[Metric]) -> str:
     return "".join(text for _, text in sorted(rendered))
 
 
-class MetricsServer:
+class MetricsServer(AppServer):
     """kube-proxy's metrics server: ``/metrics``, ``/proxyMode`` and ``/healthz``.
 
     ``proxy_mode`` is the mode name ``/proxyMode`` returns (``iptables``, ``ipvs``,
@@ -282,7 +282,7 @@ class MetricsServer:
     def __init__(self, bind_address: str, metrics: ProxyMetrics, proxy_mode: str) -> None:
         self.metrics = metrics
         self.proxy_mode = proxy_mode
-        self._http = BackgroundHTTPServer(bind_address, self.app, name="metrics")
+        super().__init__(bind_address, name="metrics")
 
     def app(self, path: str) -> Response:
         """Answer one request for ``path``."""
@@ -293,16 +293,3 @@ class MetricsServer:
         if path in ("/healthz", "/healthz/ping"):
             return Response(200, b"ok")
         return NOT_FOUND
-
-    def start(self) -> None:
-        """Bind and serve in the background; raises ``OSError`` on bind failure."""
-        self._http.start()
-
-    def stop(self) -> None:
-        """Stop serving."""
-        self._http.stop()
-
-    @property
-    def port(self) -> int:
-        """The bound port."""
-        return self._http.port

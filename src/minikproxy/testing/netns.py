@@ -50,6 +50,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, TypeVar
 
+from minikproxy.dataplane.conntrack import parse_conntrack_line
 from minikproxy.testing import probe_server
 from minikproxy.testing.probe_server import parse_endpoint
 
@@ -235,41 +236,27 @@ class ConntrackEntry:
 
 
 def parse_conntrack(text: str) -> list[ConntrackEntry]:
-    """Parse ``conntrack -L`` output (default format) into entries; skips unparsable lines."""
+    """Parse ``conntrack -L`` output into entries (the dataplane's parser); skips other lines."""
     entries: list[ConntrackEntry] = []
     for line in text.splitlines():
-        fields = line.split()
-        if not fields:
-            continue
-        tuples: list[dict[str, str]] = [{}, {}]
-        for field in fields[1:]:
-            key, sep, value = field.partition("=")
-            if not sep or key not in ("src", "dst", "sport", "dport"):
-                continue
-            slot = tuples[0] if key not in tuples[0] else tuples[1]
-            slot.setdefault(key, value)
-        orig, reply = tuples
-        if not all(k in t for t in tuples for k in ("src", "dst")):
+        flow = parse_conntrack_line(line)
+        if flow is None:
             continue
         entries.append(
             ConntrackEntry(
-                proto=fields[0],
-                orig_src=orig["src"],
-                orig_dst=orig["dst"],
-                orig_sport=_opt_int(orig.get("sport")),
-                orig_dport=_opt_int(orig.get("dport")),
-                reply_src=reply["src"],
-                reply_dst=reply["dst"],
-                reply_sport=_opt_int(reply.get("sport")),
-                reply_dport=_opt_int(reply.get("dport")),
+                proto=flow["protocol"],
+                orig_src=flow["orig_src"],
+                orig_dst=flow["orig_dst"],
+                orig_sport=flow["orig_sport"],
+                orig_dport=flow["orig_dport"],
+                reply_src=flow["reply_src"],
+                reply_dst=flow["reply_dst"],
+                reply_sport=flow["reply_sport"],
+                reply_dport=flow["reply_dport"],
                 raw=line,
             )
         )
     return entries
-
-
-def _opt_int(text: str | None) -> int | None:
-    return int(text) if text is not None else None
 
 
 @dataclass(frozen=True)
