@@ -6,7 +6,7 @@ run inside the node namespace."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,20 +20,13 @@ from minikproxy.sources.kubeclient import load_api_client
 from minikproxy.testing.apiserver import FakeApiServer
 from minikproxy.testing.netns import Probe, Proto, Topology
 
+from ..helpers import wait_for
+
 pytestmark = pytest.mark.kernel
 
 NODE = "node-1"
 BACKENDS = ["10.10.2.2", "10.10.2.3", "10.10.2.4"]
 VIP = "10.96.0.10"
-
-
-def wait_for(check: Callable[[], bool], timeout: float = 15.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what or check}")
 
 
 def service(name: str, ip: str, proto: str = "TCP", **spec: Any) -> dict[str, Any]:

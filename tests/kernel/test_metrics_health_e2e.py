@@ -9,7 +9,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,21 +27,13 @@ from minikproxy.sources.kubeclient import load_api_client
 from minikproxy.testing.apiserver import FakeApiServer
 from minikproxy.testing.netns import Topology
 
+from ..helpers import wait_for
+
 pytestmark = pytest.mark.kernel
 
 NODE = "node-1"
 VIP = "10.96.0.10"
 LB_VIP = "10.96.0.40"
-
-
-def wait_for(check: Callable[[], bool], timeout: float = 15.0, what: str = "") -> None:
-    """Poll ``check`` until true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def http_get(port: int, path: str) -> tuple[int, bytes, dict[str, str]]:

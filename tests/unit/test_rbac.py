@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,8 @@ from minikproxy.model.names import IPV4
 from minikproxy.sources.kubeclient import load_api_client
 from minikproxy.testing.apiserver import FakeApiServer, RequestRecord
 
+from ..helpers import wait_for
+
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_ROLE = ROOT / "deploy" / "base" / "clusterrole.yaml"
 NODE = "node-1"
@@ -31,16 +33,6 @@ HEADLESS_LABEL = "service.kubernetes.io/headless"
 PROXY_SELECTOR = f"!{PROXY_NAME_LABEL},!{HEADLESS_LABEL}"
 
 Permission = tuple[str, str, str]  # (apiGroup, resource, verb)
-
-
-def wait_for(check: Callable[[], bool], timeout: float = 15.0, what: str = "") -> None:
-    """Poll ``check`` until it is true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def granted_by_cluster_role() -> set[Permission]:

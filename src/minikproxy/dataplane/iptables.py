@@ -350,14 +350,17 @@ class RealIptables:
             return False
         raise _command_error(argv, result)
 
-    def _rule_exists(self, table: str, chain: str, args: Sequence[str]) -> bool:
-        argv = self._command(table, "-C", chain, args)
+    def _probe(self, argv: Sequence[str]) -> bool:
+        """Run a query: exit 0 is yes, iptables' "not found" exit is no, anything else raises."""
         result = self._run(argv)
         if result.returncode == 0:
             return True
         if result.returncode == EXIT_NOT_FOUND:
             return False
         raise _command_error(argv, result)
+
+    def _rule_exists(self, table: str, chain: str, args: Sequence[str]) -> bool:
+        return self._probe(self._command(table, "-C", chain, args))
 
     def ensure_rule_prepended(self, table: str, chain: str, args: Sequence[str]) -> bool:
         """``-C`` the rule, then ``-I`` it at position 1 if missing."""
@@ -392,13 +395,7 @@ class RealIptables:
 
     def chain_exists(self, table: str, chain: str) -> bool:
         """``-S CHAIN`` succeeds (as kube-proxy's ChainExists)."""
-        argv = self._command(table, "-S", chain)
-        result = self._run(argv)
-        if result.returncode == 0:
-            return True
-        if result.returncode == EXIT_NOT_FOUND:
-            return False
-        raise _command_error(argv, result)
+        return self._probe(self._command(table, "-S", chain))
 
     def list_chains(self, table: str) -> set[str]:
         """The chains declared in ``save(table)``."""
