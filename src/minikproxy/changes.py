@@ -155,12 +155,6 @@ class ClusterTracker:
             self._full = {f: True for f in FAMILIES}
         self._node = node
 
-    def override_node(self, node: NodeInfo) -> None:
-        """Replace the node wholesale (used when flags override the Node object)."""
-        if node.zone != self._node.zone:
-            self._full = {f: True for f in FAMILIES}
-        self._node = node
-
     def add_objects(self, objects: Iterable[Obj]) -> None:
         """Feed a batch of objects of any supported kind (others are ignored)."""
         handlers: dict[str, Callable[[Obj], None]] = {

@@ -172,8 +172,6 @@ KUBELET_JUMP_RULES: tuple[JumpRule, ...] = (
 )
 """kubelet's KUBE-FIREWALL jumps, needed when localhost NodePorts are on (IPv4)."""
 
-CANARY_TABLES = ("mangle", "nat", "filter")
-
 
 def jump_rules(options: IptablesOptions) -> tuple[JumpRule, ...]:
     """The jump rules this node needs, in the order kube-proxy prepends them."""
@@ -540,10 +538,6 @@ class IptablesRuleset:
     def family(self) -> IPFamily:
         """The IP family of these rules."""
         return self.options.family
-
-    def chain_rules(self, table: str, chain: str) -> str:
-        """The ``-A`` lines of a top-level chain."""
-        return self.top_level.get((table, chain), "")
 
     def _filter_chain_names(self) -> tuple[str, ...]:
         if self.options.localhost_nodeports_active:

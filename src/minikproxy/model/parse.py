@@ -30,7 +30,6 @@ SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
 HEADLESS_LABEL = "service.kubernetes.io/headless"
 ZONE_LABEL = "topology.kubernetes.io/zone"
 TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
-AUTOSCALER_TAINT = "ToBeDeletedByClusterAutoscaler"
 
 Obj = Mapping[str, Any]
 
@@ -273,7 +272,6 @@ class ParsedSlice:
     ports: tuple[SlicePort, ...]
     endpoints: tuple[SliceEndpoint, ...]
     trigger_time: str = ""
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
 
 def parse_endpoint_slice(obj: Obj, report: ProblemSink) -> ParsedSlice | None:
@@ -433,8 +431,6 @@ class NodeInfo:
     labels: Mapping[str, str] = field(default_factory=dict)
     addresses: tuple[str, ...] = ()
     pod_cidrs: tuple[str, ...] = ()
-    being_deleted: bool = False
-    autoscaler_taint: bool = False
 
     @property
     def zone(self) -> str:
@@ -478,12 +474,9 @@ def parse_node(obj: Obj, report: ProblemSink) -> NodeInfo | None:
             report(ObjectProblem("Node", "", name, f"spec.podCIDRs[{i}]", "invalid CIDR"))
         else:
             pod_cidrs.append(parsed_cidr[0])
-    taints = spec.get("taints") or []
     return NodeInfo(
         name=name,
         labels=dict(meta.get("labels") or {}),
         addresses=tuple(ordered),
         pod_cidrs=tuple(pod_cidrs),
-        being_deleted=bool(meta.get("deletionTimestamp")),
-        autoscaler_taint=any(t.get("key") == AUTOSCALER_TAINT for t in taints),
     )
