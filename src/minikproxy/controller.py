@@ -25,6 +25,7 @@ from minikproxy.dataplane.iptables import (
     detect_backend,
 )
 from minikproxy.dataplane.netinfo import NetInfoError, local_addresses
+from minikproxy.events import record_starting
 from minikproxy.healthz import HealthzServer, ProxierHealth, ServiceHealthServer
 from minikproxy.metrics import MetricsServer, ProxyMetrics
 from minikproxy.model.names import IPV4, IPV6, IPFamily
@@ -71,6 +72,7 @@ class Controller:
     service_health_addresses: Sequence[str] = ("",)
     reflector_options: dict[str, Any] = field(default_factory=dict)
     metrics: ProxyMetrics = field(default_factory=ProxyMetrics)
+    record_events: bool = True  # the Starting Event on the Node (never in dry-run)
 
     def __post_init__(self) -> None:
         self.stop_event = threading.Event()
@@ -139,6 +141,8 @@ class Controller:
             self._servers.append(healthz)
         for reflector in self.reflectors:
             self._threads.append(reflector.start(self.stop_event))
+        if self.record_events:
+            self._spawn("event-recorder", self._record_starting)
         self._spawn("sync-loop", lambda: self.runner.loop(self.stop_event))
         if self.execer is not None:
             self._spawn("canary-monitor", self._monitor_canaries)
@@ -154,6 +158,9 @@ class Controller:
                 "will not work; set iptables.localhostNodePorts: false to silence this",
                 result.stderr.decode(errors="replace").strip(),
             )
+
+    def _record_starting(self) -> None:
+        record_starting(self.api_client, self.node_name)
 
     def _spawn(self, name: str, target: Callable[[], None]) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -247,6 +254,7 @@ def main_run(args: argparse.Namespace) -> int:
         backend=backend,
         families=families,
         out=sys.stdout if dry_run else None,
+        record_events=not dry_run,
         metrics_bind_address=config.metrics_bind_address or None,
         healthz_bind_address=config.healthz_bind_address or None,
     )

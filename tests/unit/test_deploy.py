@@ -39,6 +39,7 @@ CONTROLLER_REQUESTS: frozenset[tuple[str, str, str]] = frozenset(
         ("discovery.k8s.io", "endpointslices", "watch"),
         ("", "nodes", "list"),
         ("", "nodes", "watch"),
+        ("events.k8s.io", "events", "create"),
     }
 )
 

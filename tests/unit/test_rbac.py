@@ -126,6 +126,7 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FakeApiS
             families=[IPV4],
             out=out,
             reflector_options={"backoff_initial": 0.05, "backoff_max": 0.2},
+            record_events=True,  # as `run` without --dry-run: every request it makes
         )
         controller.start()
         try:
@@ -177,6 +178,7 @@ def test_the_cluster_role_grants_nothing_the_controller_does_not_request(
         ("discovery.k8s.io", "endpointslices", "watch"),
         ("", "nodes", "list"),
         ("", "nodes", "watch"),
+        ("events.k8s.io", "events", "create"),
     }
 
 
@@ -186,8 +188,14 @@ def test_the_session_relisted_and_only_read(session: tuple[FakeApiServer, str]) 
     lists = [str(r.resource) for r in lists_of(api)]
     # the first lists and the relists after 410 Gone (nothing is paged at these sizes)
     assert sorted(lists) == sorted(["services", "endpointslices", "nodes"] * 2), lists
-    assert {r.verb for r in log} == {"list", "watch"}
-    assert all(r.method == "GET" and r.namespace is None for r in log), "cluster-wide reads only"
+    reads = [r for r in log if r.resource != "events"]
+    assert {r.verb for r in reads} == {"list", "watch"}
+    assert all(r.method == "GET" and r.namespace is None for r in reads), "cluster-wide reads"
+    # the one write: kube-proxy's Starting Event about this Node, in "default"
+    (event,) = [r for r in log if r.resource == "events"]
+    assert (event.method, event.group, event.namespace) == ("POST", "events.k8s.io", "default")
+    (stored,) = api.objects("events")
+    assert stored["reason"] == "Starting" and stored["regarding"]["name"] == NODE
     assert "- " in printout and "+ " in printout, "the change reached the proxier"
 
 
