@@ -21,54 +21,12 @@ from minikproxy.testing.apiserver import FakeApiServer
 from minikproxy.testing.netns import Probe, Proto, Topology
 
 from ..helpers import wait_for
+from .cluster_objects import NODE, NODE_OBJ, endpoint_slice, service
 
 pytestmark = pytest.mark.kernel
 
-NODE = "node-1"
 BACKENDS = ["10.10.2.2", "10.10.2.3", "10.10.2.4"]
 VIP = "10.96.0.10"
-
-
-def service(name: str, ip: str, proto: str = "TCP", **spec: Any) -> dict[str, Any]:
-    ports = [{"name": "p", "port": 80, "protocol": proto, **spec.pop("port_extra", {})}]
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {"clusterIP": ip, "clusterIPs": [ip], "ports": ports, **spec},
-    }
-
-
-def endpoint_slice(
-    name: str, ips: list[str], proto: str = "TCP", local: tuple[str, ...] = ()
-) -> dict[str, Any]:
-    return {
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {
-            "name": f"{name}-1",
-            "namespace": "default",
-            "labels": {"kubernetes.io/service-name": name},
-        },
-        "addressType": "IPv4",
-        "endpoints": [
-            {
-                "addresses": [ip],
-                "conditions": {"ready": True},
-                "nodeName": NODE if ip in local else "node-2",
-            }
-            for ip in ips
-        ],
-        "ports": [{"name": "p", "port": 8080, "protocol": proto}],
-    }
-
-
-NODE_OBJ = {
-    "apiVersion": "v1",
-    "kind": "Node",
-    "metadata": {"name": NODE},
-    "status": {"addresses": [{"type": "InternalIP", "address": "10.10.1.1"}]},
-}
 
 
 class FlakyExecer(RealExecer):

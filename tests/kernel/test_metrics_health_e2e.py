@@ -12,7 +12,6 @@ import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -28,10 +27,10 @@ from minikproxy.testing.apiserver import FakeApiServer
 from minikproxy.testing.netns import Topology
 
 from ..helpers import wait_for
+from .cluster_objects import NODE, NODE_OBJ, endpoint_slice, service
 
 pytestmark = pytest.mark.kernel
 
-NODE = "node-1"
 VIP = "10.96.0.10"
 LB_VIP = "10.96.0.40"
 
@@ -76,53 +75,6 @@ def samples(port: int) -> Samples:
 def value(scraped: Samples, name: str, **labels: str) -> float:
     """One sample's value (KeyError if absent)."""
     return scraped[(name, tuple(sorted(labels.items())))]
-
-
-def service(name: str, ip: str, **spec: Any) -> dict[str, Any]:
-    """A Service in ``default`` with one TCP port 80 (``port_extra`` adds port fields)."""
-    ports = [{"name": "p", "port": 80, "protocol": "TCP", **spec.pop("port_extra", {})}]
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {"clusterIP": ip, "clusterIPs": [ip], "ports": ports, **spec},
-    }
-
-
-def endpoint_slice(
-    name: str, ips: list[str], local: tuple[str, ...] = (), trigger: str | None = None
-) -> dict[str, Any]:
-    """The EndpointSlice of ``name``; ``local`` endpoints are on this node."""
-    metadata: dict[str, Any] = {
-        "name": f"{name}-1",
-        "namespace": "default",
-        "labels": {"kubernetes.io/service-name": name},
-    }
-    if trigger is not None:
-        metadata["annotations"] = {"endpoints.kubernetes.io/last-change-trigger-time": trigger}
-    return {
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": metadata,
-        "addressType": "IPv4",
-        "endpoints": [
-            {
-                "addresses": [ip],
-                "conditions": {"ready": True},
-                "nodeName": NODE if ip in local else "node-2",
-            }
-            for ip in ips
-        ],
-        "ports": [{"name": "p", "port": 8080, "protocol": "TCP"}],
-    }
-
-
-NODE_OBJ = {
-    "apiVersion": "v1",
-    "kind": "Node",
-    "metadata": {"name": NODE},
-    "status": {"addresses": [{"type": "InternalIP", "address": "10.10.1.1"}]},
-}
 
 
 @pytest.fixture

@@ -1,0 +1,60 @@
+"""API objects for the end-to-end tests: Services, EndpointSlices and the Node ``node-1``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+NODE = "node-1"
+
+
+def service(name: str, ip: str, proto: str = "TCP", **spec: Any) -> dict[str, Any]:
+    """A Service in ``default`` with one port 80 named ``p`` (``port_extra`` adds fields to
+    the port, other keywords go into ``spec``)."""
+    ports = [{"name": "p", "port": 80, "protocol": proto, **spec.pop("port_extra", {})}]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"clusterIP": ip, "clusterIPs": [ip], "ports": ports, **spec},
+    }
+
+
+def endpoint_slice(
+    name: str,
+    ips: list[str],
+    proto: str = "TCP",
+    local: tuple[str, ...] = (),
+    trigger: str | None = None,
+) -> dict[str, Any]:
+    """The IPv4 EndpointSlice of ``name``: ready endpoints on port 8080; those in ``local``
+    run on this node, the others on ``node-2``; ``trigger`` sets the last-change-trigger-time."""
+    metadata: dict[str, Any] = {
+        "name": f"{name}-1",
+        "namespace": "default",
+        "labels": {"kubernetes.io/service-name": name},
+    }
+    if trigger is not None:
+        metadata["annotations"] = {"endpoints.kubernetes.io/last-change-trigger-time": trigger}
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": metadata,
+        "addressType": "IPv4",
+        "endpoints": [
+            {
+                "addresses": [ip],
+                "conditions": {"ready": True},
+                "nodeName": NODE if ip in local else "node-2",
+            }
+            for ip in ips
+        ],
+        "ports": [{"name": "p", "port": 8080, "protocol": proto}],
+    }
+
+
+NODE_OBJ: dict[str, Any] = {
+    "apiVersion": "v1",
+    "kind": "Node",
+    "metadata": {"name": NODE},
+    "status": {"addresses": [{"type": "InternalIP", "address": "10.10.1.1"}]},
+}
