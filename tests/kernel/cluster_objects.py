@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+from minikproxy.config import ProxyConfig
+from minikproxy.controller import Controller
+from minikproxy.dataplane.execer import Execer
+from minikproxy.model.names import IPV4
+from minikproxy.sources.kubeclient import load_api_client
 
 NODE = "node-1"
 
@@ -58,3 +65,29 @@ NODE_OBJ: dict[str, Any] = {
     "metadata": {"name": NODE},
     "status": {"addresses": [{"type": "InternalIP", "address": "10.10.1.1"}]},
 }
+
+
+def start_controller(kubeconfig: Path, execer: Execer, **config: Any) -> Controller:
+    """Start a Controller for ``node-1`` that programs ``execer``'s netns through the fake API
+    server of ``kubeconfig``, with its HTTP servers on 127.0.0.1 ephemeral ports."""
+    settings = {
+        "hostname_override": NODE,
+        "cluster_cidr": "10.10.2.0/24",
+        "min_sync_period": 0.0,
+        "sync_period": 30.0,
+        **config,
+    }
+    controller = Controller(
+        ProxyConfig().with_overrides(**settings),
+        NODE,
+        load_api_client(str(kubeconfig)),
+        execer=execer,
+        backend="nft",
+        families=[IPV4],
+        metrics_bind_address="127.0.0.1:0",
+        healthz_bind_address="127.0.0.1:0",
+        service_health_addresses=("127.0.0.1",),
+        reflector_options={"backoff_initial": 0.05, "backoff_max": 0.3},
+    )
+    controller.start()
+    return controller

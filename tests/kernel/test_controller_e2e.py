@@ -12,16 +12,14 @@ from typing import Any
 
 import pytest
 
-from minikproxy.config import ProxyConfig
 from minikproxy.controller import Controller
 from minikproxy.dataplane.execer import ExecResult, RealExecer
 from minikproxy.model.names import IPV4
-from minikproxy.sources.kubeclient import load_api_client
 from minikproxy.testing.apiserver import FakeApiServer
 from minikproxy.testing.netns import Probe, Proto, Topology
 
 from ..helpers import wait_for
-from .cluster_objects import NODE, NODE_OBJ, endpoint_slice, service
+from .cluster_objects import NODE_OBJ, endpoint_slice, service, start_controller
 
 pytestmark = pytest.mark.kernel
 
@@ -55,26 +53,7 @@ class Harness:
         self.controller: Controller | None = None
 
     def start(self, **config: Any) -> Controller:
-        settings = {
-            "hostname_override": NODE,
-            "cluster_cidr": "10.10.2.0/24",
-            "min_sync_period": 0.0,
-            "sync_period": 30.0,
-            **config,
-        }
-        self.controller = Controller(
-            ProxyConfig().with_overrides(**settings),
-            NODE,
-            load_api_client(str(self.kubeconfig)),
-            execer=self.execer,
-            backend="nft",
-            families=[IPV4],
-            metrics_bind_address="127.0.0.1:0",
-            healthz_bind_address="127.0.0.1:0",
-            service_health_addresses=("127.0.0.1",),
-            reflector_options={"backoff_initial": 0.05, "backoff_max": 0.3},
-        )
-        self.controller.start()
+        self.controller = start_controller(self.kubeconfig, self.execer, **config)
         return self.controller
 
     def stop(self) -> None:

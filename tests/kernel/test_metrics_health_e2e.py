@@ -16,18 +16,15 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from minikproxy.config import ProxyConfig
 from minikproxy.controller import Controller
 from minikproxy.dataplane.execer import RealExecer
 from minikproxy.healthz import HealthzServer
 from minikproxy.metrics import MetricsServer
-from minikproxy.model.names import IPV4
-from minikproxy.sources.kubeclient import load_api_client
 from minikproxy.testing.apiserver import FakeApiServer
 from minikproxy.testing.netns import Topology
 
 from ..helpers import wait_for
-from .cluster_objects import NODE, NODE_OBJ, endpoint_slice, service
+from .cluster_objects import NODE_OBJ, endpoint_slice, service, start_controller
 
 pytestmark = pytest.mark.kernel
 
@@ -83,25 +80,7 @@ def running(topology: Topology, tmp_path: Path) -> Iterator[tuple[Controller, Fa
     with FakeApiServer() as api:
         api.create(NODE_OBJ)
         kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
-        config = ProxyConfig().with_overrides(
-            hostname_override=NODE,
-            cluster_cidr="10.10.2.0/24",
-            min_sync_period=0.0,
-            sync_period=30.0,
-        )
-        controller = Controller(
-            config,
-            NODE,
-            load_api_client(str(kubeconfig)),
-            execer=RealExecer(topology.namespaces["node"]),
-            backend="nft",
-            families=[IPV4],
-            metrics_bind_address="127.0.0.1:0",
-            healthz_bind_address="127.0.0.1:0",
-            service_health_addresses=("127.0.0.1",),
-            reflector_options={"backoff_initial": 0.05, "backoff_max": 0.3},
-        )
-        controller.start()
+        controller = start_controller(kubeconfig, RealExecer(topology.namespaces["node"]))
         try:
             yield controller, api
         finally:
