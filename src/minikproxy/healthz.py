@@ -18,6 +18,7 @@ import json
 import logging
 import selectors
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -346,6 +347,14 @@ class _AppServer(ThreadingHTTPServer):
 
     def wake(self) -> None:
         self._wake_w.send(b"x")
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Load balancers often probe with a bare TCP connect and close: not worth a traceback.
+        error = sys.exc_info()[1]
+        if isinstance(error, ConnectionError):
+            logger.debug("%s: %s dropped the connection: %s", self.label, client_address, error)
+        else:
+            logger.exception("%s: request from %s failed", self.label, client_address)
 
     def server_close(self) -> None:
         super().server_close()

@@ -162,7 +162,9 @@ def test_health_check_node_port_follows_local_endpoints(
     )  # fmt: skip
     api.create(svc)
     api.create(endpoint_slice("lb", ["10.10.2.2", "10.10.2.3"], local=("10.10.2.3",)))
+    # The port opens once the Service is synced, possibly before its slice is: wait for both.
     wait_for(lambda: port_open(hc_port), what="the health check port to open")
+    wait_for(lambda: http_get(hc_port, "/")[0] == 200, what="the local endpoint to be counted")
 
     status, body, headers = http_get(hc_port, "/")
     assert status == 200, body

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import socket
+import struct
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -21,6 +23,8 @@ from minikproxy.healthz import (
 from minikproxy.metrics import ProxyMetrics
 from minikproxy.model.names import IPV4, IPV6, NamespacedName
 from minikproxy.runner import FakeClock
+
+from ..helpers import wait_for
 
 T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
 TIMEOUT = 60.0
@@ -213,6 +217,24 @@ def test_livez_over_http_ignores_node(
     assert counted(metrics, "kubeproxy_proxy_livez_total", "200") == 1
     assert counted(metrics, "kubeproxy_proxy_healthz_total", "503") == 1
     assert get(healthz_url + "/nope")[0] == 404
+
+
+def test_client_reset_is_logged_quietly(
+    healthz_url: str, health: ProxierHealth, caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """A bare TCP probe that resets the connection (as load balancers do) prints no traceback."""
+    caplog.set_level(logging.DEBUG, logger="minikproxy.healthz")
+    port = int(healthz_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    wait_for(
+        lambda: any("dropped the connection" in r.getMessage() for r in caplog.records),
+        what="the reset to be logged",
+    )
+    health.updated(IPV4)
+    assert get(healthz_url + "/healthz")[0] == 200  # still serving
+    assert "Traceback" not in capfd.readouterr().err
 
 
 def test_split_host_port() -> None:
