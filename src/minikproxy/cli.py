@@ -9,6 +9,7 @@ from typing import Any
 
 from minikproxy import __version__
 from minikproxy.config import PROXY_MODES, ConfigError, ProxyConfig, load_config, parse_duration
+from minikproxy.gcutil import gc_paused
 from minikproxy.model.names import IPV4, IPV6, IPFamily, NamespacedName
 from minikproxy.nodeopts import split_list
 
@@ -164,11 +165,11 @@ def _render(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     out = sys.stdout
     if args.ip_family:
-        out.write(result.payloads[args.ip_family])
+        out.writelines(result.parts[args.ip_family])
     else:
         for family in families:
             out.write(f"# {family}\n")
-            out.write(result.payloads[family])
+            out.writelines(result.parts[family])
     out.flush()
     return 0
 
@@ -178,7 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "render":
-        return _render(args)
+        # A one-shot run building ~10^6 acyclic objects: collections would only rescan them.
+        with gc_paused():
+            return _render(args)
     from minikproxy import cli_run
 
     return cli_run.dispatch(args)

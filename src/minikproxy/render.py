@@ -20,12 +20,21 @@ from minikproxy.sources.manifests import SourcedObject
 
 @dataclass
 class RenderResult:
-    """The payloads per family, with what was skipped along the way."""
+    """The payloads per family, with what was skipped along the way.
 
-    payloads: dict[IPFamily, str]
+    Each payload is kept as the fragments that make it up (``parts``): at 10k Services one
+    joined copy is ~30 MB, so the CLI writes the fragments out instead.
+    """
+
+    parts: dict[IPFamily, list[str]]
     rulesets: dict[IPFamily, IptablesRuleset]
     node: NodeInfo
     problems: list[ObjectProblem] = field(default_factory=list)
+
+    @property
+    def payloads(self) -> dict[IPFamily, str]:
+        """Each family's payload as one string."""
+        return {family: "".join(parts) for family, parts in self.parts.items()}
 
 
 def choose_node_name(objects: Sequence[SourcedObject], override: str) -> str:
@@ -63,7 +72,7 @@ def render_objects(
     tracker = ClusterTracker(node_name, report=report)
     tracker.add_objects(stream())
     node = tracker.node
-    payloads: dict[IPFamily, str] = {}
+    parts: dict[IPFamily, list[str]] = {}
     rulesets: dict[IPFamily, IptablesRuleset] = {}
     for family in families:
         if config.mode != "iptables":
@@ -71,5 +80,7 @@ def render_objects(
         options = iptables_options(config, node, family, node_addresses=node_addresses)
         ruleset = compile_iptables(tracker.snapshot(family).state, options)
         rulesets[family] = ruleset
-        payloads[family] = ruleset.render_services(set(services)) if services else ruleset.render()
-    return RenderResult(payloads, rulesets, node, problems)
+        parts[family] = (
+            [ruleset.render_services(set(services))] if services else ruleset.render_parts()
+        )
+    return RenderResult(parts, rulesets, node, problems)

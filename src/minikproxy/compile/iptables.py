@@ -556,6 +556,12 @@ class IptablesRuleset:
         ``canary`` the KUBE-PROXY-CANARY chains are declared in mangle, nat and filter.
         ``delete_chains`` are stale nat chains found in the kernel: flushed, then deleted.
         """
+        return "".join(self.render_parts(jumps=jumps, canary=canary, delete_chains=delete_chains))
+
+    def render_parts(
+        self, *, jumps: bool = True, canary: bool = True, delete_chains: Iterable[str] = ()
+    ) -> list[str]:
+        """:meth:`render` as the fragments it joins, to write out without one big copy."""
         stale = sorted(set(delete_chains))
         out: list[str] = []
         for table in ("filter", "nat"):
@@ -576,7 +582,7 @@ class IptablesRuleset:
             out.append("COMMIT\n")
         if canary:
             out.append(f"*mangle\n:{KUBE_PROXY_CANARY} - [0:0]\nCOMMIT\n")
-        return "".join(out)
+        return out
 
     def render_service_batch(self, names: Sequence[ServicePortName]) -> str:
         """The own chains of ``names`` only, for ``--noflush``: a full sync written in batches.
