@@ -5,7 +5,8 @@ run inside the node namespace."""
 
 from __future__ import annotations
 
-import time
+import logging
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,20 +30,29 @@ VIP = "10.96.0.10"
 
 class FlakyExecer(RealExecer):
     """Runs commands in the node netns; when armed, corrupts the next iptables-restore input
-    so the real tool rejects it (and must leave the old rules in place)."""
+    so the real tool rejects it (and must leave the old rules in place). Any other restore
+    waits while ``restores`` is clear, so a test can look at the kernel before a repair."""
 
     def __init__(self, netns: str) -> None:
         super().__init__(netns)
         self.break_next_restore = False
         self.failed_restores = 0
+        self.restores = threading.Event()
+        self.restores.set()
 
     def run(
         self, argv: Any, *, stdin: bytes | None = None, timeout: float | None = None
     ) -> ExecResult:
-        if self.break_next_restore and "restore" in argv[0] and stdin:
-            self.break_next_restore = False
-            self.failed_restores += 1
-            stdin = stdin.replace(b"COMMIT\n", b"-A KUBE-SERVICES -j NO-SUCH-CHAIN\nCOMMIT\n", 1)
+        if "restore" in argv[0] and stdin:
+            if self.break_next_restore:
+                self.break_next_restore = False
+                broken = stdin.replace(
+                    b"COMMIT\n", b"-A KUBE-SERVICES -j NO-SUCH-CHAIN\nCOMMIT\n", 1
+                )
+                result = super().run(argv, stdin=broken, timeout=timeout)
+                self.failed_restores += 1
+                return result
+            self.restores.wait()
         return super().run(argv, stdin=stdin, timeout=timeout)
 
 
@@ -57,18 +67,34 @@ class Harness:
         return self.controller
 
     def stop(self) -> None:
+        self.execer.restores.set()
         if self.controller is not None:
             self.controller.stop()
             self.controller = None
 
     def lands(
-        self, dst: str = VIP, port: int = 80, count: int = 20, proto: Proto = "tcp"
+        self, dst: str = VIP, port: int = 80, count: int = 40, proto: Proto = "tcp"
     ) -> set[str]:
+        # 40 random picks of 3 backends miss one with p < 1e-6 (20: p ~ 1e-3)
         results = self.topo.connect_many([Probe(dst, port, proto)] * count, timeout=1.0)
         return {r.server_ip for r in results if r.ok}
 
     def outcome(self, dst: str = VIP, port: int = 80) -> str:
         return self.topo.connect(dst, port, timeout=0.5).outcome
+
+
+def syncs(controller: Controller, kind: str) -> float:
+    """How many ``full`` or ``partial`` syncs ``controller`` has completed."""
+    name = f"kubeproxy_sync_{kind}_proxy_rules_duration_seconds_count"
+    return controller.metrics.registry.get_sample_value(name) or 0.0
+
+
+def refused(caplog: pytest.LogCaptureFixture, reflector: str) -> bool:
+    """Whether ``reflector`` has logged a request answered 503 by the API server."""
+    return any(
+        r.getMessage().startswith(f"{reflector}: ") and "HTTP 503" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 @pytest.fixture
@@ -119,8 +145,9 @@ def test_external_traffic_policy_local(harness: Harness) -> None:
     wait_for(lambda: harness.outcome("10.10.1.1", 30020) == "timeout", what="DROP")
 
 
-def test_api_outage_and_410_relist(harness: Harness) -> None:
+def test_api_outage_and_410_relist(harness: Harness, caplog: pytest.LogCaptureFixture) -> None:
     api = harness.api
+    caplog.set_level(logging.WARNING, logger="minikproxy.sources.kubeapi")
     harness.start()
     api.create(service("web", VIP))
     api.create(endpoint_slice("web", BACKENDS))
@@ -129,7 +156,11 @@ def test_api_outage_and_410_relist(harness: Harness) -> None:
     wait_for(lambda: harness.lands("10.96.0.30") == set(BACKENDS), what="both services up")
 
     with api.outage():
-        time.sleep(0.5)  # the watches are down: nothing may be flushed
+        # the watches are down and every reflector has had a request refused: nothing flushed
+        wait_for(
+            lambda: all(refused(caplog, r) for r in ("services", "endpointslices", "nodes")),
+            what="every reflector to see the outage",
+        )
         assert harness.lands() == set(BACKENDS)
         assert harness.lands("10.96.0.30") == set(BACKENDS)
 
@@ -154,8 +185,9 @@ def test_restart_keeps_connections_working(harness: Harness) -> None:
     assert harness.lands() == set(BACKENDS)  # rules left in place while the proxy is down
     controller = harness.start()
     assert harness.lands() == set(BACKENDS)
-    wait_for(lambda: controller.proxier.last_sync is not None, what="first sync after restart")
-    assert controller.proxier.last_sync is not None and controller.proxier.last_sync.full
+    # Not last_sync: a late Node event may already have caused a second, partial sync.
+    wait_for(lambda: syncs(controller, "full") + syncs(controller, "partial") > 0, what="a sync")
+    assert syncs(controller, "full") == 1, "the first sync after a restart is full"
     assert harness.lands() == set(BACKENDS)
 
 
@@ -167,9 +199,11 @@ def test_failed_restore_keeps_old_rules_then_recovers(harness: Harness) -> None:
     wait_for(lambda: harness.lands() == set(BACKENDS), what="traffic")
 
     harness.execer.break_next_restore = True
+    harness.execer.restores.clear()  # the retry (1 s later) waits until the rules are checked
     api.update(endpoint_slice("web", ["10.10.2.2"]))
     wait_for(lambda: harness.execer.failed_restores == 1, what="the broken restore")
     assert harness.lands() == set(BACKENDS)  # the old rules are intact
+    harness.execer.restores.set()
     wait_for(lambda: harness.lands() == {"10.10.2.2"}, what="retry with a full sync")
     assert controller.metrics.iptables_restore_failures_total._value.get() == 1
     assert controller.metrics.iptables_partial_restore_failures_total._value.get() == 1
@@ -181,10 +215,13 @@ def test_external_flush_is_repaired(harness: Harness) -> None:
     api.create(service("web", VIP))
     api.create(endpoint_slice("web", BACKENDS))
     wait_for(lambda: harness.lands() == set(BACKENDS), what="traffic")
-    for table in ("nat", "filter", "mangle"):
-        harness.topo.node_exec(["iptables-nft", "-t", table, "-F"])
-        harness.topo.node_exec(["iptables-nft", "-t", table, "-X"])
-    assert harness.outcome() == "unreachable"
+    # The canary is checked every 0.5 s: flush in one transaction (a check must not see a
+    # half-flushed node), and hold the repair until the breakage is seen. Waiting is needed
+    # even so: the upstream netns rate-limits its no-route ICMP errors (5, then 1 per second).
+    harness.execer.restores.clear()
+    harness.topo.load_iptables("*nat\nCOMMIT\n*filter\nCOMMIT\n*mangle\nCOMMIT\n")
+    wait_for(lambda: harness.outcome() == "unreachable", what="the flush to break traffic")
+    harness.execer.restores.set()
     wait_for(lambda: harness.lands() == set(BACKENDS), what="canary noticed, full resync")
 
 

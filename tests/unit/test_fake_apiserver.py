@@ -440,13 +440,19 @@ def test_bookmarks_only_when_allowed(server: FakeApiServer, core: client.CoreV1A
 
 def test_periodic_bookmarks() -> None:
     with FakeApiServer(bookmark_interval=0.05) as srv:
-        http = urllib3.PoolManager()
+        http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=5, read=5))
         resp = http.request(
             "GET",
-            f"{srv.url}/api/v1/nodes?watch=1&allowWatchBookmarks=true&timeoutSeconds=0.3",
+            f"{srv.url}/api/v1/nodes?watch=1&allowWatchBookmarks=true&timeoutSeconds=30",
             preload_content=False,
         )
-        lines = [json.loads(line) for line in resp.data.splitlines()]
+        data = b""
+        for chunk in resp.stream(None):  # until two events, however slowly the ticks come
+            data += chunk
+            if data.count(b"\n") >= 2:
+                break
+        resp.close()
+    lines = [json.loads(line) for line in data.splitlines()]
     assert len(lines) >= 2 and {e["type"] for e in lines} == {"BOOKMARK"}
 
 

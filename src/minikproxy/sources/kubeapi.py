@@ -411,8 +411,8 @@ def _abort(resp: Any) -> None:
         sock = getattr(getattr(resp, "connection", None), "sock", None)
         if sock is not None:
             sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
+    except (OSError, ValueError, RuntimeError):
+        pass  # urllib3 raises the latter two once the response is closed or released: no read
 
 
 def _describe(err: BaseException) -> str:
