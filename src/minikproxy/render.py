@@ -6,6 +6,7 @@ import dataclasses
 import socket
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from minikproxy.changes import ClusterTracker
@@ -31,9 +32,9 @@ class RenderResult:
     node: NodeInfo
     problems: list[ObjectProblem] = field(default_factory=list)
 
-    @property
+    @cached_property
     def payloads(self) -> dict[IPFamily, str]:
-        """Each family's payload as one string."""
+        """Each family's payload as one string (joined on first use)."""
         return {family: "".join(parts) for family, parts in self.parts.items()}
 
 
