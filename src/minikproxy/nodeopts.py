@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from minikproxy.compile.iptables import IptablesOptions
 from minikproxy.compile.localdetect import DetectLocalMode, make_local_detector
+from minikproxy.compile.nftables_options import LocalMatch, NftablesOptions
 from minikproxy.config import ConfigError, ProxyConfig
 from minikproxy.model.names import IPFamily
 from minikproxy.model.parse import NodeInfo, canonical_cidr, canonical_ip
@@ -103,6 +104,68 @@ def iptables_options(
         localhost_nodeports=config.localhost_nodeports,
         random_fully=random_fully,
         conntrack_tcp_be_liberal=config.conntrack_tcp_be_liberal,
+    )
+
+
+def nftables_options(
+    config: ProxyConfig,
+    node: NodeInfo,
+    family: IPFamily,
+    *,
+    node_addresses: Sequence[str] = (),
+    service_cidrs: Sequence[str] = (),
+) -> NftablesOptions:
+    """Compiler options for an nftables ruleset of ``family`` on ``node``.
+
+    As in kube-proxy's nftables mode, an empty ``--nodeport-addresses`` means the node's
+    primary IP (``primary``), not every local address. ``service_cidrs`` may mix families;
+    only this family's are kept.
+    """
+    if not config.nodeport_addresses:
+        config = config.with_overrides(nodeport_addresses=(PRIMARY,))
+    node_ips = primary_node_ips(config, node, family)
+    cidrs: list[str] = []
+    for text in service_cidrs:
+        parsed = canonical_cidr(text)
+        if parsed is None:
+            raise ConfigError(f"--service-cidr: invalid CIDR {text!r}")
+        if parsed[1] == family:
+            cidrs.append(parsed[0])
+    return NftablesOptions(
+        family=family,
+        masquerade_bit=config.masquerade_bit,
+        masquerade_all=config.masquerade_all,
+        local=_local_match(config, node, family),
+        node_ip=node_ips[0] if node_ips else "",
+        nodeport_addresses=nodeport_addresses(config, node, family, node_addresses or node_ips),
+        service_cidrs=tuple(cidrs),
+        conntrack_tcp_be_liberal=config.conntrack_tcp_be_liberal,
+    )
+
+
+def _local_match(config: ProxyConfig, node: NodeInfo, family: IPFamily) -> LocalMatch | None:
+    mode = _detect_mode(config.detect_local_mode)
+    if mode in ("ClusterCIDR", "NodeCIDR"):
+        cidrs = split_list(config.cluster_cidr) if mode == "ClusterCIDR" else node.pod_cidrs
+        for text in cidrs:
+            parsed = canonical_cidr(text)
+            if parsed is None:
+                raise ConfigError(f"invalid CIDR {text!r} for --detect-local-mode={mode}")
+            if parsed[1] == family:
+                return LocalMatch("saddr", parsed[0], f"{mode}: pod traffic is from {parsed[0]}")
+        return None
+    if mode == "BridgeInterface":
+        if not config.bridge_interface:
+            raise ConfigError("--detect-local-mode=BridgeInterface needs --pod-bridge-interface")
+        name = config.bridge_interface
+        return LocalMatch("iifname", name, f"BridgeInterface: pod traffic enters via {name}")
+    prefix = config.interface_name_prefix
+    if not prefix:
+        raise ConfigError(
+            "--detect-local-mode=InterfaceNamePrefix needs --pod-interface-name-prefix"
+        )
+    return LocalMatch(
+        "iifname", f"{prefix}*", f"InterfaceNamePrefix: pod traffic enters via {prefix}*"
     )
 
 
