@@ -1,0 +1,252 @@
+"""The UDP conntrack reconciler: after each successful sync, delete the UDP flows of Services
+whose DNAT target is not a serving endpoint (kube-proxy's ``CleanStaleEntries``, since 1.32).
+
+It reconciles state instead of replaying events, so a missed event, a failed cleanup or a
+restart heals at the next sync. Per IP family, one kernel-filtered dump of the UDP flows, one
+pass over them, and the stale ones deleted in batched netlink messages (see
+:mod:`minikproxy.dataplane.ctnetlink`); no process is started.
+
+What is wanted (:func:`wanted_flows`, pure): for each UDP service port, its *frontends* —
+cluster IP, external IPs and load-balancer IPs with the service port, and each NodePort address
+with the NodePort — map to the set of its *serving* endpoints (IP and target port), across all
+its slices, whatever topology or traffic policy selects (kube-proxy's rule: a change of
+routing must not reset live flows, and an endpoint that is terminating but still serving keeps
+its flows, as TCP connections would). A flow is stale (:func:`stale_rows`, pure) when its
+original destination is a frontend and its reply source is not one of that frontend's
+endpoints; that covers flows DNATed to a removed endpoint, flows to a port scaled to zero
+(kubernetes#139628: no endpoint at all) and flows that were never DNATed (created before the
+rules existed, #48370). Frontends that went away since the last successful reconcile (a
+deleted Service or port, a removed external IP, a changed NodePort: kubernetes#141371) are
+kept with no endpoint until a reconcile succeeds. Flows whose original destination is no
+frontend are never touched, and neither is anything that is not UDP.
+
+NodePorts match only on the addresses they answer on (every local address, or the
+``--nodeport-addresses`` ones; loopback only with localhost NodePorts), not on any destination
+address as kube-proxy does: a pod's UDP flow to some remote host's port 30053 is not Service
+traffic.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+
+from minikproxy.compile.iptables import IptablesOptions
+from minikproxy.dataplane.ctnetlink import DeleteResult, FlowRow, pack_port
+from minikproxy.model.names import IPFamily
+from minikproxy.model.serviceport import ServicePort
+from minikproxy.model.state import ProxyState
+
+logger = logging.getLogger(__name__)
+
+Frontend = tuple[bytes, bytes]
+"""A packed (IP, port): what a flow was sent to, or (as a backend) what answered it."""
+
+WantedFlows = Mapping[Frontend, frozenset[Frontend]]
+"""Each Service frontend, with the serving endpoints its flows may be DNATed to."""
+
+NO_ENDPOINTS: frozenset[Frontend] = frozenset()
+
+
+def pack_ip(ip: str) -> bytes:
+    """An address literal packed as conntrack carries it (4 or 16 bytes)."""
+    return ipaddress.ip_address(ip).packed
+
+
+def frontend(ip: str, port: int) -> Frontend:
+    """The packed (``ip``, ``port``) key."""
+    return pack_ip(ip), pack_port(port)
+
+
+def service_frontends(port: ServicePort, nodeport_ips: Iterable[bytes]) -> list[Frontend]:
+    """The frontends of a service port: cluster IP, external IPs and load-balancer IPs with its
+    port, and the NodePort on each of ``nodeport_ips`` (packed)."""
+    svc_port = pack_port(port.port)
+    ips = [port.cluster_ip, *port.external_ips, *port.load_balancer_vips]
+    out = [(pack_ip(ip), svc_port) for ip in ips if ip]
+    if port.node_port:
+        node_port = pack_port(port.node_port)
+        out += [(ip, node_port) for ip in nodeport_ips]
+    return out
+
+
+def wanted_flows(
+    state: ProxyState, nodeport_ips: Iterable[bytes] = (), gone: Iterable[Frontend] = ()
+) -> dict[Frontend, frozenset[Frontend]]:
+    """The frontends of ``state``'s UDP service ports, each with its serving endpoints; the
+    ``gone`` frontends (of Services and ports that no longer exist) with none, unless a current
+    service port uses them again."""
+    wanted = dict.fromkeys(gone, NO_ENDPOINTS)
+    node_ips = list(nodeport_ips)
+    for name, port in state.services.items():
+        if port.protocol != "UDP":
+            continue
+        serving = frozenset(
+            (pack_ip(ep.ip), pack_port(ep.port)) for ep in state.endpoints_of(name) if ep.serving
+        )
+        for key in service_frontends(port, node_ips):
+            wanted[key] = serving
+    return wanted
+
+
+def is_stale(wanted: WantedFlows, sent_to: Frontend, answered_by: Frontend) -> bool:
+    """True when a UDP flow sent to ``sent_to`` (original destination) and answered by
+    ``answered_by`` (reply source) is stale: sent to a Service frontend, not to one of its
+    serving endpoints."""
+    endpoints = wanted.get(sent_to)
+    return endpoints is not None and answered_by not in endpoints
+
+
+def stale_rows(rows: Iterable[FlowRow], wanted: WantedFlows) -> list[FlowRow]:
+    """The rows (see :data:`~minikproxy.dataplane.ctnetlink.FlowRow`) of stale flows, in order:
+    :func:`is_stale` for each, inlined (this runs over every UDP flow of the node)."""
+    get = wanted.get
+    return [
+        row
+        for row in rows
+        if (endpoints := get((row[2], row[4]))) is not None and (row[5], row[6]) not in endpoints
+    ]
+
+
+def nodeport_ips(
+    options: IptablesOptions, local_addresses: Callable[[], Iterable[bytes]]
+) -> list[bytes]:
+    """The packed addresses NodePorts answer on, as the compiled rules say: the
+    ``--nodeport-addresses`` ones, or every local address (``local_addresses()``); loopback
+    only where localhost NodePorts are on (IPv4)."""
+    if options.nodeport_addresses is not None:
+        addresses = [pack_ip(ip) for ip in options.nodeport_addresses]
+    else:
+        addresses = sorted(local_addresses())
+    keep_loopback = options.localhost_nodeports_active
+    return [a for a in addresses if keep_loopback or not ipaddress.ip_address(a).is_loopback]
+
+
+class FlowDump(Protocol):
+    """One dump of a family's UDP flows."""
+
+    rows: list[FlowRow]
+
+
+class UdpFlowTable(Protocol):
+    """The conntrack table as the reconciler uses it (ctnetlink for real, a fake in tests)."""
+
+    def dump_udp(self, family: IPFamily) -> FlowDump:
+        """Every UDP flow of ``family``."""
+        ...
+
+    def delete_rows(self, dump: Any, rows: Sequence[FlowRow]) -> DeleteResult:
+        """Delete the flows of ``rows`` (rows of ``dump``, a dump this table returned, in
+        order)."""
+        ...
+
+    def local_addresses(self, family: IPFamily) -> set[bytes]:
+        """The packed addresses of ``family`` on the node's interfaces."""
+        ...
+
+    def close(self) -> None:
+        """Release what the table holds open (it may be used again after)."""
+        ...
+
+
+class ReconcileResult(NamedTuple):
+    """One family's reconcile: UDP flows listed, found stale, deleted, already gone; seconds."""
+
+    listed: int
+    stale: int
+    deleted: int
+    missing: int
+    seconds: float
+
+
+class ReconcileError(RuntimeError):
+    """A reconcile failed (listing or deleting); nothing is lost: the next one retries."""
+
+
+@dataclass
+class _FamilyMemory:
+    frontends: frozenset[Frontend] = frozenset()
+    gone: frozenset[Frontend] = frozenset()
+
+
+class ConntrackReconciler:
+    """Reconciles one node's UDP conntrack flows with the applied state, family by family."""
+
+    def __init__(self, table: UdpFlowTable, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.table = table
+        self.clock = clock
+        self._memory: dict[IPFamily, _FamilyMemory] = {}
+
+    def close(self) -> None:
+        """Close the table's sockets (the stopping controller calls this)."""
+        self.table.close()
+
+    def reconcile(self, state: ProxyState, options: IptablesOptions) -> ReconcileResult:
+        """Delete ``state.family``'s stale UDP flows; raises :class:`ReconcileError` (the
+        frontends that went away are then remembered for the next attempt)."""
+        start = self.clock()
+        family = state.family
+        memory = self._memory.setdefault(family, _FamilyMemory())
+        has_udp_nodeports = any(
+            p.node_port and p.protocol == "UDP" for p in state.services.values()
+        )
+        try:
+            node_ips = (
+                nodeport_ips(options, lambda: self.table.local_addresses(family))
+                if has_udp_nodeports
+                else []
+            )
+        except OSError as err:
+            raise ReconcileError(f"cannot list the node's {family} addresses: {err}") from err
+        current = wanted_flows(state, node_ips)
+        now_frontends = frozenset(current)
+        gone = (memory.gone | memory.frontends) - now_frontends
+        wanted = dict.fromkeys(gone, NO_ENDPOINTS)
+        wanted.update(current)
+        memory.frontends, memory.gone = now_frontends, gone
+        if not wanted:  # no UDP Service: nothing to list
+            return ReconcileResult(0, 0, 0, 0, self.clock() - start)
+        try:
+            dump = self.table.dump_udp(family)
+            stale = stale_rows(dump.rows, wanted)
+            result = self.table.delete_rows(dump, stale) if stale else DeleteResult(0, 0, ())
+        except (OSError, ValueError) as err:
+            raise ReconcileError(f"{family} conntrack reconcile failed: {err}") from err
+        if result.errors:
+            failed = len(stale) - result.deleted - result.missing
+            raise ReconcileError(
+                f"{family} conntrack reconcile: {failed} of {len(stale)} deletions failed: "
+                + ", ".join(sorted(set(result.errors)))
+            )
+        memory.gone = frozenset()
+        return ReconcileResult(
+            len(dump.rows), len(stale), result.deleted, result.missing, self.clock() - start
+        )
+
+
+if TYPE_CHECKING:
+    from minikproxy.dataplane.ctnetlink import NetlinkConntrack
+
+    _: UdpFlowTable = NetlinkConntrack()
+
+__all__ = [
+    "NO_ENDPOINTS",
+    "ConntrackReconciler",
+    "FlowDump",
+    "Frontend",
+    "ReconcileError",
+    "ReconcileResult",
+    "UdpFlowTable",
+    "WantedFlows",
+    "frontend",
+    "is_stale",
+    "nodeport_ips",
+    "pack_ip",
+    "service_frontends",
+    "stale_rows",
+    "wanted_flows",
+]
