@@ -20,13 +20,13 @@ import pytest
 
 from minikproxy.compile.names import KUBE_PROXY_CANARY, service_chains
 from minikproxy.config import ProxyConfig
+from minikproxy.ctreconcile import ConntrackReconciler
 from minikproxy.healthz import ProxierHealth, ServiceHealthServer
 from minikproxy.metrics import ProxyMetrics
 from minikproxy.model.names import IPV4, IPV6, NamespacedName, ServicePortName
 from minikproxy.model.parse import SERVICE_NAME_LABEL, TRIGGER_TIME_ANNOTATION
 from minikproxy.proxier import Proxier
 from minikproxy.runner import FakeClock
-from minikproxy.ctreconcile import ConntrackReconciler
 from minikproxy.testing.fake_conntrack import FakeFlowTable, udp_flow
 from minikproxy.testing.fake_iptables import BUILTIN_CHAINS, FakeIptables
 
@@ -571,9 +571,7 @@ def test_flushed_tables_are_restored_by_the_forced_full_sync() -> None:
 # --- conntrack -----------------------------------------------------------------------------
 
 
-DNS = service(
-    "dns", "10.96.0.53", protocol="UDP", port=53, svc_type="NodePort", node_port=30053
-)
+DNS = service("dns", "10.96.0.53", protocol="UDP", port=53, svc_type="NodePort", node_port=30053)
 NODE_IP = "192.168.0.10"
 
 

@@ -348,7 +348,9 @@ class UdpDump:
         return [UdpFlow.of(row) for row in self.rows]
 
     def locate(self, rows: Iterable[FlowRow]) -> list[FlowRef]:
-        """Where the messages of ``rows`` (a subsequence of :attr:`rows`, in order) start."""
+        """Where the messages of ``rows`` start. ``rows`` is a subsequence of :attr:`rows`, in
+        order, selected by the rows' addresses and ports: flows with the same tuples (twins in
+        different zones) are then selected together, and each finds its own message."""
         refs: list[FlowRef] = []
         chunks = self.chunks
         index, pos = 0, 0
