@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -53,8 +54,11 @@ NO_ENDPOINTS: frozenset[Frontend] = frozenset()
 
 
 def pack_ip(ip: str) -> bytes:
-    """An address literal packed as conntrack carries it (4 or 16 bytes)."""
-    return ipaddress.ip_address(ip).packed
+    """A canonical address literal packed as conntrack carries it (4 or 16 bytes)."""
+    return socket.inet_pton(socket.AF_INET6 if ":" in ip else socket.AF_INET, ip)
+
+
+_PORTS = [port.to_bytes(2, "big") for port in range(65536)]
 
 
 def frontend(ip: str, port: int) -> Frontend:
@@ -65,11 +69,11 @@ def frontend(ip: str, port: int) -> Frontend:
 def service_frontends(port: ServicePort, nodeport_ips: Iterable[bytes]) -> list[Frontend]:
     """The frontends of a service port: cluster IP, external IPs and load-balancer IPs with its
     port, and the NodePort on each of ``nodeport_ips`` (packed)."""
-    svc_port = pack_port(port.port)
+    svc_port = _PORTS[port.port]
     ips = [port.cluster_ip, *port.external_ips, *port.load_balancer_vips]
     out = [(pack_ip(ip), svc_port) for ip in ips if ip]
     if port.node_port:
-        node_port = pack_port(port.node_port)
+        node_port = _PORTS[port.node_port]
         out += [(ip, node_port) for ip in nodeport_ips]
     return out
 
@@ -86,7 +90,7 @@ def wanted_flows(
         if port.protocol != "UDP":
             continue
         serving = frozenset(
-            (pack_ip(ep.ip), pack_port(ep.port)) for ep in state.endpoints_of(name) if ep.serving
+            [(pack_ip(ep.ip), _PORTS[ep.port]) for ep in state.endpoints_of(name) if ep.serving]
         )
         for key in service_frontends(port, node_ips):
             wanted[key] = serving

@@ -145,9 +145,16 @@ def _nested(kind: int, *children: bytes) -> bytes:
 
 
 def encode_tuple(
-    kind: int, family: IPFamily, src: bytes, dst: bytes, sport: bytes, dport: bytes
+    kind: int,
+    family: IPFamily,
+    src: bytes,
+    dst: bytes,
+    sport: bytes,
+    dport: bytes,
+    protocol: int = IPPROTO_UDP,
 ) -> bytes:
-    """A ``CTA_TUPLE_ORIG``/``CTA_TUPLE_REPLY`` attribute of a UDP tuple (packed values)."""
+    """A ``CTA_TUPLE_ORIG``/``CTA_TUPLE_REPLY`` attribute of a UDP (or other port-carrying
+    ``protocol``) tuple, from packed values."""
     src_type, dst_type = (
         (CTA_IP_V4_SRC, CTA_IP_V4_DST) if family == "IPv4" else (CTA_IP_V6_SRC, CTA_IP_V6_DST)
     )
@@ -156,7 +163,7 @@ def encode_tuple(
         _nested(CTA_TUPLE_IP, _attr(src_type, src), _attr(dst_type, dst)),
         _nested(
             CTA_TUPLE_PROTO,
-            _attr(CTA_PROTO_NUM, bytes([IPPROTO_UDP])),
+            _attr(CTA_PROTO_NUM, bytes([protocol])),
             _attr(CTA_PROTO_SRC_PORT, sport),
             _attr(CTA_PROTO_DST_PORT, dport),
         ),
@@ -531,17 +538,19 @@ class CtNetlink:
         flows: Iterable[tuple[tuple[bytes, bytes], tuple[bytes, bytes], tuple[bytes, bytes]]],
         *,
         timeout: int = 600,
+        protocol: int = IPPROTO_UDP,
     ) -> DeleteResult:
-        """Insert UDP flows given as packed (origin, frontend, backend) triples: traffic from
-        origin to frontend, answered by backend (DNATed when backend differs from frontend).
-        Returns how many were created and the errors (EEXIST for duplicates)."""
+        """Insert flows (UDP by default; TCP is 6) given as packed (origin, frontend, backend)
+        triples: traffic from origin to frontend, answered by backend (DNATed when backend
+        differs from frontend). Returns how many were created and the errors (EEXIST for
+        duplicates)."""
         tail = _attr(CTA_TIMEOUT, struct.pack(">I", timeout))
         bodies = []
         for (src, sport), (dst, dport), (bsrc, bsport) in flows:
             status = IPS_CONFIRMED | (IPS_DST_NAT if (bsrc, bsport) != (dst, dport) else 0)
             bodies.append(
-                encode_tuple(CTA_TUPLE_ORIG, family, src, dst, sport, dport)
-                + encode_tuple(CTA_TUPLE_REPLY, family, bsrc, src, bsport, sport)
+                encode_tuple(CTA_TUPLE_ORIG, family, src, dst, sport, dport, protocol)
+                + encode_tuple(CTA_TUPLE_REPLY, family, bsrc, src, bsport, sport, protocol)
                 + _attr(CTA_STATUS, struct.pack(">I", status))
                 + tail
             )
