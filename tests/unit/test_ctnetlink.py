@@ -245,6 +245,9 @@ class ScriptedSocket:
     def setsockopt(self, *args: object) -> None:
         pass
 
+    def settimeout(self, timeout: float) -> None:
+        pass
+
     def close(self) -> None:
         pass
 

@@ -4,18 +4,21 @@ Just what the UDP reconciler needs, hand-encoded with :mod:`struct`:
 
 * :meth:`CtNetlink.dump_udp` lists one family's UDP flows in one dump, filtered by the kernel
   (``CTA_FILTER`` on the L4 protocol, the family from the request header), so TCP flows never
-  reach Python. Each flow comes back as a :class:`UdpFlow` whose addresses and ports stay packed
-  (network byte order ``bytes``): the reconciler compares them with packed keys, and an address
-  is never turned into text.
+  reach Python. The flows come back as rows (:data:`FlowRow`) whose addresses and ports stay
+  packed (network byte order ``bytes``): the reconciler compares them with packed keys, and an
+  address is never turned into text.
 * :meth:`CtNetlink.delete` deletes flows in batched netlink messages: many delete requests per
   ``sendmsg``, only the last one asking for an acknowledgement; the kernel answers errors only.
   Each request carries the flow's original tuple, zone and conntrack id, copied verbatim from
-  the dump, so a flow that was replaced since the dump (same tuple, new id) is not deleted.
+  the dumped message, so a flow that was replaced since the dump (same tuple, new id) is not
+  deleted.
 * :meth:`CtNetlink.create` inserts flows (tests and benchmarks build tables with it).
 
-The dump parser has a fast path for the exact layout kernels emit for a UDP flow's tuples (one
-regular-expression match per message, in C) and falls back to a general attribute walk for any
-other layout (zones inside tuples, unknown attributes), so both give the same flows.
+The dump parser matches the exact layout kernels emit for a UDP flow's two tuples with one
+compiled regular expression over each received chunk (``findall``, in C), and counts the
+chunk's original-tuple signatures: if some tuple did not match (a zone inside the tuples, an
+attribute a future kernel adds), that chunk is parsed by a general attribute walk instead. Both
+give the same rows.
 
 Kernel filtering of dumps (``CTA_FILTER``) exists since Linux 5.8; older kernels reject it with
 EOPNOTSUPP/EINVAL, and :meth:`CtNetlink.dump_udp` then dumps the family unfiltered and skips
@@ -88,6 +91,7 @@ _ERRNO = struct.Struct("=i")
 _SEND_CHUNK = 64 * 1024
 _RECV_SIZE = 256 * 1024
 _RCVBUF = 4 * 1024 * 1024
+_TIMEOUT = 10.0
 
 
 class CtNetlinkError(OSError):
@@ -422,6 +426,9 @@ class CtNetlink:
         except BaseException:
             sock.close()
             raise
+        # A reply that never comes (it cannot, but a hung sync thread would be worse) raises
+        # socket.timeout, an OSError, like any other failure.
+        sock.settimeout(_TIMEOUT)
         self._seq = 0
         self.kernel_filter = True
 
@@ -449,8 +456,8 @@ class CtNetlink:
             # A dump ends with NLMSG_DONE as the last message of a chunk; a failed dump is
             # one error message.
             if len(data) >= 20:
-                length, kind, _flags, seq_done, _pid = _NLMSGHDR.unpack_from(data, len(data) - 20)
-                if kind == NLMSG_DONE and length == 20 and seq_done == seq:
+                length, kind, flags, seq_done, _pid = _NLMSGHDR.unpack_from(data, len(data) - 20)
+                if kind == NLMSG_DONE and length == 20 and seq_done == seq and flags & NLM_F_MULTI:
                     # Its payload is the dump's status: EINTR means the table changed under
                     # the dump and some flows may be missing: what was seen is still true.
                     (code,) = _ERRNO.unpack_from(data, len(data) - 4)
