@@ -33,12 +33,13 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from minikproxy.compile.iptables import IptablesOptions
 from minikproxy.dataplane.ctnetlink import DeleteResult, FlowRow, pack_port
-from minikproxy.model.names import IPFamily
+from minikproxy.model.endpoint import Endpoint
+from minikproxy.model.names import IPFamily, ServicePortName
 from minikproxy.model.serviceport import ServicePort
 from minikproxy.model.state import ProxyState
 
@@ -78,22 +79,44 @@ def service_frontends(port: ServicePort, nodeport_ips: Iterable[bytes]) -> list[
     return out
 
 
+ServingCache = dict[ServicePortName, tuple[tuple[Endpoint, ...], frozenset[Frontend]]]
+"""Per service port: its endpoints tuple as last seen and the serving set built from it."""
+
+
 def wanted_flows(
-    state: ProxyState, nodeport_ips: Iterable[bytes] = (), gone: Iterable[Frontend] = ()
+    state: ProxyState,
+    nodeport_ips: Iterable[bytes] = (),
+    gone: Iterable[Frontend] = (),
+    cache: ServingCache | None = None,
 ) -> dict[Frontend, frozenset[Frontend]]:
     """The frontends of ``state``'s UDP service ports, each with its serving endpoints; the
     ``gone`` frontends (of Services and ports that no longer exist) with none, unless a current
-    service port uses them again."""
+    service port uses them again.
+
+    ``cache`` (kept by the caller between calls, updated here) reuses the serving set of a
+    port whose endpoints tuple is the very object seen last time: snapshots share the tuples
+    of unchanged services, so a sync rebuilds only what changed."""
     wanted = dict.fromkeys(gone, NO_ENDPOINTS)
     node_ips = list(nodeport_ips)
+    fresh: ServingCache = {}
+    endpoints_of = state.endpoints.get
     for name, port in state.services.items():
         if port.protocol != "UDP":
             continue
-        serving = frozenset(
-            [(pack_ip(ep.ip), _PORTS[ep.port]) for ep in state.endpoints_of(name) if ep.serving]
-        )
+        endpoints = endpoints_of(name, ())
+        hit = cache.get(name) if cache is not None else None
+        if hit is not None and hit[0] is endpoints:
+            serving = hit[1]
+        else:
+            serving = frozenset(
+                [(pack_ip(ep.ip), _PORTS[ep.port]) for ep in endpoints if ep.serving]
+            )
+        fresh[name] = (endpoints, serving)
         for key in service_frontends(port, node_ips):
             wanted[key] = serving
+    if cache is not None:
+        cache.clear()
+        cache.update(fresh)
     return wanted
 
 
@@ -175,6 +198,7 @@ class ReconcileError(RuntimeError):
 class _FamilyMemory:
     frontends: frozenset[Frontend] = frozenset()
     gone: frozenset[Frontend] = frozenset()
+    serving: ServingCache = field(default_factory=dict)
 
 
 class ConntrackReconciler:
@@ -206,7 +230,7 @@ class ConntrackReconciler:
             )
         except OSError as err:
             raise ReconcileError(f"cannot list the node's {family} addresses: {err}") from err
-        current = wanted_flows(state, node_ips)
+        current = wanted_flows(state, node_ips, cache=memory.serving)
         now_frontends = frozenset(current)
         gone = (memory.gone | memory.frontends) - now_frontends
         wanted = dict.fromkeys(gone, NO_ENDPOINTS)

@@ -10,6 +10,7 @@ from minikproxy.ctreconcile import (
     NO_ENDPOINTS,
     ConntrackReconciler,
     ReconcileError,
+    ServingCache,
     frontend,
     is_stale,
     nodeport_ips,
@@ -83,6 +84,19 @@ def test_gone_frontends_want_no_endpoint_unless_a_current_port_uses_them() -> No
     assert wanted_flows(state((DNS, eps)), gone=gone)[frontend("10.96.0.10", 53)] == {
         frontend("10.244.1.1", 8053)
     }
+
+
+def test_serving_sets_are_reused_only_for_the_same_endpoints_tuple() -> None:
+    eps = (make_endpoint("10.244.1.1", 8053),)
+    cache: ServingCache = {}
+    first = wanted_flows(state((DNS, eps)), cache=cache)[frontend("10.96.0.10", 53)]
+    again = wanted_flows(state((DNS, eps)), cache=cache)[frontend("10.96.0.10", 53)]
+    assert again is first
+    changed = (make_endpoint("10.244.1.1", 8053, ready=False, serving=False),)
+    now = wanted_flows(state((DNS, changed)), cache=cache)[frontend("10.96.0.10", 53)]
+    assert now == NO_ENDPOINTS
+    wanted_flows(state(), cache=cache)
+    assert cache == {}  # a deleted port's entry goes
 
 
 @pytest.mark.parametrize(
