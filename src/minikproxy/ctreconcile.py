@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import socket
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -120,6 +121,36 @@ def wanted_flows(
     return wanted
 
 
+_RULE_DEST = re.compile(r" -d ([0-9A-Fa-f.:]+)(?:/\d+)? ")
+_RULE_DPORT = re.compile(r" --dport (\d+) ")
+
+
+def udp_frontends_in_rules(saved: str) -> tuple[set[Frontend], set[int]]:
+    """The UDP frontends that ``iptables-save -t nat`` output routes to Services: (IP, port)
+    of each ``KUBE-SERVICES`` jump (cluster, external and load-balancer IPs), and the
+    ``KUBE-NODEPORTS`` ports. Read once at start-up: the rules a previous run left say which
+    Services existed, so flows to one deleted while minikproxy was down are found too."""
+    frontends: set[Frontend] = set()
+    node_ports: set[int] = set()
+    for line in saved.splitlines():
+        if " -p udp " not in line or " -j KUBE-" not in line:
+            continue
+        port = _RULE_DPORT.search(line)
+        if port is None or not 0 < int(port[1]) < 65536:
+            continue
+        if line.startswith("-A KUBE-SERVICES "):
+            dest = _RULE_DEST.search(line)
+            if dest is not None:
+                try:
+                    ip = ipaddress.ip_address(dest[1])
+                except ValueError:
+                    continue
+                frontends.add((ip.packed, _PORTS[int(port[1])]))
+        elif line.startswith("-A KUBE-NODEPORTS "):
+            node_ports.add(int(port[1]))
+    return frontends, node_ports
+
+
 def is_stale(wanted: WantedFlows, sent_to: Frontend, answered_by: Frontend) -> bool:
     """True when a UDP flow sent to ``sent_to`` (original destination) and answered by
     ``answered_by`` (reply source) is stale: sent to a Service frontend, not to one of its
@@ -199,6 +230,7 @@ class _FamilyMemory:
     frontends: frozenset[Frontend] = frozenset()
     gone: frozenset[Frontend] = frozenset()
     serving: ServingCache = field(default_factory=dict)
+    gone_node_ports: frozenset[int] = frozenset()
 
 
 class ConntrackReconciler:
@@ -213,26 +245,39 @@ class ConntrackReconciler:
         """Close the table's sockets (the stopping controller calls this)."""
         self.table.close()
 
+    def remember_rules(self, family: IPFamily, saved_nat: str) -> None:
+        """Take the UDP frontends of the rules found in the kernel at start-up (``iptables-save
+        -t nat`` output) as the last ones reconciled: those no Service has any more (deleted
+        while minikproxy was down) lose their flows at the first reconcile."""
+        frontends, node_ports = udp_frontends_in_rules(saved_nat)
+        memory = self._memory.setdefault(family, _FamilyMemory())
+        memory.gone |= frontends
+        memory.gone_node_ports |= node_ports
+
     def reconcile(self, state: ProxyState, options: IptablesOptions) -> ReconcileResult:
         """Delete ``state.family``'s stale UDP flows; raises :class:`ReconcileError` (the
         frontends that went away are then remembered for the next attempt)."""
         start = self.clock()
         family = state.family
         memory = self._memory.setdefault(family, _FamilyMemory())
-        has_udp_nodeports = any(
+        needs_node_ips = memory.gone_node_ports or any(
             p.node_port and p.protocol == "UDP" for p in state.services.values()
         )
         try:
             node_ips = (
                 nodeport_ips(options, lambda: self.table.local_addresses(family))
-                if has_udp_nodeports
+                if needs_node_ips
                 else []
             )
         except OSError as err:
             raise ReconcileError(f"cannot list the node's {family} addresses: {err}") from err
         current = wanted_flows(state, node_ips, cache=memory.serving)
         now_frontends = frozenset(current)
-        gone = (memory.gone | memory.frontends) - now_frontends
+        old_node_ports = frozenset(
+            (ip, _PORTS[port]) for port in memory.gone_node_ports for ip in node_ips
+        )
+        memory.gone_node_ports = frozenset()
+        gone = (memory.gone | old_node_ports | memory.frontends) - now_frontends
         wanted = dict.fromkeys(gone, NO_ENDPOINTS)
         wanted.update(current)
         memory.frontends, memory.gone = now_frontends, gone
@@ -276,5 +321,6 @@ __all__ = [
     "pack_ip",
     "service_frontends",
     "stale_rows",
+    "udp_frontends_in_rules",
     "wanted_flows",
 ]

@@ -23,7 +23,7 @@ from minikproxy.compile.iptables import IptablesRuleset, compile_iptables, jump_
 from minikproxy.compile.names import KUBE_MARK_MASQ, KUBE_PROXY_CANARY, is_service_chain
 from minikproxy.config import ProxyConfig
 from minikproxy.ctreconcile import ConntrackReconciler, ReconcileError
-from minikproxy.dataplane.iptables import IptablesError, IptablesRunner
+from minikproxy.dataplane.iptables import IptablesError, IptablesRunner, parse_chains
 from minikproxy.gcutil import InitialLoadGC
 from minikproxy.healthz import ProxierHealth, ServiceHealthServer
 from minikproxy.metrics import ProxyMetrics
@@ -300,19 +300,23 @@ class Proxier:
             return 0
         ipt = self.dataplanes[family]
         if full or ruleset.changed is None:
-            written = self._apply_full(ipt, ruleset)
+            written = self._apply_full(ipt, ruleset, first=state.applied is None)
         else:
             data = ruleset.render_partial(rewrite_top_level=self.rewrite_top_level).encode()
             written = self._restore(ipt, data) if data else 0
         state.applied, state.applied_state, state.compiled = ruleset, snapshot.state, ruleset
         return written
 
-    def _apply_full(self, ipt: IptablesRunner, ruleset: IptablesRuleset) -> int:
+    def _apply_full(self, ipt: IptablesRunner, ruleset: IptablesRuleset, first: bool) -> int:
         for jump in jump_rules(ruleset.options):
             ipt.ensure_chain(jump.table, jump.target)
             ipt.ensure_rule_prepended(jump.table, jump.source, shlex.split(jump.args()))
         ours = ruleset.all_chains()["nat"]
-        stale = [c for c in ipt.list_chains("nat") if is_service_chain(c) and c not in ours]
+        saved = ipt.save("nat")
+        if first and self.conntrack is not None:
+            # The rules a previous run left: Services deleted meanwhile lose their UDP flows.
+            self.conntrack.remember_rules(ruleset.options.family, saved.decode(errors="replace"))
+        stale = [c for c in parse_chains(saved) if is_service_chain(c) and c not in ours]
         backend = getattr(ipt, "backend", "nft")
         batch = self.nft_batch if backend == "nft" else 0
         if batch and len(ruleset.order) > batch:

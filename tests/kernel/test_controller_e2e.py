@@ -249,8 +249,8 @@ def test_udp_flows_follow_serving_endpoints_deleted_services_and_restarts(
     harness: Harness,
 ) -> None:
     """Live flows to an endpoint that is terminating but still serving stay; once it stops
-    serving they go; a deleted Service's flows go; flows to an endpoint removed while the
-    controller was down go at its first sync after the restart."""
+    serving they go; a deleted Service's flows go; flows to an endpoint removed, and to a
+    Service deleted, while the controller was down go at its first sync after the restart."""
     api, dns = harness.api, "10.96.0.53"
     controller = harness.start()
     api.create(service("dns", dns, proto="UDP"))
@@ -298,8 +298,15 @@ def test_udp_flows_follow_serving_endpoints_deleted_services_and_restarts(
         what="dns2 reaches both endpoints",
     )
     assert flows_to("10.10.2.4", "10.96.0.54") > 0
+    api.create(service("dns3", "10.96.0.55", proto="UDP"))
+    api.create(endpoint_slice("dns3", ["10.10.2.3"], proto="UDP"))
+    wait_for(lambda: harness.lands("10.96.0.55", proto="udp") == {"10.10.2.3"}, what="dns3")
     harness.stop()
     api.update(endpoint_slice("dns2", ["10.10.2.2"], proto="UDP"))
+    api.delete("services", "default", "dns3")
+    api.delete("endpointslices", "default", "dns3-1")
     harness.start()
     wait_for(lambda: flows_to("10.10.2.4", "10.96.0.54") == 0, what="a restart heals")
+    # dns3 was deleted while the controller was down: the rules it found name it.
+    wait_for(lambda: flows_to("10.10.2.3", "10.96.0.55") == 0, what="deleted while down")
     assert flows_to("10.10.2.2", "10.96.0.54") > 0

@@ -16,6 +16,7 @@ from minikproxy.ctreconcile import (
     nodeport_ips,
     pack_ip,
     service_frontends,
+    udp_frontends_in_rules,
     wanted_flows,
 )
 from minikproxy.dataplane.ctnetlink import DeleteResult
@@ -161,3 +162,54 @@ def test_failed_deletions_raise_and_are_retried() -> None:
     table.add(udp_flow("10.0.0.1", 1000, "10.96.0.10", 53, reply_src="10.244.1.9"))
     with pytest.raises(ReconcileError, match="1 of 1 deletions failed: Operation not permitted"):
         ConntrackReconciler(table).reconcile(state((DNS, ())), IptablesOptions())
+
+
+def test_udp_frontends_are_read_from_saved_rules_in_either_spelling() -> None:
+    saved = "\n".join(
+        [
+            "*nat",
+            ":KUBE-SERVICES - [0:0]",
+            # iptables-save's own order (as the kernel reports the rule) ...
+            '-A KUBE-SERVICES -d 10.96.0.10/32 -p udp -m comment --comment "kube-system/dns:dns '
+            'cluster IP" -m udp --dport 53 -j KUBE-SVC-TCOU7JCQXEZGVUNU',
+            # ... and the order minikproxy writes it in.
+            '-A KUBE-SERVICES -m comment --comment "a/b:p external IP" -m udp -p udp '
+            "-d 203.0.113.5 --dport 5353 -j KUBE-EXT-AAAAAAAAAAAAAAAA",
+            "-A KUBE-SERVICES -d fd00:96::10/128 -p udp -m udp --dport 53 -j KUBE-SVC-BBBB",
+            "-A KUBE-SERVICES -d 10.96.0.20/32 -p tcp -m tcp --dport 80 -j KUBE-SVC-CCCC",
+            "-A KUBE-SERVICES -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS",
+            "-A KUBE-NODEPORTS -m comment --comment a/b:p -m udp -p udp --dport 30053 -j KUBE-EXT",
+            "-A KUBE-NODEPORTS -p tcp -m tcp --dport 30080 -j KUBE-EXT-C",
+            "COMMIT",
+        ]
+    )
+    frontends, node_ports = udp_frontends_in_rules(saved)
+    assert frontends == {
+        frontend("10.96.0.10", 53),
+        frontend("203.0.113.5", 5353),
+        frontend("fd00:96::10", 53),
+    }
+    assert node_ports == {30053}
+
+
+def test_frontends_of_rules_left_by_a_previous_run_are_gone_unless_still_wanted() -> None:
+    table = FakeFlowTable()
+    table.set_addresses(IPV4, ["192.168.0.10"])
+    eps = (make_endpoint("10.244.1.1", 8053),)
+    kept = udp_flow("10.0.0.1", 1000, "10.96.0.10", 53, reply_src="10.244.1.1", reply_sport=8053)
+    table.add(
+        kept,
+        udp_flow("10.0.0.1", 1001, "10.96.0.99", 53, reply_src="10.244.9.9", reply_sport=8053),
+        udp_flow("10.0.0.1", 1002, "192.168.0.10", 30099, reply_src="10.244.9.9"),
+    )
+    reconciler = ConntrackReconciler(table)
+    reconciler.remember_rules(
+        IPV4,
+        "-A KUBE-SERVICES -d 10.96.0.10/32 -p udp -m udp --dport 53 -j KUBE-SVC-A\n"
+        "-A KUBE-SERVICES -d 10.96.0.99/32 -p udp -m udp --dport 53 -j KUBE-SVC-B\n"
+        "-A KUBE-NODEPORTS -p udp -m udp --dport 30099 -j KUBE-EXT-B\n",
+    )
+    no_nodeport = ServicePort(DNS.name, IPV4, "10.96.0.10", 53)
+    result = reconciler.reconcile(state((no_nodeport, eps)), IptablesOptions())
+    assert (result.stale, result.deleted) == (2, 2)
+    assert table.flows == [kept]

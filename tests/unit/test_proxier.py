@@ -726,6 +726,18 @@ def test_restart_heals_stale_and_never_dnated_flows() -> None:
     assert rig.conntrack.remaining() == {live}
 
 
+def test_restart_heals_flows_of_a_service_deleted_while_down() -> None:
+    before = make_rig()
+    before.start(DNS, dns_slice(ep("10.244.1.1")))
+    rig = make_rig(ipt=before.kernel)  # a new process, the rules the old one left
+    to_dns(1000, "10.244.1.1")
+    to_dns(1001, "10.244.1.1", via=NODE_IP, port=30053)
+    other = to_dns(1002, "10.244.1.1", via="10.96.0.99")  # no Service's, ever
+    seed(rig)
+    rig.start(WEB, WEB_EPS)  # DNS was deleted meanwhile
+    assert rig.conntrack.remaining() == {other}
+
+
 def test_udp_service_getting_its_first_endpoints_deletes_never_dnated_flows() -> None:
     rig = make_rig()
     rig.start(DNS)
