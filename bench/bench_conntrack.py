@@ -109,7 +109,11 @@ class Table:
         subprocess.run(["ip", "netns", "del", self.netns], check=False)
 
 
-@pytest.fixture(scope="module", params=[("all-udp", TABLE, 0), ("mix", 5000, TABLE - 5000)])
+@pytest.fixture(
+    scope="module",
+    params=[("all-udp", TABLE, 0), ("mix", 5000, TABLE - 5000)],
+    ids=["all-udp", "45k-tcp-5k-udp"],
+)
 def table(request: pytest.FixtureRequest) -> Iterator[Table]:
     _, udp, tcp = request.param
     t = Table(udp, tcp)
