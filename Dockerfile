@@ -42,8 +42,9 @@ LABEL org.opencontainers.image.title="minikproxy" \
 ENV DEBIAN_FRONTEND=noninteractive
 # python3 is Debian 12's (3.11), the interpreter the builder's venv was made with.
 # iptables ships both backends (iptables-nft, iptables-legacy) and ip6tables; --iptables-backend
-# picks one at run time. nftables, ipset, conntrack, ipvsadm and iproute2 are the rest of the
-# userland kube-proxy's modes use. Versions unpinned on purpose: see the builder stage (DL3008).
+# picks one at run time. nftables, ipset, ipvsadm and iproute2 are the rest of the userland
+# kube-proxy's modes use; conntrack is for people debugging (minikproxy talks ctnetlink itself).
+# Versions unpinned on purpose: see the builder stage (DL3008).
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \

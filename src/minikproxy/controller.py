@@ -16,7 +16,8 @@ from typing import Any, TextIO
 
 from minikproxy.cleanup import cleanup_iptables
 from minikproxy.config import ConfigError, ProxyConfig
-from minikproxy.dataplane.conntrack import RealConntrack
+from minikproxy.ctreconcile import ConntrackReconciler
+from minikproxy.dataplane.ctnetlink import NetlinkConntrack
 from minikproxy.dataplane.execer import Execer, RealExecer
 from minikproxy.dataplane.iptables import (
     IptablesBackend,
@@ -84,7 +85,8 @@ class Controller:
         if self.execer is not None:
             execer = self.execer
             dataplanes = {f: RealIptables(execer, f, self.backend) for f in self.families}
-            conntrack = RealConntrack(execer)
+            # The flows of the namespace the rules go to (a test's node namespace, if any).
+            conntrack = ConntrackReconciler(NetlinkConntrack(getattr(execer, "netns", None)))
             addresses = self._local_addresses
             service_health = ServiceHealthServer(self.service_health_addresses, self.health)
         self.proxier = Proxier(
@@ -181,6 +183,8 @@ class Controller:
             server.stop()
         if self.proxier.service_health is not None:
             self.proxier.service_health.stop()
+        if self.proxier.conntrack is not None:
+            self.proxier.conntrack.close()
 
     @property
     def servers(self) -> list[Any]:

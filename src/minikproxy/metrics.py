@@ -148,6 +148,29 @@ class ProxyMetrics:
         self.service_changes_total = counter(
             "sync_proxy_rules_service_changes_total", "Cumulative proxy rules Service changes"
         )
+        # conntrack_reconciler_sync_duration_seconds{ip_family}: one family's UDP conntrack
+        # reconcile (list, select, delete).
+        self.conntrack_reconciler_latency = Histogram(
+            "conntrack_reconciler_sync_duration_seconds",
+            "ReconcileConntrackFlowsLatency latency in seconds",
+            ("ip_family",),
+            namespace=SUBSYSTEM,
+            buckets=SYNC_DURATION_BUCKETS,
+            registry=reg,
+        )
+        # conntrack_reconciler_deleted_entries_total{ip_family}
+        self.conntrack_reconciler_deleted_total = counter(
+            "conntrack_reconciler_deleted_entries_total",
+            "Cumulative conntrack flows deleted by conntrack reconciler",
+            ("ip_family",),
+        )
+        # conntrack_reconciler_failures_total{ip_family}: minikproxy's own (kube-proxy only
+        # logs): reconciles that failed to list or delete; the next sync retries.
+        self.conntrack_reconciler_failures_total = counter(
+            "conntrack_reconciler_failures_total",
+            "Cumulative conntrack reconciles that failed",
+            ("ip_family",),
+        )
         # sync_proxy_rules_iptables_restore_failures_total
         self.iptables_restore_failures_total = counter(
             "sync_proxy_rules_iptables_restore_failures_total",

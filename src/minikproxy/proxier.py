@@ -13,7 +13,7 @@ import logging
 import shlex
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, TextIO
@@ -22,8 +22,8 @@ from minikproxy.changes import ClusterTracker, Snapshot
 from minikproxy.compile.iptables import IptablesRuleset, compile_iptables, jump_rules
 from minikproxy.compile.names import KUBE_MARK_MASQ, KUBE_PROXY_CANARY, is_service_chain
 from minikproxy.config import ProxyConfig
-from minikproxy.dataplane.conntrack import Conntrack, ConntrackError
-from minikproxy.dataplane.iptables import IptablesError, IptablesRunner
+from minikproxy.ctreconcile import ConntrackReconciler, ReconcileError
+from minikproxy.dataplane.iptables import IptablesError, IptablesRunner, parse_chains
 from minikproxy.gcutil import InitialLoadGC
 from minikproxy.healthz import ProxierHealth, ServiceHealthServer
 from minikproxy.metrics import ProxyMetrics
@@ -90,7 +90,7 @@ class Proxier:
     metrics: ProxyMetrics
     health: ProxierHealth
     dataplanes: Mapping[IPFamily, IptablesRunner] | None = None
-    conntrack: Conntrack | None = None
+    conntrack: ConntrackReconciler | None = None
     service_health: ServiceHealthServer | None = None
     local_addresses: Callable[[IPFamily], Sequence[str]] | None = None
     out: TextIO | None = None
@@ -246,6 +246,7 @@ class Proxier:
             self._last_full = start
         self.last_sync = SyncResult(full, True, restored, duration)
         self._after_success(snapshots, full, duration)
+        self._reconcile_conntrack()
         return True
 
     def _failed(self, err: Exception, full: bool, start: float) -> bool:
@@ -299,22 +300,23 @@ class Proxier:
             return 0
         ipt = self.dataplanes[family]
         if full or ruleset.changed is None:
-            written = self._apply_full(ipt, ruleset)
+            written = self._apply_full(ipt, ruleset, first=state.applied is None)
         else:
             data = ruleset.render_partial(rewrite_top_level=self.rewrite_top_level).encode()
             written = self._restore(ipt, data) if data else 0
-        old_ruleset, old_state = state.applied, state.applied_state
         state.applied, state.applied_state, state.compiled = ruleset, snapshot.state, ruleset
-        if old_ruleset is not None and old_state is not None and self.conntrack is not None:
-            self._clear_stale_udp(old_ruleset, old_state, ruleset, snapshot.state)
         return written
 
-    def _apply_full(self, ipt: IptablesRunner, ruleset: IptablesRuleset) -> int:
+    def _apply_full(self, ipt: IptablesRunner, ruleset: IptablesRuleset, first: bool) -> int:
         for jump in jump_rules(ruleset.options):
             ipt.ensure_chain(jump.table, jump.target)
             ipt.ensure_rule_prepended(jump.table, jump.source, shlex.split(jump.args()))
         ours = ruleset.all_chains()["nat"]
-        stale = [c for c in ipt.list_chains("nat") if is_service_chain(c) and c not in ours]
+        saved = ipt.save("nat")
+        if first and self.conntrack is not None:
+            # The rules a previous run left: Services deleted meanwhile lose their UDP flows.
+            self.conntrack.remember_rules(ruleset.options.family, saved.decode(errors="replace"))
+        stale = [c for c in parse_chains(saved) if is_service_chain(c) and c not in ours]
         backend = getattr(ipt, "backend", "nft")
         batch = self.nft_batch if backend == "nft" else 0
         if batch and len(ruleset.order) > batch:
@@ -402,45 +404,36 @@ class Proxier:
         self.service_health.sync_services(ports)
         self.service_health.sync_endpoints(local)
 
-    def _clear_stale_udp(
-        self,
-        old: IptablesRuleset,
-        old_state: ProxyState,
-        new: IptablesRuleset,
-        new_state: ProxyState,
-    ) -> None:
-        """Delete UDP conntrack flows that would blackhole traffic (kube-proxy's event-based
-        cleanup): flows DNATed to endpoints that went away, and flows to services that had no
-        endpoint (and were rejected) but now have some. Never a wholesale flush."""
-        assert self.conntrack is not None
-        names: Iterable[Any] = (
-            new.changed if new.changed is not None else (set(old.services) | set(new.services))
-        )
-        for name in names:
-            if name.protocol != "UDP":
+    def _reconcile_conntrack(self) -> None:
+        """Delete stale UDP flows of every family (see :mod:`minikproxy.ctreconcile`).
+        A failure is logged and counted, never fails the sync: the next sync retries."""
+        if self.conntrack is None or self.dataplanes is None:
+            return
+        for family, fam in self._families.items():
+            if fam.applied is None or fam.applied_state is None:
                 continue
-            old_rules, new_rules = old.services.get(name), new.services.get(name)
-            old_eps = {e.address: e for e in old_rules.categorized.reachable} if old_rules else {}
-            new_eps = {e.address for e in new_rules.categorized.reachable} if new_rules else set()
-            port = new_state.services.get(name) or old_state.services.get(name)
-            if port is None:
-                continue
-            service_ips = [port.cluster_ip, *port.external_ips, *port.load_balancer_vips]
             try:
-                for address, ep in old_eps.items():
-                    if address in new_eps:
-                        continue
-                    for ip in service_ips:
-                        self.conntrack.clear_entries_for_nat(ip, ep.ip, "udp")
-                    if port.node_port:
-                        self.conntrack.clear_entries_for_port_nat(port.node_port, ep.ip, "udp")
-                if not old_eps and new_eps:
-                    for ip in service_ips:
-                        self.conntrack.clear_entries_for_ip(ip, "udp")
-                    if port.node_port:
-                        self.conntrack.clear_entries_for_port(port.node_port, "udp", port.family)
-            except (ConntrackError, ValueError) as err:
-                logger.warning("conntrack cleanup for %s failed: %s", name, err)
+                result = self.conntrack.reconcile(fam.applied_state, fam.applied.options)
+            except ReconcileError as err:
+                logger.warning("%s", err)
+                self.metrics.conntrack_reconciler_failures_total.labels(ip_family=family).inc()
+                continue
+            self.metrics.conntrack_reconciler_latency.labels(ip_family=family).observe(
+                result.seconds
+            )
+            if result.deleted:
+                self.metrics.conntrack_reconciler_deleted_total.labels(ip_family=family).inc(
+                    result.deleted
+                )
+            if result.stale:
+                logger.info(
+                    "%s conntrack: %d stale UDP flows of %d deleted (%d already gone) in %.1f ms",
+                    family,
+                    result.deleted,
+                    result.listed,
+                    result.missing,
+                    result.seconds * 1e3,
+                )
 
 
 class ObjectEvents:

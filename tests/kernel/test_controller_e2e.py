@@ -1,7 +1,7 @@
 """End to end: the controller watches a fake API server through the real ``kubernetes`` client
 and programs the node netns of a test topology; connections from the client netns show what
-the kernel does. The controller runs in this process; its iptables and conntrack commands
-run inside the node namespace."""
+the kernel does. The controller runs in this process; its iptables commands run inside the node
+namespace, and its netlink sockets (conntrack, addresses) are opened there."""
 
 from __future__ import annotations
 
@@ -243,3 +243,70 @@ def test_stale_udp_conntrack_entries_are_removed(harness: Harness) -> None:
     api.update(endpoint_slice("dns", ["10.10.2.3"], proto="UDP"))
     wait_for(lambda: flows_to("10.10.2.2") == 0, what="flows to the removed endpoint deleted")
     assert harness.lands("10.96.0.53", proto="udp") == {"10.10.2.3"}
+
+
+def test_udp_flows_follow_serving_endpoints_deleted_services_and_restarts(
+    harness: Harness,
+) -> None:
+    """Live flows to an endpoint that is terminating but still serving stay; once it stops
+    serving they go; a deleted Service's flows go; flows to an endpoint removed, and to a
+    Service deleted, while the controller was down go at its first sync after the restart."""
+    api, dns = harness.api, "10.96.0.53"
+    controller = harness.start()
+    api.create(service("dns", dns, proto="UDP"))
+    api.create(endpoint_slice("dns", ["10.10.2.2"], proto="UDP"))
+    wait_for(lambda: harness.lands(dns, proto="udp") == {"10.10.2.2"}, what="udp")
+
+    def flows_to(ip: str, vip: str = dns) -> int:
+        return sum(
+            1
+            for e in harness.topo.conntrack_list()
+            if e.proto == "udp" and e.orig_dst == vip and e.reply_src == ip
+        )
+
+    def reconciles(ctl: Controller) -> float:
+        name = "kubeproxy_conntrack_reconciler_sync_duration_seconds_count"
+        return ctl.metrics.registry.get_sample_value(name, {"ip_family": "IPv4"}) or 0.0
+
+    def set_endpoints(*conditions: tuple[str, bool, bool]) -> None:
+        obj = endpoint_slice("dns", [ip for ip, _, _ in conditions], proto="UDP")
+        for endpoint, (_, ready, serving) in zip(obj["endpoints"], conditions, strict=True):
+            endpoint["conditions"] = {"ready": ready, "serving": serving, "terminating": not ready}
+        api.update(obj)
+
+    set_endpoints(("10.10.2.2", False, True), ("10.10.2.3", True, True))
+    wait_for(lambda: harness.lands(dns, proto="udp") == {"10.10.2.3"}, what="rules to .3 only")
+    live = flows_to("10.10.2.2")  # no new flow goes to .2 from now on
+    # A reconcile that ends from now on saw the new state: queue one and wait for it.
+    done = reconciles(controller)
+    controller.proxier.sync()
+    wait_for(lambda: reconciles(controller) > done, what="a reconcile after the update")
+    assert live > 0 and flows_to("10.10.2.2") == live  # terminating but serving: they stay
+
+    set_endpoints(("10.10.2.2", False, False), ("10.10.2.3", True, True))
+    wait_for(lambda: flows_to("10.10.2.2") == 0, what="flows to the no longer serving endpoint")
+    assert flows_to("10.10.2.3") > 0
+
+    api.delete("services", "default", "dns")
+    api.delete("endpointslices", "default", "dns-1")
+    wait_for(lambda: flows_to("10.10.2.3") == 0, what="the deleted Service's flows deleted")
+
+    api.create(service("dns2", "10.96.0.54", proto="UDP"))
+    api.create(endpoint_slice("dns2", ["10.10.2.2", "10.10.2.4"], proto="UDP"))
+    wait_for(
+        lambda: harness.lands("10.96.0.54", proto="udp") == {"10.10.2.2", "10.10.2.4"},
+        what="dns2 reaches both endpoints",
+    )
+    assert flows_to("10.10.2.4", "10.96.0.54") > 0
+    api.create(service("dns3", "10.96.0.55", proto="UDP"))
+    api.create(endpoint_slice("dns3", ["10.10.2.3"], proto="UDP"))
+    wait_for(lambda: harness.lands("10.96.0.55", proto="udp") == {"10.10.2.3"}, what="dns3")
+    harness.stop()
+    api.update(endpoint_slice("dns2", ["10.10.2.2"], proto="UDP"))
+    api.delete("services", "default", "dns3")
+    api.delete("endpointslices", "default", "dns3-1")
+    harness.start()
+    wait_for(lambda: flows_to("10.10.2.4", "10.96.0.54") == 0, what="a restart heals")
+    # dns3 was deleted while the controller was down: the rules it found name it.
+    wait_for(lambda: flows_to("10.10.2.3", "10.96.0.55") == 0, what="deleted while down")
+    assert flows_to("10.10.2.2", "10.96.0.54") > 0

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from minikproxy.dataplane.iptables import IptablesError
-from minikproxy.testing.fake_conntrack import FakeConntrack, make_flow
+from minikproxy.testing.fake_conntrack import FakeFlowTable, udp_flow
 from minikproxy.testing.fake_iptables import FakeIptables, Rule, rule_lines
 
 
@@ -304,25 +304,32 @@ def test_random_fully_is_configurable() -> None:
     assert FakeIptables(random_fully=False).has_random_fully() is False
 
 
-def test_fake_conntrack_records_and_removes_matching_flows() -> None:
-    to_removed = make_flow("udp", "10.0.0.5", "10.96.0.10", 5555, 53, reply_src="10.1.0.1")
-    to_kept = make_flow("udp", "10.0.0.5", "10.96.0.10", 5556, 53, reply_src="10.1.0.2")
-    nodeport = make_flow("udp", "10.0.0.6", "192.168.0.2", 5557, 30053, reply_src="10.1.0.2")
-    tcp = make_flow("tcp", "10.0.0.5", "10.96.0.10", 5558, 53, reply_src="10.1.0.1")
-    ct = FakeConntrack([to_removed, to_kept, nodeport, tcp])
-    assert ct.clear_entries_for_nat("10.96.0.10", "10.1.0.1", "UDP") == 1
-    assert ct.clear_entries_for_port(30053, "udp", "IPv6") == 0
-    assert ct.clear_entries_for_port(30053, "udp", "IPv4") == 1
-    assert ct.list_entries("udp") == [to_kept]
-    assert ct.clear_entries_for_ip("10.96.0.10", "udp") == 1
-    assert ct.list_entries() == [tcp]
-    assert ct.cleared_nats == {("10.96.0.10", "10.1.0.1", "udp")}
-    assert ct.cleared_ports == {(30053, "udp", "IPv6"), (30053, "udp", "IPv4")}
-    assert ct.cleared_ips == {("10.96.0.10", "udp")}
-    with pytest.raises(ValueError):
-        ct.clear_entries_for_ip("10.96.0.10", "icmp")
-    with pytest.raises(ValueError):
-        ct.clear_entries_for_nat("10.96.0.10", "fd00::1", "udp")
+def test_fake_flow_table_dumps_per_family_and_deletes_rows() -> None:
+    v4 = udp_flow("10.0.0.5", 5555, "10.96.0.10", 53, reply_src="10.1.0.1", reply_sport=8053)
+    v4_kept = udp_flow("10.0.0.5", 5556, "10.96.0.10", 53)
+    v6 = udp_flow("fd00::5", 5557, "fd00:96::10", 53, reply_src="fd00:1::1")
+    table = FakeFlowTable([v4, v4_kept, v6])
+    dump = table.dump_udp("IPv4")
+    assert [row[1:] for row in dump.rows] == [
+        (v4.origin[0], v4.frontend[0], v4.origin[1], v4.frontend[1], *v4.backend),
+        (
+            *v4_kept.origin[:1],
+            v4_kept.frontend[0],
+            v4_kept.origin[1],
+            v4_kept.frontend[1],
+            *v4_kept.backend,
+        ),
+    ]
+    assert table.delete_rows(dump, dump.rows[:1]).deleted == 1
+    assert table.deleted == [v4]
+    assert table.remaining() == {
+        "10.0.0.5:5556>10.96.0.10:53@10.96.0.10:53",
+        "[fd00::5]:5557>[fd00:96::10]:53@[fd00:1::1]:53",
+    }
+    table.fail_next = OSError(5, "boom")
+    with pytest.raises(OSError):
+        table.dump_udp("IPv6")
+    assert len(table.dump_udp("IPv6").rows) == 1
 
 
 def test_compiled_golden_ruleset_loads_and_reloads_identically() -> None:

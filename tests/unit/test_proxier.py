@@ -1,6 +1,6 @@
 """The proxier's sync logic against the in-memory fakes: no kernel, no sleeps.
 
-A :class:`Proxier` is built directly over a :class:`FakeIptables` and a :class:`FakeConntrack`,
+A :class:`Proxier` is built directly over a :class:`FakeIptables` and a :class:`FakeFlowTable`,
 fed API objects through its handlers, and synced by calling ``sync_proxy_rules()``; time comes
 from :class:`FakeClock` instances, and a recording runner captures ``run``/``retry_after``.
 """
@@ -20,13 +20,14 @@ import pytest
 
 from minikproxy.compile.names import KUBE_PROXY_CANARY, service_chains
 from minikproxy.config import ProxyConfig
+from minikproxy.ctreconcile import ConntrackReconciler
 from minikproxy.healthz import ProxierHealth, ServiceHealthServer
 from minikproxy.metrics import ProxyMetrics
 from minikproxy.model.names import IPV4, IPV6, NamespacedName, ServicePortName
 from minikproxy.model.parse import SERVICE_NAME_LABEL, TRIGGER_TIME_ANNOTATION
 from minikproxy.proxier import Proxier
 from minikproxy.runner import FakeClock
-from minikproxy.testing.fake_conntrack import FakeConntrack
+from minikproxy.testing.fake_conntrack import FakeFlowTable, udp_flow
 from minikproxy.testing.fake_iptables import BUILTIN_CHAINS, FakeIptables
 
 Obj = dict[str, Any]
@@ -132,7 +133,7 @@ class RecordingRunner:
 class Rig:
     proxier: Proxier
     ipt: FakeIptables | None
-    conntrack: FakeConntrack
+    conntrack: FakeFlowTable
     runner: RecordingRunner
     clock: FakeClock
     wallclock: FakeClock
@@ -190,7 +191,8 @@ def make_rig(
 ) -> Rig:
     clock, wallclock = FakeClock(), FakeClock(T0)
     kernel = None if dry_run else (ipt if ipt is not None else FakeIptables())
-    conntrack, runner, out = FakeConntrack(), RecordingRunner(), io.StringIO()
+    conntrack, runner, out = FakeFlowTable(), RecordingRunner(), io.StringIO()
+    conntrack.set_addresses(IPV4, ["127.0.0.1", "192.168.0.10"])
     proxier = Proxier(
         config=ProxyConfig(cluster_cidr="10.244.0.0/16"),
         node_name=NODE,
@@ -198,7 +200,7 @@ def make_rig(
         metrics=ProxyMetrics(),
         health=health if health is not None else ProxierHealth(clock=wallclock),
         dataplanes=None if kernel is None else {IPV4: kernel},
-        conntrack=conntrack,
+        conntrack=ConntrackReconciler(conntrack),
         service_health=service_health,
         out=out if dry_run else None,
         clock=clock.now,
@@ -569,79 +571,214 @@ def test_flushed_tables_are_restored_by_the_forced_full_sync() -> None:
 # --- conntrack -----------------------------------------------------------------------------
 
 
-DNS = service("dns", "10.96.0.53", protocol="UDP", svc_type="NodePort", node_port=30053)
+DNS = service("dns", "10.96.0.53", protocol="UDP", port=53, svc_type="NodePort", node_port=30053)
+NODE_IP = "192.168.0.10"
 
 
-def test_first_sync_clears_no_conntrack_entries() -> None:
+def dns_slice(*endpoints: Obj) -> Obj:
+    """The EndpointSlice of ``dns`` (UDP port 8080) with raw endpoint objects."""
+    obj = endpoint_slice("dns", protocol="UDP")
+    obj["endpoints"] = list(endpoints)
+    return obj
+
+
+def ep(
+    ip: str,
+    *,
+    ready: bool = True,
+    serving: bool = True,
+    terminating: bool = False,
+    zone_hint: str = "",
+) -> Obj:
+    endpoint: Obj = {
+        "addresses": [ip],
+        "conditions": {"ready": ready, "serving": serving, "terminating": terminating},
+        "nodeName": OTHER,
+        "zone": "zone-b",
+    }
+    if zone_hint:
+        endpoint["hints"] = {"forZones": [{"name": zone_hint}]}
+    return endpoint
+
+
+def to_dns(
+    client_port: int, endpoint: str | None, *, via: str = "10.96.0.53", port: int = 53
+) -> str:
+    """A flow from a client to ``via:port`` answered by ``endpoint:8080`` (None: not
+    DNATed); returned described, after adding it to the rig's table (see ``seed``)."""
+    flow = udp_flow(
+        "10.244.9.9",
+        client_port,
+        via,
+        port,
+        reply_src=endpoint,
+        reply_sport=8080 if endpoint else None,
+    )
+    SEEDED.append(flow)
+    return f"10.244.9.9:{client_port}>{via}:{port}@{endpoint or via}:{8080 if endpoint else port}"
+
+
+SEEDED: list[Any] = []
+
+
+def seed(rig: Rig) -> None:
+    rig.conntrack.add(*SEEDED)
+    SEEDED.clear()
+
+
+def test_first_sync_keeps_flows_to_serving_endpoints_and_others() -> None:
     rig = make_rig()
-    rig.start(DNS, endpoint_slice("dns", "10.244.1.1", protocol="UDP"))
-    ct = rig.conntrack
-    assert not (ct.cleared_ips or ct.cleared_ports or ct.cleared_nats or ct.cleared_port_nats)
+    live = to_dns(1000, "10.244.1.1")
+    nodeport = to_dns(1001, "10.244.1.1", via=NODE_IP, port=30053)
+    other_port = to_dns(1002, None, port=5353)  # the cluster IP, but no service port
+    elsewhere = to_dns(1003, None, via="192.168.0.99", port=30053)  # another host's port
+    seed(rig)
+    rig.start(DNS, dns_slice(ep("10.244.1.1")))
+    assert rig.conntrack.remaining() == {live, nodeport, other_port, elsewhere}
+    assert rig.conntrack.dumps == 1
 
 
-def test_removed_udp_endpoint_flows_are_cleared() -> None:
+def test_removed_udp_endpoint_flows_are_deleted() -> None:
     rig = make_rig()
-    rig.start(DNS, endpoint_slice("dns", "10.244.1.1", "10.244.1.2", protocol="UDP"))
-    rig.update(endpoint_slice("dns", "10.244.1.1", protocol="UDP"))
+    kept = to_dns(1000, "10.244.1.1")
+    gone = to_dns(1001, "10.244.1.2")
+    gone_np = to_dns(1002, "10.244.1.2", via=NODE_IP, port=30053)
+    gone_lo = to_dns(1003, "10.244.1.2", via="127.0.0.1", port=30053)
+    seed(rig)
+    rig.start(DNS, dns_slice(ep("10.244.1.1"), ep("10.244.1.2")))
+    assert rig.conntrack.remaining() == {kept, gone, gone_np, gone_lo}
+    rig.update(dns_slice(ep("10.244.1.1")))
     assert rig.sync()
-    ct = rig.conntrack
-    assert ct.cleared_nats == {("10.96.0.53", "10.244.1.2", "udp")}
-    assert ct.cleared_port_nats == {(30053, "10.244.1.2", "udp")}
-    assert not ct.cleared_ips and not ct.cleared_ports
+    assert rig.conntrack.remaining() == {kept}
+    assert rig.metric("conntrack_reconciler_deleted_entries_total", ip_family="IPv4") == 3
+    assert rig.metric("conntrack_reconciler_sync_duration_seconds_count", ip_family="IPv4") == 2
 
 
-def test_udp_service_getting_its_first_endpoints_clears_rejected_flows() -> None:
+def test_terminating_but_serving_endpoint_keeps_its_flows() -> None:
     rig = make_rig()
-    rig.start(DNS)
-    rig.add(endpoint_slice("dns", "10.244.1.1", "10.244.1.2", protocol="UDP"))
+    draining = to_dns(1000, "10.244.1.2")
+    seed(rig)
+    rig.start(DNS, dns_slice(ep("10.244.1.1"), ep("10.244.1.2")))
+    rig.update(dns_slice(ep("10.244.1.1"), ep("10.244.1.2", ready=False, terminating=True)))
     assert rig.sync()
-    ct = rig.conntrack
-    assert ct.cleared_ips == {("10.96.0.53", "udp")}
-    assert ct.cleared_ports == {(30053, "udp", IPV4)}
-    assert not ct.cleared_nats and not ct.cleared_port_nats
+    assert "10.244.1.2:8080" not in rig.kernel.dump()  # no longer routed to ...
+    assert rig.conntrack.remaining() == {draining}  # ... but its live flows stay
+    rig.update(
+        dns_slice(ep("10.244.1.1"), ep("10.244.1.2", ready=False, serving=False, terminating=True))
+    )
+    assert rig.sync()
+    assert rig.conntrack.remaining() == set()
 
 
-def test_deleted_udp_service_clears_its_endpoints_flows() -> None:
+def test_topology_hints_appearing_keep_flows() -> None:
     rig = make_rig()
-    dns_eps = endpoint_slice("dns", "10.244.1.1", protocol="UDP")
+    flows = {to_dns(1000, "10.244.1.1"), to_dns(1001, "10.244.1.2")}
+    seed(rig)
+    node = node_object()
+    node["metadata"]["labels"] = {"topology.kubernetes.io/zone": "zone-a"}
+    rig.start(node, DNS, dns_slice(ep("10.244.1.1"), ep("10.244.1.2")))
+    rig.update(
+        dns_slice(ep("10.244.1.1", zone_hint="zone-a"), ep("10.244.1.2", zone_hint="zone-b"))
+    )
+    assert rig.sync()
+    assert "10.244.1.2:8080" not in rig.kernel.dump()  # hints route zone-a to .1 only
+    assert rig.conntrack.remaining() == flows
+
+
+def test_udp_service_scaled_to_zero_loses_its_flows() -> None:
+    rig = make_rig()
+    to_dns(1000, "10.244.1.1")
+    to_dns(1001, "10.244.1.1", via=NODE_IP, port=30053)
+    seed(rig)
+    rig.start(DNS, dns_slice(ep("10.244.1.1")))
+    rig.update(dns_slice())
+    assert rig.sync()
+    assert rig.conntrack.remaining() == set()
+
+
+def test_deleted_udp_service_loses_its_flows_even_when_the_first_attempt_fails() -> None:
+    rig = make_rig()
+    to_dns(1000, "10.244.1.1")
+    to_dns(1001, "10.244.1.1", via=NODE_IP, port=30053)
+    seed(rig)
+    dns_eps = dns_slice(ep("10.244.1.1"))
     rig.start(DNS, dns_eps)
     rig.delete(DNS, dns_eps)
+    rig.conntrack.fail_next = OSError(105, "No buffer space available")
+    assert rig.sync()  # a failed reconcile never fails the sync
+    assert rig.metric("conntrack_reconciler_failures_total", ip_family="IPv4") == 1
+    assert len(rig.conntrack.remaining()) == 2
+    assert rig.sync()  # the deleted Service's frontends were remembered
+    assert rig.conntrack.remaining() == set()
+    later = to_dns(1002, None)  # now nobody's: routed like any other traffic
+    seed(rig)
     assert rig.sync()
-    assert rig.conntrack.cleared_nats == {("10.96.0.53", "10.244.1.1", "udp")}
+    assert rig.conntrack.remaining() == {later}
 
 
-def test_unchanged_udp_services_are_not_touched_by_a_later_full_sync() -> None:
+def test_restart_heals_stale_and_never_dnated_flows() -> None:
     rig = make_rig()
-    rig.start(DNS, endpoint_slice("dns", "10.244.1.1", protocol="UDP"))
-    rig.proxier.force_full_sync("test")
-    assert rig.sync() and rig.full
-    ct = rig.conntrack
-    assert not (ct.cleared_ips or ct.cleared_ports or ct.cleared_nats or ct.cleared_port_nats)
+    live = to_dns(1000, "10.244.1.1")
+    to_dns(1001, "10.244.7.7")  # an endpoint removed while minikproxy was down
+    to_dns(1002, None)  # arrived before the rules existed (kubernetes#48370)
+    seed(rig)
+    rig.start(DNS, dns_slice(ep("10.244.1.1")))
+    assert rig.conntrack.remaining() == {live}
 
 
-def test_udp_cleanup_still_happens_when_the_changes_first_sync_failed() -> None:
+def test_restart_heals_flows_of_a_service_deleted_while_down() -> None:
+    before = make_rig()
+    before.start(DNS, dns_slice(ep("10.244.1.1")))
+    rig = make_rig(ipt=before.kernel)  # a new process, the rules the old one left
+    to_dns(1000, "10.244.1.1")
+    to_dns(1001, "10.244.1.1", via=NODE_IP, port=30053)
+    other = to_dns(1002, "10.244.1.1", via="10.96.0.99")  # no Service's, ever
+    seed(rig)
+    rig.start(WEB, WEB_EPS)  # DNS was deleted meanwhile
+    assert rig.conntrack.remaining() == {other}
+
+
+def test_udp_service_getting_its_first_endpoints_deletes_never_dnated_flows() -> None:
     rig = make_rig()
-    rig.start(DNS, endpoint_slice("dns", "10.244.1.1", "10.244.1.2", protocol="UDP"))
-    rig.update(endpoint_slice("dns", "10.244.1.1", protocol="UDP"))
+    rig.start(DNS)
+    rejected = to_dns(1000, None)
+    seed(rig)
+    rig.add(dns_slice(ep("10.244.1.1")))
+    assert rig.sync()
+    assert rejected not in rig.conntrack.remaining()
+    assert rig.conntrack.remaining() == set()
+
+
+def test_udp_cleanup_waits_for_the_rules_that_stop_using_the_endpoint() -> None:
+    rig = make_rig()
+    gone = to_dns(1000, "10.244.1.2")
+    seed(rig)
+    rig.start(DNS, dns_slice(ep("10.244.1.1"), ep("10.244.1.2")))
+    rig.update(dns_slice(ep("10.244.1.1")))
     rig.kernel.fail_next_restore()
     assert not rig.sync()
-    assert not rig.conntrack.cleared_nats  # the rules still DNAT to 10.244.1.2
+    assert rig.conntrack.remaining() == {gone}  # the rules still DNAT to 10.244.1.2
     assert rig.sync() and rig.full
-    assert rig.conntrack.cleared_nats == {("10.96.0.53", "10.244.1.2", "udp")}
+    assert rig.conntrack.remaining() == set()
 
 
-def test_tcp_services_never_touch_conntrack() -> None:
+def test_tcp_only_services_never_list_conntrack() -> None:
     rig = make_rig()
     web = service("web", "10.96.0.10", svc_type="NodePort", node_port=30080)
     rig.start(web)
     rig.add(endpoint_slice("web", "10.244.1.1", "10.244.1.2"))
     assert rig.sync()
-    rig.update(endpoint_slice("web", "10.244.1.1"))
-    assert rig.sync()
     rig.delete(web)
     assert rig.sync()
-    ct = rig.conntrack
-    assert not (ct.cleared_ips or ct.cleared_ports or ct.cleared_nats or ct.cleared_port_nats)
+    assert rig.conntrack.dumps == 0
+
+
+def test_dry_run_never_touches_conntrack() -> None:
+    rig = make_rig(dry_run=True)
+    to_dns(1000, "10.244.1.2")
+    seed(rig)
+    rig.start(DNS, dns_slice(ep("10.244.1.1")))
+    assert rig.conntrack.dumps == 0 and len(rig.conntrack.remaining()) == 1
 
 
 # --- metrics -------------------------------------------------------------------------------

@@ -1,145 +1,123 @@
-"""An in-memory :class:`~minikproxy.dataplane.conntrack.Conntrack` recording what was cleared.
+"""An in-memory :class:`~minikproxy.ctreconcile.UdpFlowTable`: UDP flows held per family.
 
-Like kube-proxy's ``conntrack.FakeInterface`` it records cleared IPs, ports and NAT pairs; it
-also holds a list of flows (seed it with :func:`make_flow`) from which each clear removes the
-matching ones, so tests can check both what was asked and what it did. Arguments are validated
-as the real implementation does (ValueError for a bad protocol, address or port).
+Seed it with :func:`udp_flow` (address literals in, packed flows held), run the reconciler,
+then read what is left with :meth:`FakeFlowTable.remaining` (as text) and what was deleted in
+:attr:`FakeFlowTable.deleted`. ``fail_next`` makes the next dump raise, as a netlink error
+would.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from minikproxy.dataplane.conntrack import (
-    Conntrack,
-    ConntrackFlow,
-    check_port,
-    check_protocol,
-    ip_family_of,
-)
+from minikproxy.dataplane.ctnetlink import DeleteResult, FlowRow, UdpFlow, pack_port
 from minikproxy.model.names import IPFamily
 
 
-def make_flow(
-    protocol: str,
-    orig_src: str,
-    orig_dst: str,
-    orig_sport: int | None = None,
-    orig_dport: int | None = None,
+def _pack(ip: str) -> bytes:
+    return ipaddress.ip_address(ip).packed
+
+
+def _family(flow: UdpFlow) -> IPFamily:
+    return "IPv4" if len(flow.frontend[0]) == 4 else "IPv6"
+
+
+def udp_flow(
+    src: str,
+    sport: int,
+    dst: str,
+    dport: int,
     *,
     reply_src: str | None = None,
     reply_sport: int | None = None,
-    flags: Iterable[str] = (),
-) -> ConntrackFlow:
-    """A flow from ``orig_src`` to ``orig_dst``; ``reply_src``/``reply_sport`` name the DNAT
-    target (default: no DNAT). The reply goes back to the original source."""
-    return ConntrackFlow(
-        family=ip_family_of(orig_src),
-        protocol=check_protocol(protocol),
-        timeout=30,
-        state=None,
-        orig_src=orig_src,
-        orig_dst=orig_dst,
-        orig_sport=orig_sport,
-        orig_dport=orig_dport,
-        reply_src=reply_src or orig_dst,
-        reply_dst=orig_src,
-        reply_sport=reply_sport if reply_sport is not None else orig_dport,
-        reply_dport=orig_sport,
-        flags=list(flags),
-        mark=0,
+) -> UdpFlow:
+    """A UDP flow from ``src:sport`` to ``dst:dport``, answered by ``reply_src:reply_sport``
+    (its DNAT target; default: not DNATed, answered by the destination itself)."""
+    return UdpFlow(
+        (_pack(src), pack_port(sport)),
+        (_pack(dst), pack_port(dport)),
+        (
+            _pack(reply_src or dst),
+            pack_port(reply_sport if reply_sport is not None else dport),
+        ),
     )
 
 
-def _same_ip(a: str, b: str) -> bool:
-    return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+def describe(flow: UdpFlow) -> str:
+    """``"SRC:SPORT>DST:DPORT@REPLYSRC:REPLYSPORT"``, for assertions."""
+
+    def text(ip_port: tuple[bytes, bytes]) -> str:
+        ip = ipaddress.ip_address(ip_port[0])
+        port = int.from_bytes(ip_port[1], "big")
+        return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+    return f"{text(flow.origin)}>{text(flow.frontend)}@{text(flow.backend)}"
 
 
-class FakeConntrack:
-    """Records clears in ``cleared_ips`` ``{(ip, protocol)}``, ``cleared_ports``
-    ``{(port, protocol, family)}`` and ``cleared_nats`` ``{(orig_ip, dest_ip, protocol)}``, and
-    removes matching flows from ``flows``."""
+@dataclass
+class FakeDump:
+    """A dump: rows whose locator is the flow's index in the table at dump time."""
 
-    def __init__(self, flows: Iterable[ConntrackFlow] = ()) -> None:
-        self.flows: list[ConntrackFlow] = list(flows)
-        self.cleared_ips: set[tuple[str, str]] = set()
-        self.cleared_ports: set[tuple[int, str, IPFamily]] = set()
-        self.cleared_nats: set[tuple[str, str, str]] = set()
-        self.cleared_port_nats: set[tuple[int, str, str]] = set()
+    family: IPFamily
+    rows: list[FlowRow]
 
-    def reset(self) -> None:
-        """Forget what was cleared (the flows stay)."""
-        self.cleared_ips.clear()
-        self.cleared_ports.clear()
-        self.cleared_nats.clear()
-        self.cleared_port_nats.clear()
 
-    def _remove(self, matches: Callable[[ConntrackFlow], bool]) -> int:
-        kept = [flow for flow in self.flows if not matches(flow)]
-        removed = len(self.flows) - len(kept)
-        self.flows = kept
-        return removed
+@dataclass
+class FakeFlowTable:
+    """UDP flows of both families; ``addresses`` are the node's (packed) per family."""
 
-    def clear_entries_for_ip(self, ip: str, protocol: str) -> int:
-        """Record ``(ip, protocol)``; remove flows with original destination ``ip``."""
-        protocol = check_protocol(protocol)
-        ip_family_of(ip)
-        self.cleared_ips.add((ip, protocol))
-        return self._remove(lambda f: f["protocol"] == protocol and _same_ip(f["orig_dst"], ip))
+    flows: list[UdpFlow] = field(default_factory=list)
+    addresses: dict[IPFamily, set[bytes]] = field(default_factory=dict)
+    deleted: list[UdpFlow] = field(default_factory=list)
+    dumps: int = 0
+    fail_next: Exception | None = None
 
-    def clear_entries_for_port(self, port: int, protocol: str, family: IPFamily) -> int:
-        """Record ``(port, protocol, family)``; remove flows to original destination port."""
-        protocol = check_protocol(protocol)
-        self.cleared_ports.add((check_port(port), protocol, family))
-        return self._remove(
-            lambda f: (
-                f["protocol"] == protocol and f["family"] == family and f["orig_dport"] == port
-            )
-        )
+    def add(self, *flows: UdpFlow) -> None:
+        """Add flows (as the kernel would when traffic passes)."""
+        self.flows.extend(flows)
 
-    def clear_entries_for_port_nat(self, port: int, dest_ip: str, protocol: str) -> int:
-        """Record ``(port, dest_ip, protocol)``; remove flows to ``port`` DNATed to
-        ``dest_ip``."""
-        protocol = check_protocol(protocol)
-        self.cleared_port_nats.add((check_port(port), dest_ip, protocol))
-        return self._remove(
-            lambda f: (
-                f["protocol"] == protocol
-                and f["orig_dport"] == port
-                and _same_ip(f["reply_src"], dest_ip)
-            )
-        )
+    def set_addresses(self, family: IPFamily, ips: Iterable[str]) -> None:
+        """The node's ``family`` addresses."""
+        self.addresses[family] = {_pack(ip) for ip in ips}
 
-    def clear_entries_for_nat(self, orig_ip: str, dest_ip: str, protocol: str) -> int:
-        """Record ``(orig_ip, dest_ip, protocol)``; remove flows to ``orig_ip`` DNATed to
-        ``dest_ip``."""
-        protocol = check_protocol(protocol)
-        if ip_family_of(orig_ip) != ip_family_of(dest_ip):
-            raise ValueError(f"{orig_ip} and {dest_ip} are not of the same IP family")
-        self.cleared_nats.add((orig_ip, dest_ip, protocol))
-        return self._remove(
-            lambda f: (
-                f["protocol"] == protocol
-                and _same_ip(f["orig_dst"], orig_ip)
-                and _same_ip(f["reply_src"], dest_ip)
-            )
-        )
+    def remaining(self) -> set[str]:
+        """The held flows, described."""
+        return {describe(flow) for flow in self.flows}
 
-    def list_entries(
-        self, protocol: str | None = None, family: IPFamily | None = None
-    ) -> list[ConntrackFlow]:
-        """The held flows of ``protocol`` and ``family`` (None: any)."""
-        wanted = None if protocol is None else check_protocol(protocol)
-        return [
-            flow
-            for flow in self.flows
-            if wanted in (None, flow["protocol"]) and family in (None, flow["family"])
+    def dump_udp(self, family: IPFamily) -> FakeDump:
+        """The held flows of ``family`` as rows."""
+        self.dumps += 1
+        if self.fail_next is not None:
+            err, self.fail_next = self.fail_next, None
+            raise err
+        rows: list[FlowRow] = [
+            (i, f.origin[0], f.frontend[0], f.origin[1], f.frontend[1], f.backend[0], f.backend[1])
+            for i, f in enumerate(self.flows)
+            if _family(f) == family
         ]
+        return FakeDump(family, rows)
+
+    def delete_rows(self, dump: FakeDump, rows: Sequence[FlowRow]) -> DeleteResult:
+        """Remove the flows of ``rows``."""
+        doomed = {row[0] for row in rows}
+        self.deleted += [f for i, f in enumerate(self.flows) if i in doomed]
+        self.flows = [f for i, f in enumerate(self.flows) if i not in doomed]
+        return DeleteResult(len(doomed), 0, ())
+
+    def local_addresses(self, family: IPFamily) -> set[bytes]:
+        """The configured addresses of ``family``."""
+        return set(self.addresses.get(family, ()))
+
+    def close(self) -> None:
+        """Nothing to release."""
 
 
 if TYPE_CHECKING:
-    _: Conntrack = FakeConntrack()
+    from minikproxy.ctreconcile import UdpFlowTable
 
-__all__ = ["FakeConntrack", "make_flow"]
+    _: UdpFlowTable = FakeFlowTable()
+
+__all__ = ["FakeDump", "FakeFlowTable", "describe", "udp_flow"]

@@ -33,24 +33,21 @@ Example::
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import errno
-import functools
 import ipaddress
 import json
-import os
 import secrets
 import selectors
 import socket
 import subprocess
 import sys
-import threading
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, TypeVar
+from typing import Literal, NamedTuple
 
 from minikproxy.dataplane.conntrack import parse_conntrack_line
+from minikproxy.dataplane.nsenter import run_in_netns
 from minikproxy.testing import probe_server
 from minikproxy.testing.probe_server import parse_endpoint
 
@@ -76,14 +73,11 @@ DEFAULT_BACKENDS: tuple[str, ...] = (
 )
 
 _ROLE_SUFFIX: dict[Role, str] = {"client": "cl", "node": "node", "backend": "be", "upstream": "up"}
-_CLONE_NEWNET = 0x40000000
 _IP_RECVERR = 11
 _IPV6_RECVERR = 25
 _SERVER_START_TIMEOUT = 5.0
 _SERVER_STOP_TIMEOUT = 2.0
 _UNREACHABLE_ERRNOS = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH})
-
-_T = TypeVar("_T")
 
 
 class CommandError(RuntimeError):
@@ -104,41 +98,6 @@ def run_command(
     if check and proc.returncode != 0:
         raise CommandError(argv, proc.returncode, proc.stderr)
     return proc
-
-
-def run_in_netns(netns: str, fn: Callable[[], _T]) -> _T:
-    """Call ``fn`` on a fresh thread switched into network namespace ``netns``; return its result.
-
-    Sockets created by ``fn`` belong to that namespace (and stay there after the thread ends).
-    Other threads, including the caller's, are not affected.
-    """
-    results: list[_T] = []
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            fd = os.open(f"/run/netns/{netns}", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if _libc().setns(fd, _CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns({netns}): {os.strerror(err)}")
-            finally:
-                os.close(fd)
-            results.append(fn())
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=target, name=f"netns-{netns}", daemon=True)
-    thread.start()
-    thread.join()
-    if errors:
-        raise errors[0]
-    return results[0]
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
 
 
 def ip_family(address: str) -> Family:
