@@ -192,9 +192,11 @@ class Proxier:
             self.runner.run()
 
     def force_full_sync(self, reason: str) -> None:
-        """Make the next sync full and queue it."""
+        """Make the next sync full and queue it (also when a sync is in flight: that one
+        took its decision already, the flag is for the one after it)."""
         logger.info("forcing a full sync: %s", reason)
-        self._needs_full = True
+        with self._lock:
+            self._needs_full = True
         self.sync()
 
     def check_canaries(self) -> bool:
@@ -225,38 +227,48 @@ class Proxier:
         if not self.initialized:
             return True
         start = self.clock()
-        full = self._needs_full or start - self._last_full >= self.full_sync_period
         with self._lock:
-            snapshots = {f: self.tracker.snapshot(f) for f in self.families}
-            node = self.tracker.node
-        self.metrics.service_changes_pending.set(0)
-        self.metrics.endpoint_changes_pending.set(0)
-        restored = 0
-        self._written_rules = {"filter": 0, "nat": 0}
+            full = self._needs_full or start - self._last_full >= self.full_sync_period
+            # Cleared when the decision is taken, under the lock: a force_full_sync() that
+            # comes while this sync runs (the canary monitor) is kept for the next one.
+            self._needs_full = False
         try:
+            with self._lock:
+                snapshots = {f: self.tracker.snapshot(f) for f in self.families}
+                node = self.tracker.node
+            self.metrics.service_changes_pending.set(0)
+            self.metrics.endpoint_changes_pending.set(0)
+            restored = 0
+            self._written_rules = {"filter": 0, "nat": 0}
             for family in self.families:
                 restored += self._sync_family(family, snapshots[family], node, full)
-        except (IptablesError, OSError, ValueError) as err:
+            duration = self.clock() - start
+            self.initial_load_gc.release()
+            self._failures = 0
+            if full:
+                self._last_full = start
+            self.last_sync = SyncResult(full, True, restored, duration)
+            self._after_success(snapshots, full, duration)
+        except Exception as err:
+            # Whatever went wrong, the changes taken from the tracker must not be lost: the
+            # next sync is full. (A snapshot that fails half-way keeps its dirty set.)
             return self._failed(err, full, start)
-        duration = self.clock() - start
-        self.initial_load_gc.release()
-        self._needs_full = False
-        self._failures = 0
-        if full:
-            self._last_full = start
-        self.last_sync = SyncResult(full, True, restored, duration)
-        self._after_success(snapshots, full, duration)
         return True
 
     def _failed(self, err: Exception, full: bool, start: float) -> bool:
         detail = str(err)
         if isinstance(err, IptablesError) and err.line is not None:
             detail += f" (input line {err.line}: {err.line_text!r})"
-        logger.error("%s sync failed, keeping the previous rules: %s", _kind(full), detail)
+        if isinstance(err, IptablesError | OSError | ValueError):
+            logger.error("%s sync failed, keeping the previous rules: %s", _kind(full), detail)
+        else:
+            detail = f"{type(err).__name__}: {detail}"
+            logger.exception("%s sync failed unexpectedly, keeping the previous rules", _kind(full))
         self.metrics.iptables_restore_failures_total.inc()
         if not full:
             self.metrics.iptables_partial_restore_failures_total.inc()
-        self._needs_full = True
+        with self._lock:
+            self._needs_full = True
         self._failures += 1
         for state in self._families.values():
             state.compiled = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import socket
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -528,6 +529,98 @@ def test_backoff_is_capped_by_the_sync_period() -> None:
         rig.kernel.fail_next_restore()
         assert not rig.sync()
     assert rig.runner.retries == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+
+
+class TroubledIptables(FakeIptables):
+    """A FakeIptables whose next restore can raise any exception, or block until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.raise_next: BaseException | None = None
+        self.hold_next = False
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def restore(self, data: bytes, *, noflush: bool = True, counters: bool = True) -> None:
+        error, self.raise_next = self.raise_next, None
+        if error is not None:
+            raise error
+        if self.hold_next:
+            self.hold_next = False
+            self.entered.set()
+            assert self.release.wait(30), "the test never released the restore"
+        super().restore(data, noflush=noflush, counters=counters)
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom"), KeyError("gone"), AssertionError()])
+def test_any_exception_keeps_rules_counts_backs_off_and_goes_full(error: Exception) -> None:
+    kernel = TroubledIptables()
+    rig = make_rig(ipt=kernel)
+    rig.start(WEB, WEB_EPS, API, API_EPS)
+    before = kernel.dump()
+    changed = endpoint_slice("web", "10.244.1.1", "10.244.1.3")
+    rig.update(changed)
+    kernel.raise_next = error
+    assert rig.sync() is False
+    assert rig.proxier.last_sync is not None and not rig.proxier.last_sync.ok
+    assert type(error).__name__ in rig.proxier.last_sync.error
+    assert kernel.dump() == before
+    assert rig.metric("sync_proxy_rules_iptables_restore_failures_total") == 1
+    assert rig.metric("sync_proxy_rules_iptables_partial_restore_failures_total") == 1
+    assert rig.runner.retries == [1.0]
+
+    assert rig.sync() is True
+    assert rig.full
+    assert kernel.dump() == fresh_full_dump(WEB, changed, API, API_EPS)
+
+
+def test_a_snapshot_failing_half_way_loses_no_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    rig = make_rig()
+    rig.start(WEB, WEB_EPS, API, API_EPS)
+    changed = (endpoint_slice("web", "10.244.1.9"), endpoint_slice("api", "10.244.2.9"))
+    rig.update(*changed)
+    tracker = rig.proxier.tracker
+    real = tracker._endpoints_for
+    calls = 0
+
+    def fail_second_call(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise KeyError("half-way")
+        return real(*args)
+
+    monkeypatch.setattr(tracker, "_endpoints_for", fail_second_call)
+    assert rig.sync() is False
+    assert rig.metric("sync_proxy_rules_iptables_restore_failures_total") == 1
+    assert rig.runner.retries == [1.0]
+    assert rig.sync() is True
+    assert rig.full
+    assert rig.kernel.dump() == fresh_full_dump(WEB, API, *changed)
+
+
+def test_full_sync_forced_while_a_sync_is_in_flight_is_not_lost() -> None:
+    """The canary monitor forces a full sync while a partial one is restoring: the partial
+    one finishing must not clear the request (deterministic: the restore waits on an Event)."""
+    kernel = TroubledIptables()
+    rig = make_rig(ipt=kernel)
+    rig.start(WEB, WEB_EPS)
+    rig.update(endpoint_slice("web", "10.244.1.1"))
+    kernel.hold_next = True
+    results: list[bool] = []
+    syncing = threading.Thread(target=lambda: results.append(rig.sync()))
+    syncing.start()
+    try:
+        assert kernel.entered.wait(30)
+        kernel.delete_chain("filter", KUBE_PROXY_CANARY)  # someone flushes meanwhile
+        assert rig.proxier.check_canaries() is False
+    finally:
+        kernel.release.set()
+        syncing.join(30)
+    assert results == [True]
+    assert not rig.full  # the sync in flight was the partial one
+    assert rig.sync() and rig.full
+    assert kernel.chain_exists("filter", KUBE_PROXY_CANARY)
 
 
 # --- canaries ------------------------------------------------------------------------------
