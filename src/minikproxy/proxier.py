@@ -27,11 +27,11 @@ from minikproxy.dataplane.iptables import IptablesError, IptablesRunner
 from minikproxy.gcutil import InitialLoadGC
 from minikproxy.healthz import ProxierHealth, ServiceHealthServer
 from minikproxy.metrics import ProxyMetrics
-from minikproxy.model.names import IPFamily, NamespacedName
+from minikproxy.model.names import IPV6, IPFamily, NamespacedName
 from minikproxy.model.parse import NodeInfo
 from minikproxy.model.problems import ObjectProblem
 from minikproxy.model.state import ProxyState
-from minikproxy.nodeopts import iptables_options
+from minikproxy.nodeopts import iptables_options, primary_family
 from minikproxy.plan import describe_changes
 
 logger = logging.getLogger(__name__)
@@ -154,11 +154,10 @@ class Proxier:
             self._log_node_addresses(obj)
         else:
             raise ValueError(f"unknown kind {kind!r}")
-        with self._lock:
+        with self._lock:  # the gauges too: a sync taking the changes resets them under it
             tracker.guarded(fn, obj)
-            pending = tracker.pending_services(self.families[0])
-        self.metrics.service_changes_pending.set(pending)
-        self.metrics.endpoint_changes_pending.set(pending)
+            self.metrics.service_changes_pending.set(tracker.pending_service_changes)
+            self.metrics.endpoint_changes_pending.set(tracker.pending_endpoint_changes)
         if self.initialized:
             self.sync()
 
@@ -236,8 +235,9 @@ class Proxier:
             with self._lock:
                 snapshots = {f: self.tracker.snapshot(f) for f in self.families}
                 node = self.tracker.node
-            self.metrics.service_changes_pending.set(0)
-            self.metrics.endpoint_changes_pending.set(0)
+                self.tracker.checkout_pending()
+                self.metrics.service_changes_pending.set(0)
+                self.metrics.endpoint_changes_pending.set(0)
             restored = 0
             self._written_rules = {"filter": 0, "nat": 0}
             for family in self.families:
@@ -396,21 +396,34 @@ class Proxier:
             self.health.updated(family)
         self._sync_service_health()
 
+    def primary_family(self) -> IPFamily:
+        """The node's primary IP family (kube-proxy's, from the node IP) among ours."""
+        family = primary_family(self.config, self.tracker.node)
+        return family if family in self._families else self.families[0]
+
     def _sync_service_health(self) -> None:
+        """Health-check node ports and local endpoint counts from every family: a Service of
+        one family only gets its server; for a dual-stack one the primary family answers."""
         if self.service_health is None:
             return
-        primary = self._families[self.families[0]]
-        if primary.applied is None or primary.applied_state is None:
-            return
+        primary = self.primary_family()
         ports: dict[NamespacedName | str, int] = {}
         local: dict[NamespacedName | str, int] = {}
-        for name, port in primary.applied_state.services.items():
-            if port.health_check_node_port:
-                svc = name.service
-                ports[svc] = port.health_check_node_port
-                rules = primary.applied.services.get(name)
-                count = len(rules.categorized.local) if rules is not None else 0
-                local[svc] = max(local.get(svc, 0), count)
+        synced: dict[IPFamily, tuple[str, ...] | None] = {}
+        for family in (primary, *(f for f in self.families if f != primary)):
+            state = self._families[family]
+            if state.applied is None or state.applied_state is None:
+                continue
+            synced[family] = state.applied.options.nodeport_addresses
+            family_ports, family_local = _service_health_checks(state.applied_state)
+            for svc, port in family_ports.items():
+                if svc not in ports:
+                    ports[svc] = port
+                    local[svc] = family_local.get(svc, 0)
+        if not synced:
+            return
+        if self.config.nodeport_addresses:  # else the server's own (every address)
+            self.service_health.set_bind_addresses(_health_check_addresses(synced))
         self.service_health.sync_services(ports)
         self.service_health.sync_endpoints(local)
 
@@ -477,6 +490,39 @@ class ObjectEvents:
     def on_synced(self) -> None:
         """The first complete list was delivered."""
         self._proxier._mark_synced(self._kind)
+
+
+def _service_health_checks(
+    state: ProxyState,
+) -> tuple[dict[NamespacedName, int], dict[NamespacedName, int]]:
+    """The health-check node port of each Service of ``state`` that has one, and its number
+    of local ready endpoints (distinct IPs over all its ports, as kube-proxy counts them:
+    terminating endpoints do not make a node healthy)."""
+    ports: dict[NamespacedName, int] = {}
+    ips: dict[NamespacedName, set[str]] = {}
+    for name, port in state.services.items():
+        if port.health_check_node_port:
+            svc = name.service
+            ports[svc] = port.health_check_node_port
+            ips.setdefault(svc, set()).update(
+                ep.ip for ep in state.endpoints_of(name) if ep.ready and ep.is_local
+            )
+    return ports, {svc: len(found) for svc, found in ips.items()}
+
+
+def _health_check_addresses(nodeport: Mapping[IPFamily, tuple[str, ...] | None]) -> list[str]:
+    """Where health-check node ports listen, following ``--nodeport-addresses`` per family
+    (None: every address of that family): "" is every address, "0.0.0.0" and "::" every
+    address of one family."""
+    if all(addresses is None for addresses in nodeport.values()):
+        return [""]
+    out: list[str] = []
+    for family, addresses in nodeport.items():
+        if addresses is None:
+            out.append("::" if family == IPV6 else "0.0.0.0")
+        else:
+            out.extend(a for a in addresses if a not in out)
+    return out
 
 
 def _kind(full: bool) -> str:
