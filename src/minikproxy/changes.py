@@ -73,6 +73,10 @@ class ClusterTracker:
         self._dirty: dict[IPFamily, set[NamespacedName]] = {f: set() for f in FAMILIES}
         self._full: dict[IPFamily, bool] = {f: True for f in FAMILIES}
         self._triggers: dict[IPFamily, dict[NamespacedName, list[str]]] = {f: {} for f in FAMILIES}
+        # For kube-proxy's pending gauges (whatever the family): the Services whose Service
+        # object changed, and the number of EndpointSlice/Endpoints changes.
+        self._service_changes: set[NamespacedName] = set()
+        self._endpoint_changes = 0
 
     # --- feeding -----------------------------------------------------------------------------
 
@@ -94,12 +98,14 @@ class ClusterTracker:
         if self._service_ports.get(key) != ports:
             self._service_ports[key] = ports
             self._touch(key)
+            self._service_changes.add(key)
 
     def delete_service(self, obj: Obj) -> None:
         """Forget a v1 Service."""
         key = _key(obj)
         if self._service_ports.pop(key, None) is not None:
             self._touch(key)
+            self._service_changes.add(key)
 
     def upsert_endpoint_slice(self, obj: Obj) -> None:
         """Add or replace a discovery.k8s.io/v1 EndpointSlice."""
@@ -114,10 +120,12 @@ class ClusterTracker:
                 return
             self._touch(old_owner)
         if parsed is None:
+            self._endpoint_changes += old_owner is not None
             return
         self._slices.setdefault(parsed.service, {})[slice_key.name] = parsed
         self._slice_owner[slice_key] = parsed.service
         self._touch(parsed.service)
+        self._endpoint_changes += 1
         if parsed.trigger_time:
             by_service = self._triggers[parsed.family]
             by_service.setdefault(parsed.service, []).append(parsed.trigger_time)
@@ -131,6 +139,7 @@ class ClusterTracker:
             if not self._slices.get(owner):
                 self._slices.pop(owner, None)
             self._touch(owner)
+            self._endpoint_changes += 1
 
     def upsert_endpoints(self, obj: Obj) -> None:
         """Add or replace a legacy v1 Endpoints (used only for Services without slices)."""
@@ -139,12 +148,14 @@ class ClusterTracker:
         if self._legacy.get(key) != parsed:
             self._legacy[key] = parsed
             self._touch(key)
+            self._endpoint_changes += 1
 
     def delete_endpoints(self, obj: Obj) -> None:
         """Forget a legacy v1 Endpoints."""
         key = _key(obj)
         if self._legacy.pop(key, None) is not None:
             self._touch(key)
+            self._endpoint_changes += 1
 
     def set_node(self, obj: Obj) -> None:
         """Record this node's v1 Node; a zone-label change forces a full recompute."""
@@ -197,6 +208,23 @@ class ClusterTracker:
     def pending_services(self, family: IPFamily) -> int:
         """How many Services changed since the last snapshot of ``family``."""
         return len(self._dirty[family])
+
+    @property
+    def pending_service_changes(self) -> int:
+        """Services whose Service object changed since :meth:`checkout_pending`, in any
+        family (kube-proxy's ``sync_proxy_rules_service_changes_pending``)."""
+        return len(self._service_changes)
+
+    @property
+    def pending_endpoint_changes(self) -> int:
+        """EndpointSlice (or Endpoints) changes since :meth:`checkout_pending`, in any family
+        (kube-proxy's ``sync_proxy_rules_endpoint_changes_pending``)."""
+        return self._endpoint_changes
+
+    def checkout_pending(self) -> None:
+        """Reset the pending counts (a sync is taking the changes)."""
+        self._service_changes = set()
+        self._endpoint_changes = 0
 
     # --- snapshots ---------------------------------------------------------------------------
 

@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import selectors
@@ -22,9 +24,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
@@ -40,6 +43,7 @@ __all__ = [
     "ProxierHealth",
     "ProxyHealthChecker",
     "Response",
+    "ServerLimits",
     "ServiceHealthServer",
     "TimeSource",
     "WallClock",
@@ -284,8 +288,17 @@ def _is_wildcard(host: str) -> bool:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    server: _AppServer
+    """Answers one request whose head the server has already read (``request`` is a
+    :class:`_Request`); HTTP/1.0, so the connection closes after the answer."""
+
+    server: _AppServer  # type: ignore[assignment]
+    request: _Request
     server_version = "minikproxy"
+
+    def setup(self) -> None:
+        self.connection = self.request.sock
+        self.rfile = io.BytesIO(self.request.head)
+        self.wfile = _SocketWriter(self.request.sock)
 
     def do_GET(self) -> None:
         self._answer(with_body=True)
@@ -313,65 +326,256 @@ class _Handler(BaseHTTPRequestHandler):
         logger.debug("%s: " + format, self.server.label, *args)
 
 
-class _AppServer(ThreadingHTTPServer):
-    """A threaded HTTP server answering with an :data:`App`; stops without polling."""
+class _SocketWriter(io.BufferedIOBase):
+    """A write-only file over a socket that never writes partially (``sendall``)."""
 
-    daemon_threads = True
-    allow_reuse_address = True
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self._sock.sendall(data)
+        return len(data)
+
+
+@dataclass(slots=True, eq=False)
+class _Request:
+    """An accepted connection and the bytes received on it so far."""
+
+    sock: socket.socket
+    address: Any
+    deadline: float
+    head: bytes = b""
+
+
+MAX_CONNECTIONS = 1024
+"""Open connections per listener (waiting for their request or being answered). Beyond it
+the oldest one still waiting for its request is closed, so a new probe always gets in."""
+
+REQUEST_TIMEOUT = 10.0
+"""Seconds a client has to send its whole request head, and per send of the answer."""
+
+WORKERS = 4
+"""Threads per listener answering complete requests (started on demand)."""
+
+MAX_REQUEST_HEAD = 16384
+"""Bytes of request line and headers accepted; a longer head closes the connection."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    """What one listener may spend on clients (see :class:`_AppServer`)."""
+
+    max_connections: int = MAX_CONNECTIONS
+    request_timeout: float = REQUEST_TIMEOUT
+    workers: int = WORKERS
+
+
+class _AppServer:
+    """An HTTP/1.0 server answering with an :data:`App`, hard to starve.
+
+    One thread accepts connections (backlog ``SOMAXCONN``) and reads request heads without
+    blocking (``selectors``), so idle or slow clients cost a socket, not a thread; each gets
+    ``request_timeout`` seconds in all to send its head. Complete requests are answered by a
+    pool of at most ``workers`` threads. At most ``max_connections`` connections are open:
+    beyond that, the oldest still waiting for its request is closed.
+    """
 
     def __init__(
-        self, address: tuple[str, int], family: socket.AddressFamily, app: App, label: str
-    ):
-        self.address_family = family
+        self,
+        address: tuple[str, int],
+        family: socket.AddressFamily,
+        app: App,
+        label: str,
+        *,
+        limits: ServerLimits,
+        v6only: bool | None = None,
+    ) -> None:
         self.app = app
         self.label = label
+        self.max_connections = max(1, limits.max_connections)
+        self.request_timeout = limits.request_timeout
+        self.socket = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if v6only is not None:
+                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
+            self.socket.bind(address)
+            self.socket.listen(socket.SOMAXCONN)
+            self.socket.setblocking(False)
+        except OSError:
+            self.socket.close()
+            raise
+        self.server_address = self.socket.getsockname()
         self._wake_r, self._wake_w = socket.socketpair()
-        super().__init__(address, _Handler)
+        self._waiting: dict[socket.socket, _Request] = {}  # oldest first
+        self._lock = threading.Lock()
+        self._answering = 0
+        self._pool = ThreadPoolExecutor(
+            max_workers=max(1, limits.workers), thread_name_prefix=label
+        )
 
-    def server_bind(self) -> None:
-        host = self.server_address[0]
-        if self.address_family == socket.AF_INET6 and isinstance(host, str) and _is_wildcard(host):
-            # Like Go, a wildcard listener serves both IPv4 and IPv6.
-            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        super().server_bind()
+    @property
+    def open_connections(self) -> int:
+        """Connections waiting for their request or being answered."""
+        with self._lock:
+            return len(self._waiting) + self._answering
 
     def serve_until_woken(self) -> None:
+        """Serve until :meth:`wake` is called; then close every open connection."""
         with selectors.DefaultSelector() as selector:
             selector.register(self.socket, selectors.EVENT_READ)
             selector.register(self._wake_r, selectors.EVENT_READ)
-            while True:
-                for key, _ in selector.select():
-                    if key.fileobj is self._wake_r:
-                        return
-                    self.handle_request()
+            try:
+                while True:
+                    for key, _ in selector.select(self._select_timeout()):
+                        if key.fileobj is self._wake_r:
+                            return
+                        if key.fileobj is self.socket:
+                            self._accept(selector)
+                        else:
+                            self._read(selector, key.data)
+                    self._expire(selector)
+            finally:
+                for request in list(self._waiting.values()):
+                    self._drop(selector, request)
 
-    def wake(self) -> None:
-        self._wake_w.send(b"x")
+    def _select_timeout(self) -> float | None:
+        oldest = next(iter(self._waiting.values()), None)
+        return None if oldest is None else max(0.0, oldest.deadline - time.monotonic())
 
-    def handle_error(self, request: Any, client_address: Any) -> None:
+    def _accept(self, selector: selectors.BaseSelector) -> None:
+        for _ in range(64):  # a burst, then give the waiting connections a turn
+            try:
+                sock, address = self.socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:  # e.g. out of file descriptors: make room
+                logger.warning("%s: cannot accept a connection: %s", self.label, err)
+                self._evict_oldest(selector)
+                return
+            sock.setblocking(False)
+            if self.open_connections >= self.max_connections and not self._evict_oldest(selector):
+                sock.close()  # every slot is being answered
+                continue
+            request = _Request(sock, address, time.monotonic() + self.request_timeout)
+            with self._lock:
+                self._waiting[sock] = request
+            selector.register(sock, selectors.EVENT_READ, request)
+
+    def _evict_oldest(self, selector: selectors.BaseSelector) -> bool:
+        oldest = next(iter(self._waiting.values()), None)
+        if oldest is None:
+            return False
+        logger.debug("%s: too many connections, closing %s's", self.label, oldest.address)
+        self._drop(selector, oldest)
+        return True
+
+    def _expire(self, selector: selectors.BaseSelector) -> None:
+        now = time.monotonic()
+        while self._waiting:
+            oldest = next(iter(self._waiting.values()))
+            if oldest.deadline > now:
+                return
+            logger.debug("%s: %s sent no request in time", self.label, oldest.address)
+            self._drop(selector, oldest)
+
+    def _read(self, selector: selectors.BaseSelector, request: _Request) -> None:
+        try:
+            data = request.sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as err:
+            logger.debug("%s: %s dropped the connection: %s", self.label, request.address, err)
+            self._drop(selector, request)
+            return
+        if not data:
+            self._drop(selector, request)
+            return
+        request.head += data
+        if b"\r\n\r\n" in request.head or b"\n\n" in request.head:
+            selector.unregister(request.sock)
+            with self._lock:
+                del self._waiting[request.sock]
+                self._answering += 1
+            self._pool.submit(self._answer, request)
+        elif len(request.head) > MAX_REQUEST_HEAD:
+            logger.debug("%s: request head from %s too long", self.label, request.address)
+            self._drop(selector, request)
+
+    def _drop(self, selector: selectors.BaseSelector, request: _Request) -> None:
+        selector.unregister(request.sock)
+        with self._lock:
+            self._waiting.pop(request.sock, None)
+        request.sock.close()
+
+    def _answer(self, request: _Request) -> None:
+        sock = request.sock
+        try:
+            sock.settimeout(self.request_timeout)
+            _Handler(request, request.address, self)  # type: ignore[arg-type]
+        except Exception:
+            self.handle_error(request.address)
+        finally:
+            with self._lock:
+                self._answering -= 1
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_WR)
+            sock.close()
+
+    def handle_error(self, client_address: Any) -> None:
         # Load balancers often probe with a bare TCP connect and close: not worth a traceback.
         error = sys.exc_info()[1]
-        if isinstance(error, ConnectionError):
+        if isinstance(error, ConnectionError | TimeoutError):
             logger.debug("%s: %s dropped the connection: %s", self.label, client_address, error)
         else:
             logger.exception("%s: request from %s failed", self.label, client_address)
 
+    def wake(self) -> None:
+        """Make :meth:`serve_until_woken` return."""
+        self._wake_w.send(b"x")
+
     def server_close(self) -> None:
-        super().server_close()
+        """Close the listening socket (after the loop returned) and wait for the answers."""
+        self.socket.close()
+        self._pool.shutdown(wait=True)
         self._wake_r.close()
         self._wake_w.close()
 
 
-def _make_server(host: str, port: int, app: App, label: str) -> _AppServer:
+def _make_server(
+    host: str,
+    port: int,
+    app: App,
+    label: str,
+    limits: ServerLimits,
+    *,
+    family_wildcards: bool = False,
+) -> _AppServer:
+    """A server on ``host:port``. A wildcard host listens on IPv4 and IPv6, as Go does; with
+    ``family_wildcards``, ``0.0.0.0`` means IPv4 only and ``::`` IPv6 only ("" both)."""
+    if family_wildcards and host == "0.0.0.0":
+        return _AppServer((host, port), socket.AF_INET, app, label, limits=limits)
+    if family_wildcards and host == "::":
+        return _AppServer((host, port), socket.AF_INET6, app, label, limits=limits, v6only=True)
     if ":" in host or host in ("", "0.0.0.0"):
-        bind_host = "::" if _is_wildcard(host) else host
+        wildcard = _is_wildcard(host)
         try:
-            return _AppServer((bind_host, port), socket.AF_INET6, app, label)
+            return _AppServer(
+                ("::" if wildcard else host, port),
+                socket.AF_INET6,
+                app,
+                label,
+                limits=limits,
+                v6only=False if wildcard else None,
+            )
         except OSError:
-            if not _is_wildcard(host):
+            if not wildcard:
                 raise
             # No IPv6 on this host: fall back to IPv4 only.
-    return _AppServer((host or "0.0.0.0", port), socket.AF_INET, app, label)
+    return _AppServer((host or "0.0.0.0", port), socket.AF_INET, app, label, limits=limits)
 
 
 class BackgroundHTTPServer:
@@ -379,12 +583,23 @@ class BackgroundHTTPServer:
 
     ``bind_address`` is ``host:port`` (``[v6]:port`` for IPv6); port 0 picks a free port,
     readable from :attr:`port` after :meth:`start`. A wildcard host (``0.0.0.0``, ``::`` or
-    empty) listens on all IPv4 and IPv6 addresses, as Go does.
+    empty) listens on all IPv4 and IPv6 addresses, as Go does; with ``family_wildcards``,
+    ``0.0.0.0`` and ``::`` are each one family's. ``limits`` bound what clients may hold.
     """
 
-    def __init__(self, bind_address: str, app: App, *, name: str = "http") -> None:
+    def __init__(
+        self,
+        bind_address: str,
+        app: App,
+        *,
+        name: str = "http",
+        limits: ServerLimits | None = None,
+        family_wildcards: bool = False,
+    ) -> None:
         self.bind_address = bind_address
         self.name = name
+        self.limits = limits if limits is not None else ServerLimits()
+        self.family_wildcards = family_wildcards
         self._app = app
         self._server: _AppServer | None = None
         self._thread: threading.Thread | None = None
@@ -394,7 +609,9 @@ class BackgroundHTTPServer:
         if self._server is not None:
             return
         host, port = split_host_port(self.bind_address)
-        server = _make_server(host, port, self._app, self.name)
+        server = _make_server(
+            host, port, self._app, self.name, self.limits, family_wildcards=self.family_wildcards
+        )
         thread = threading.Thread(
             target=server.serve_until_woken, name=f"{self.name}-{self.port_of(server)}", daemon=True
         )
@@ -417,6 +634,12 @@ class BackgroundHTTPServer:
         return self.port_of(self._server)
 
     @property
+    def open_connections(self) -> int:
+        """Client connections open now (0 when not started)."""
+        server = self._server
+        return 0 if server is None else server.open_connections
+
+    @property
     def running(self) -> bool:
         """Whether the server is started and not stopped."""
         return self._server is not None
@@ -436,8 +659,8 @@ class BackgroundHTTPServer:
 class AppServer:
     """A server whose routes are its :meth:`app` method, served in the background."""
 
-    def __init__(self, bind_address: str, *, name: str) -> None:
-        self._http = BackgroundHTTPServer(bind_address, self.app, name=name)
+    def __init__(self, bind_address: str, *, name: str, limits: ServerLimits | None = None) -> None:
+        self._http = BackgroundHTTPServer(bind_address, self.app, name=name, limits=limits)
 
     def app(self, path: str) -> Response:
         """Answer one request for ``path`` (subclasses define the routes)."""
@@ -456,6 +679,11 @@ class AppServer:
         """The bound port."""
         return self._http.port
 
+    @property
+    def open_connections(self) -> int:
+        """Client connections open now."""
+        return self._http.open_connections
+
 
 # -- /healthz and /livez ------------------------------------------------------------------------
 
@@ -473,10 +701,11 @@ class HealthzServer(AppServer):
         health: ProxierHealth,
         *,
         metrics: ProxyMetrics | None = None,
+        limits: ServerLimits | None = None,
     ) -> None:
         self.health = health
         self.metrics = metrics
-        super().__init__(bind_address, name="healthz")
+        super().__init__(bind_address, name="healthz", limits=limits)
 
     def app(self, path: str) -> Response:
         """Answer one request for ``path``."""
@@ -534,8 +763,9 @@ def service_health_body(name: NamespacedName, local_endpoints: int, healthy: boo
 class ServiceHealthServer:
     """One HTTP listener per Service health-check node port, on each of ``bind_addresses``.
 
-    ``bind_addresses`` are IPs (the node addresses matching ``--nodeport-addresses``); the
-    default ``[""]`` listens on every address. Each listener answers any path with 200 when
+    ``bind_addresses`` are IPs (the node addresses matching ``--nodeport-addresses``), or
+    ``""`` (every address, the default), ``0.0.0.0`` (every IPv4 one) or ``::`` (every IPv6
+    one); :meth:`set_bind_addresses` changes them. Each listener answers any path with 200 when
     the Service has local endpoints and the proxy is healthy, else 503, plus
     ``X-Load-Balancing-Endpoint-Weight: <local endpoints>``.
     """
@@ -547,6 +777,21 @@ class ServiceHealthServer:
         self.health: ProxyHealthChecker = health if health is not None else ProxierHealth()
         self._lock = threading.Lock()
         self._services: dict[NamespacedName, _ServiceCheck] = {}
+
+    def set_bind_addresses(self, addresses: Sequence[str]) -> None:
+        """Listen on ``addresses`` from now on (an empty list: nowhere). When they change,
+        every open listener is closed; the next :meth:`sync_services` opens them again."""
+        with self._lock:
+            if list(addresses) == self.bind_addresses:
+                return
+            logger.info(
+                "healthcheck node ports now listen on %s",
+                ", ".join(a or "every address" for a in addresses) or "no address",
+            )
+            self.bind_addresses = list(addresses)
+            for check in self._services.values():
+                _stop_all(check.servers)
+            self._services.clear()
 
     def sync_services(self, services: Mapping[ServiceKey, int]) -> None:
         """Make exactly ``services`` (name -> health check node port) listened on.
@@ -573,7 +818,10 @@ class ServiceHealthServer:
         for address in self.bind_addresses:
             host = f"[{address}]" if ":" in address else address
             server = BackgroundHTTPServer(
-                f"{host}:{port}", self._app_for(name), name=f"healthcheck {name}"
+                f"{host}:{port}",
+                self._app_for(name),
+                name=f"healthcheck {name}",
+                family_wildcards=True,
             )
             try:
                 server.start()

@@ -10,7 +10,7 @@ from minikproxy.compile.iptables import IptablesOptions
 from minikproxy.compile.localdetect import DetectLocalMode, make_local_detector
 from minikproxy.compile.nftables_options import LocalMatch, NftablesOptions
 from minikproxy.config import ConfigError, ProxyConfig
-from minikproxy.model.names import IPFamily
+from minikproxy.model.names import IPV4, IPFamily
 from minikproxy.model.parse import NodeInfo, canonical_cidr, canonical_ip
 
 PRIMARY = "primary"
@@ -31,6 +31,15 @@ def primary_node_ips(config: ProxyConfig, node: NodeInfo, family: IPFamily) -> t
         if parsed[1] == family:
             ips.append(parsed[0])
     return tuple(ips) if config.node_ips else node.addresses_of(family)
+
+
+def primary_family(config: ProxyConfig, node: NodeInfo) -> IPFamily:
+    """The node's primary IP family, as kube-proxy detects it: the family of the first node IP
+    (``--node-ip``, else the Node's first InternalIP, else ExternalIP); IPv4 when none is
+    known."""
+    first = config.node_ips[0] if config.node_ips else (node.addresses[0] if node.addresses else "")
+    parsed = canonical_ip(first) if first else None
+    return parsed[1] if parsed is not None else IPV4
 
 
 def nodeport_addresses(

@@ -27,11 +27,11 @@ from minikproxy.dataplane.iptables import IptablesError, IptablesRunner, parse_c
 from minikproxy.gcutil import InitialLoadGC
 from minikproxy.healthz import ProxierHealth, ServiceHealthServer
 from minikproxy.metrics import ProxyMetrics
-from minikproxy.model.names import IPFamily, NamespacedName
+from minikproxy.model.names import IPV6, IPFamily, NamespacedName
 from minikproxy.model.parse import NodeInfo
 from minikproxy.model.problems import ObjectProblem
 from minikproxy.model.state import ProxyState
-from minikproxy.nodeopts import iptables_options
+from minikproxy.nodeopts import iptables_options, primary_family
 from minikproxy.plan import describe_changes
 
 logger = logging.getLogger(__name__)
@@ -154,11 +154,10 @@ class Proxier:
             self._log_node_addresses(obj)
         else:
             raise ValueError(f"unknown kind {kind!r}")
-        with self._lock:
+        with self._lock:  # the gauges too: a sync taking the changes resets them under it
             tracker.guarded(fn, obj)
-            pending = tracker.pending_services(self.families[0])
-        self.metrics.service_changes_pending.set(pending)
-        self.metrics.endpoint_changes_pending.set(pending)
+            self.metrics.service_changes_pending.set(tracker.pending_service_changes)
+            self.metrics.endpoint_changes_pending.set(tracker.pending_endpoint_changes)
         if self.initialized:
             self.sync()
 
@@ -192,9 +191,11 @@ class Proxier:
             self.runner.run()
 
     def force_full_sync(self, reason: str) -> None:
-        """Make the next sync full and queue it."""
+        """Make the next sync full and queue it (also when a sync is in flight: that one
+        took its decision already, the flag is for the one after it)."""
         logger.info("forcing a full sync: %s", reason)
-        self._needs_full = True
+        with self._lock:
+            self._needs_full = True
         self.sync()
 
     def check_canaries(self) -> bool:
@@ -225,27 +226,33 @@ class Proxier:
         if not self.initialized:
             return True
         start = self.clock()
-        full = self._needs_full or start - self._last_full >= self.full_sync_period
         with self._lock:
-            snapshots = {f: self.tracker.snapshot(f) for f in self.families}
-            node = self.tracker.node
-        self.metrics.service_changes_pending.set(0)
-        self.metrics.endpoint_changes_pending.set(0)
-        restored = 0
-        self._written_rules = {"filter": 0, "nat": 0}
+            full = self._needs_full or start - self._last_full >= self.full_sync_period
+            # Cleared when the decision is taken, under the lock: a force_full_sync() that
+            # comes while this sync runs (the canary monitor) is kept for the next one.
+            self._needs_full = False
         try:
+            with self._lock:
+                snapshots = {f: self.tracker.snapshot(f) for f in self.families}
+                node = self.tracker.node
+                self.tracker.checkout_pending()
+                self.metrics.service_changes_pending.set(0)
+                self.metrics.endpoint_changes_pending.set(0)
+            restored = 0
+            self._written_rules = {"filter": 0, "nat": 0}
             for family in self.families:
                 restored += self._sync_family(family, snapshots[family], node, full)
-        except (IptablesError, OSError, ValueError) as err:
+            duration = self.clock() - start
+            self.initial_load_gc.release()
+            self._failures = 0
+            if full:
+                self._last_full = start
+            self.last_sync = SyncResult(full, True, restored, duration)
+            self._after_success(snapshots, full, duration)
+        except Exception as err:
+            # Whatever went wrong, the changes taken from the tracker must not be lost: the
+            # next sync is full. (A snapshot that fails half-way keeps its dirty set.)
             return self._failed(err, full, start)
-        duration = self.clock() - start
-        self.initial_load_gc.release()
-        self._needs_full = False
-        self._failures = 0
-        if full:
-            self._last_full = start
-        self.last_sync = SyncResult(full, True, restored, duration)
-        self._after_success(snapshots, full, duration)
         self._reconcile_conntrack()
         return True
 
@@ -253,11 +260,16 @@ class Proxier:
         detail = str(err)
         if isinstance(err, IptablesError) and err.line is not None:
             detail += f" (input line {err.line}: {err.line_text!r})"
-        logger.error("%s sync failed, keeping the previous rules: %s", _kind(full), detail)
+        if isinstance(err, IptablesError | OSError | ValueError):
+            logger.error("%s sync failed, keeping the previous rules: %s", _kind(full), detail)
+        else:
+            detail = f"{type(err).__name__}: {detail}"
+            logger.exception("%s sync failed unexpectedly, keeping the previous rules", _kind(full))
         self.metrics.iptables_restore_failures_total.inc()
         if not full:
             self.metrics.iptables_partial_restore_failures_total.inc()
-        self._needs_full = True
+        with self._lock:
+            self._needs_full = True
         self._failures += 1
         for state in self._families.values():
             state.compiled = None
@@ -386,21 +398,34 @@ class Proxier:
             self.health.updated(family)
         self._sync_service_health()
 
+    def primary_family(self) -> IPFamily:
+        """The node's primary IP family (kube-proxy's, from the node IP) among ours."""
+        family = primary_family(self.config, self.tracker.node)
+        return family if family in self._families else self.families[0]
+
     def _sync_service_health(self) -> None:
+        """Health-check node ports and local endpoint counts from every family: a Service of
+        one family only gets its server; for a dual-stack one the primary family answers."""
         if self.service_health is None:
             return
-        primary = self._families[self.families[0]]
-        if primary.applied is None or primary.applied_state is None:
-            return
+        primary = self.primary_family()
         ports: dict[NamespacedName | str, int] = {}
         local: dict[NamespacedName | str, int] = {}
-        for name, port in primary.applied_state.services.items():
-            if port.health_check_node_port:
-                svc = name.service
-                ports[svc] = port.health_check_node_port
-                rules = primary.applied.services.get(name)
-                count = len(rules.categorized.local) if rules is not None else 0
-                local[svc] = max(local.get(svc, 0), count)
+        synced: dict[IPFamily, tuple[str, ...] | None] = {}
+        for family in (primary, *(f for f in self.families if f != primary)):
+            state = self._families[family]
+            if state.applied is None or state.applied_state is None:
+                continue
+            synced[family] = state.applied.options.nodeport_addresses
+            family_ports, family_local = _service_health_checks(state.applied_state)
+            for svc, port in family_ports.items():
+                if svc not in ports:
+                    ports[svc] = port
+                    local[svc] = family_local.get(svc, 0)
+        if not synced:
+            return
+        if self.config.nodeport_addresses:  # else the server's own (every address)
+            self.service_health.set_bind_addresses(_health_check_addresses(synced))
         self.service_health.sync_services(ports)
         self.service_health.sync_endpoints(local)
 
@@ -414,8 +439,11 @@ class Proxier:
                 continue
             try:
                 result = self.conntrack.reconcile(fam.applied_state, fam.applied.options)
-            except ReconcileError as err:
-                logger.warning("%s", err)
+            except Exception as err:
+                if isinstance(err, ReconcileError):
+                    logger.warning("%s", err)
+                else:
+                    logger.exception("%s conntrack reconcile failed unexpectedly", family)
                 self.metrics.conntrack_reconciler_failures_total.labels(ip_family=family).inc()
                 continue
             self.metrics.conntrack_reconciler_latency.labels(ip_family=family).observe(
@@ -458,6 +486,39 @@ class ObjectEvents:
     def on_synced(self) -> None:
         """The first complete list was delivered."""
         self._proxier._mark_synced(self._kind)
+
+
+def _service_health_checks(
+    state: ProxyState,
+) -> tuple[dict[NamespacedName, int], dict[NamespacedName, int]]:
+    """The health-check node port of each Service of ``state`` that has one, and its number
+    of local ready endpoints (distinct IPs over all its ports, as kube-proxy counts them:
+    terminating endpoints do not make a node healthy)."""
+    ports: dict[NamespacedName, int] = {}
+    ips: dict[NamespacedName, set[str]] = {}
+    for name, port in state.services.items():
+        if port.health_check_node_port:
+            svc = name.service
+            ports[svc] = port.health_check_node_port
+            ips.setdefault(svc, set()).update(
+                ep.ip for ep in state.endpoints_of(name) if ep.ready and ep.is_local
+            )
+    return ports, {svc: len(found) for svc, found in ips.items()}
+
+
+def _health_check_addresses(nodeport: Mapping[IPFamily, tuple[str, ...] | None]) -> list[str]:
+    """Where health-check node ports listen, following ``--nodeport-addresses`` per family
+    (None: every address of that family): "" is every address, "0.0.0.0" and "::" every
+    address of one family."""
+    if all(addresses is None for addresses in nodeport.values()):
+        return [""]
+    out: list[str] = []
+    for family, addresses in nodeport.items():
+        if addresses is None:
+            out.append("::" if family == IPV6 else "0.0.0.0")
+        else:
+            out.extend(a for a in addresses if a not in out)
+    return out
 
 
 def _kind(full: bool) -> str:

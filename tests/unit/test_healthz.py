@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import select
 import socket
 import struct
+import subprocess
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -14,8 +17,10 @@ from typing import Any
 import pytest
 
 from minikproxy.healthz import (
+    WORKERS,
     HealthzServer,
     ProxierHealth,
+    ServerLimits,
     ServiceHealthServer,
     format_go_time,
     split_host_port,
@@ -235,6 +240,114 @@ def test_client_reset_is_logged_quietly(
     health.updated(IPV4)
     assert get(healthz_url + "/healthz")[0] == 200  # still serving
     assert "Traceback" not in capfd.readouterr().err
+
+
+# -- starvation: backlog, idle connections, slow clients -----------------------------------------
+
+
+def probe(url: str) -> int:
+    """GET ``url`` with a generous timeout (a loaded CI machine), returning the status."""
+    try:
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def test_probe_answers_while_hundreds_of_idle_connections_are_open(
+    health: ProxierHealth,
+) -> None:
+    """Idle connections (opened and never sent a request) cost no thread, and beyond the
+    bound the oldest are closed: a real probe still gets its answer."""
+    server = HealthzServer("127.0.0.1:0", health, limits=ServerLimits(max_connections=100))
+    server.start()
+    idle: list[socket.socket] = []
+    try:
+        threads = threading.active_count()
+        for _ in range(400):
+            idle.append(socket.create_connection(("127.0.0.1", server.port), timeout=30))
+        health.updated(IPV4)
+        assert probe(f"http://127.0.0.1:{server.port}/healthz") == 200
+        assert server.open_connections <= 100
+        assert threading.active_count() - threads <= WORKERS  # no thread per connection
+
+        closed: set[socket.socket] = set()
+
+        def enough_closed() -> bool:
+            readable, _, _ = select.select([s for s in idle if s not in closed], [], [], 0)
+            closed.update(sock for sock in readable if sock.recv(1) == b"")
+            return len(closed) >= 300
+
+        wait_for(enough_closed, what="the server to close the idle connections beyond 100")
+    finally:
+        for sock in idle:
+            sock.close()
+        server.stop()
+
+
+def test_a_client_that_never_finishes_its_request_is_closed(health: ProxierHealth) -> None:
+    server = HealthzServer("127.0.0.1:0", health, limits=ServerLimits(request_timeout=0.2))
+    server.start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+            assert sock.recv(1024) == b""  # closed, without an answer
+        health.updated(IPV4)
+        assert probe(f"http://127.0.0.1:{server.port}/healthz") == 200
+    finally:
+        server.stop()
+
+
+def test_a_request_sent_in_pieces_is_answered(health: ProxierHealth) -> None:
+    server = HealthzServer("127.0.0.1:0", health)
+    server.start()
+    health.updated(IPV4)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(b"GET /livez HTTP/1.1\r\n")
+            sock.sendall(b"Host: x\r\n\r\n")
+            answer = b""
+            while chunk := sock.recv(4096):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.0 200 ")
+        assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["healthy"] is True
+    finally:
+        server.stop()
+
+
+def test_listen_backlog_is_somaxconn(healthz_url: str) -> None:
+    port = healthz_url.rsplit(":", 1)[1]
+    listing = subprocess.run(
+        ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    with open("/proc/sys/net/core/somaxconn") as f:
+        expected = min(socket.SOMAXCONN, int(f.read()))
+    assert int(listing[2]) == expected  # Send-Q of a listening socket: its backlog
+
+
+def test_single_family_wildcards_for_health_check_node_ports(health: ProxierHealth) -> None:
+    """``0.0.0.0`` is every IPv4 address only (IPv6 may be restricted separately)."""
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    services = ServiceHealthServer(["0.0.0.0"], health)
+    try:
+        services.sync_services({"ns/a": 0})
+        port = services.listening()[NamespacedName("ns", "a")][0]
+        with socket.socket(socket.AF_INET6) as sock:
+            assert sock.connect_ex(("::1", port)) != 0
+        assert not refused(port)
+        services.set_bind_addresses(["::"])
+        assert refused(port)
+        assert services.listening() == {}  # closed; the next sync opens them again
+        services.sync_services({"ns/a": port})
+        assert refused(port)
+        with socket.socket(socket.AF_INET6) as sock:
+            assert sock.connect_ex(("::1", port)) == 0
+    finally:
+        services.stop()
 
 
 def test_split_host_port() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import socket
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -532,6 +533,98 @@ def test_backoff_is_capped_by_the_sync_period() -> None:
     assert rig.runner.retries == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
 
 
+class TroubledIptables(FakeIptables):
+    """A FakeIptables whose next restore can raise any exception, or block until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.raise_next: BaseException | None = None
+        self.hold_next = False
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def restore(self, data: bytes, *, noflush: bool = True, counters: bool = True) -> None:
+        error, self.raise_next = self.raise_next, None
+        if error is not None:
+            raise error
+        if self.hold_next:
+            self.hold_next = False
+            self.entered.set()
+            assert self.release.wait(30), "the test never released the restore"
+        super().restore(data, noflush=noflush, counters=counters)
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom"), KeyError("gone"), AssertionError()])
+def test_any_exception_keeps_rules_counts_backs_off_and_goes_full(error: Exception) -> None:
+    kernel = TroubledIptables()
+    rig = make_rig(ipt=kernel)
+    rig.start(WEB, WEB_EPS, API, API_EPS)
+    before = kernel.dump()
+    changed = endpoint_slice("web", "10.244.1.1", "10.244.1.3")
+    rig.update(changed)
+    kernel.raise_next = error
+    assert rig.sync() is False
+    assert rig.proxier.last_sync is not None and not rig.proxier.last_sync.ok
+    assert type(error).__name__ in rig.proxier.last_sync.error
+    assert kernel.dump() == before
+    assert rig.metric("sync_proxy_rules_iptables_restore_failures_total") == 1
+    assert rig.metric("sync_proxy_rules_iptables_partial_restore_failures_total") == 1
+    assert rig.runner.retries == [1.0]
+
+    assert rig.sync() is True
+    assert rig.full
+    assert kernel.dump() == fresh_full_dump(WEB, changed, API, API_EPS)
+
+
+def test_a_snapshot_failing_half_way_loses_no_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    rig = make_rig()
+    rig.start(WEB, WEB_EPS, API, API_EPS)
+    changed = (endpoint_slice("web", "10.244.1.9"), endpoint_slice("api", "10.244.2.9"))
+    rig.update(*changed)
+    tracker = rig.proxier.tracker
+    real = tracker._endpoints_for
+    calls = 0
+
+    def fail_second_call(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise KeyError("half-way")
+        return real(*args)
+
+    monkeypatch.setattr(tracker, "_endpoints_for", fail_second_call)
+    assert rig.sync() is False
+    assert rig.metric("sync_proxy_rules_iptables_restore_failures_total") == 1
+    assert rig.runner.retries == [1.0]
+    assert rig.sync() is True
+    assert rig.full
+    assert rig.kernel.dump() == fresh_full_dump(WEB, API, *changed)
+
+
+def test_full_sync_forced_while_a_sync_is_in_flight_is_not_lost() -> None:
+    """The canary monitor forces a full sync while a partial one is restoring: the partial
+    one finishing must not clear the request (deterministic: the restore waits on an Event)."""
+    kernel = TroubledIptables()
+    rig = make_rig(ipt=kernel)
+    rig.start(WEB, WEB_EPS)
+    rig.update(endpoint_slice("web", "10.244.1.1"))
+    kernel.hold_next = True
+    results: list[bool] = []
+    syncing = threading.Thread(target=lambda: results.append(rig.sync()))
+    syncing.start()
+    try:
+        assert kernel.entered.wait(30)
+        kernel.delete_chain("filter", KUBE_PROXY_CANARY)  # someone flushes meanwhile
+        assert rig.proxier.check_canaries() is False
+    finally:
+        kernel.release.set()
+        syncing.join(30)
+    assert results == [True]
+    assert not rig.full  # the sync in flight was the partial one
+    assert rig.sync() and rig.full
+    assert kernel.chain_exists("filter", KUBE_PROXY_CANARY)
+
+
 # --- canaries ------------------------------------------------------------------------------
 
 
@@ -903,12 +996,19 @@ def test_change_counters_and_pending_gauges() -> None:
     assert rig.metric("sync_proxy_rules_service_changes_total") == 2
     assert rig.metric("sync_proxy_rules_endpoint_changes_total") == 1
     assert rig.metric("sync_proxy_rules_service_changes_pending") == 2
+    assert rig.metric("sync_proxy_rules_endpoint_changes_pending") == 1  # its own kind
     rig.start()
     assert rig.metric("sync_proxy_rules_service_changes_pending") == 0
     assert rig.metric("sync_proxy_rules_endpoint_changes_pending") == 0
     rig.update(endpoint_slice("web", "10.244.1.1"))
     assert rig.metric("sync_proxy_rules_endpoint_changes_total") == 2
     assert rig.metric("sync_proxy_rules_endpoint_changes_pending") == 1
+    assert rig.metric("sync_proxy_rules_service_changes_pending") == 0
+    rig.update(endpoint_slice("web", "10.244.1.2"), service("web", "10.96.0.10", port=81))
+    assert rig.metric("sync_proxy_rules_endpoint_changes_pending") == 2
+    assert rig.metric("sync_proxy_rules_service_changes_pending") == 1
+    rig.update(WEB)  # the same Service again: still one Service pending
+    assert rig.metric("sync_proxy_rules_service_changes_pending") == 1
     assert rig.sync()
     assert rig.metric("sync_proxy_rules_endpoint_changes_pending") == 0
 
@@ -1107,3 +1207,138 @@ def test_dual_stack_no_local_gauge_counts_both_families_after_a_partial_sync() -
     assert external() == 2
     for family, kernel in kernels.items():
         assert service_chains(port_name("ext")).external in kernel.chains("nat"), family
+
+
+def v6_service(name: str, ip: str, **kwargs: Any) -> Obj:
+    obj = service(name, ip, **kwargs)
+    obj["spec"]["ipFamilies"] = ["IPv6"]
+    return obj
+
+
+def dual_stack_proxier(
+    service_health: ServiceHealthServer, config: ProxyConfig | None = None
+) -> Proxier:
+    proxier = Proxier(
+        config=config if config is not None else ProxyConfig(),
+        node_name=NODE,
+        families=[IPV4, IPV6],
+        metrics=ProxyMetrics(),
+        health=ProxierHealth(clock=FakeClock(T0)),
+        dataplanes={IPV4: FakeIptables(IPV4), IPV6: FakeIptables(IPV6)},
+        service_health=service_health,
+        clock=FakeClock().now,
+        wallclock=FakeClock(T0).now,
+    )
+    return proxier
+
+
+def feed(proxier: Proxier, *objs: Obj) -> None:
+    for obj in objs:
+        proxier.handler(KINDS[obj["kind"]]).on_add(obj)
+
+
+def start(proxier: Proxier, *objs: Obj) -> None:
+    feed(proxier, *objs)
+    proxier.handler("services").on_synced()
+    proxier.handler("endpointslices").on_synced()
+    assert proxier.sync_proxy_rules()
+
+
+def test_ipv6_only_local_load_balancer_gets_its_health_check_server(
+    service_health: ServiceHealthServer,
+) -> None:
+    """On dual-stack, an IPv6-only eTP=Local LoadBalancer must get a listener (it used to
+    be read from the IPv4 family's state only)."""
+    hc = free_port()
+    lb = v6_service(
+        "lb6",
+        "fd00::30",
+        svc_type="LoadBalancer",
+        node_port=30031,
+        etp="Local",
+        hc_port=hc,
+        lb_ip="2001:db8::7",
+    )
+    proxier = dual_stack_proxier(service_health)
+    start(proxier, lb, v6_slice("lb6", "fd01::1", "fd01::2", node=NODE), WEB, WEB_EPS)
+    assert service_health.listening() == {NamespacedName(NS, "lb6"): [hc]}
+    status, body = fetch(hc)
+    assert (status, body["localEndpoints"]) == (200, 2)
+
+
+@pytest.mark.parametrize(
+    ("node_ips", "config_ips", "expected"),
+    [
+        (["192.168.0.10", "fd00:192::10"], (), 2),  # IPv4 primary: two local IPv4 endpoints
+        (["fd00:192::10", "192.168.0.10"], (), 1),  # IPv6 primary: one local IPv6 endpoint
+        (["192.168.0.10", "fd00:192::10"], ("fd00:192::10",), 1),  # --node-ip wins
+    ],
+)
+def test_dual_stack_health_check_counts_come_from_the_primary_family(
+    service_health: ServiceHealthServer,
+    node_ips: list[str],
+    config_ips: tuple[str, ...],
+    expected: int,
+) -> None:
+    hc = free_port()
+    lb = dual_stack_service(
+        "lb", "10.96.0.30", "fd00::30", svc_type="LoadBalancer", node_port=30030, etp="Local",
+        hc_port=hc,
+    )  # fmt: skip
+    node = node_object()
+    node["status"]["addresses"] = [{"type": "InternalIP", "address": ip} for ip in node_ips]
+    proxier = dual_stack_proxier(service_health, ProxyConfig(node_ips=config_ips))
+    start(
+        proxier,
+        node,
+        lb,
+        endpoint_slice("lb", "10.244.1.1", "10.244.1.2", node=NODE),
+        v6_slice("lb", "fd01::1", node=NODE),
+    )
+    assert service_health.listening() == {NamespacedName(NS, "lb"): [hc]}
+    assert fetch(hc)[1]["localEndpoints"] == expected
+
+
+def test_health_check_counts_only_ready_local_endpoints_once_per_ip(
+    service_health: ServiceHealthServer,
+) -> None:
+    """kube-proxy's LocalReadyEndpoints: distinct IPs, terminating ones do not count."""
+    hc = free_port()
+    lb = service("lb", "10.96.0.30", svc_type="LoadBalancer", node_port=30030, etp="Local",
+                 hc_port=hc)  # fmt: skip
+    eps = endpoint_slice("lb", "10.244.1.1", "10.244.1.2", node=NODE)
+    eps["endpoints"][1]["conditions"] = {"ready": False, "serving": True, "terminating": True}
+    rig = make_rig(service_health=service_health)
+    rig.start(lb, eps)
+    assert fetch(hc)[1]["localEndpoints"] == 1
+    eps["endpoints"][0]["conditions"] = {"ready": False, "serving": True, "terminating": True}
+    rig.update(eps)  # only terminating endpoints left here: they still get traffic, but ...
+    assert rig.sync()
+    assert fetch(hc)[0:1] == (503,)  # ... the load balancer must drain this node
+    assert fetch(hc)[1]["localEndpoints"] == 0
+
+
+def test_health_check_servers_honour_nodeport_addresses() -> None:
+    hc = free_port()
+    lb = service("lb", "10.96.0.30", svc_type="LoadBalancer", node_port=30030, etp="Local",
+                 hc_port=hc)  # fmt: skip
+    server = ServiceHealthServer(health=ProxierHealth(clock=FakeClock(T0)))  # every address
+    try:
+        proxier = Proxier(
+            config=ProxyConfig(nodeport_addresses=("127.0.0.1/32",)),
+            node_name=NODE,
+            families=[IPV4],
+            metrics=ProxyMetrics(),
+            health=ProxierHealth(clock=FakeClock(T0)),
+            dataplanes={IPV4: FakeIptables(IPV4)},
+            service_health=server,
+            local_addresses=lambda family: ["127.0.0.1", "127.0.0.2"],
+            clock=FakeClock().now,
+            wallclock=FakeClock(T0).now,
+        )
+        start(proxier, lb, endpoint_slice("lb", "10.244.1.1", node=NODE))
+        assert fetch(hc)[0] == 200  # 127.0.0.1 is inside --nodeport-addresses
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.2", hc)) != 0  # 127.0.0.2 is not
+    finally:
+        server.stop()

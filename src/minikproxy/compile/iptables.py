@@ -11,6 +11,7 @@ chains for an ``iptables-restore --noflush`` (kube-proxy's minimized restore).
 from __future__ import annotations
 
 import bisect
+import operator
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -107,6 +108,33 @@ _DYNAMIC_CHAINS: tuple[tuple[str, str, str], ...] = (
     ("nat", KUBE_NODEPORTS, "nat_nodeports"),
 )
 _FIELD_INDEX = {f: ServiceRules._fields.index(f) for _, _, f in _DYNAMIC_CHAINS}
+
+RENDERED_FIELDS: tuple[str, ...] = (
+    "filter_services",
+    "filter_external",
+    "filter_nodeports",
+    "filter_firewall",
+    "nat_services",
+    "nat_nodeports",
+    "chains",
+    "chain_decls",
+    "rules",
+    "rule_count",
+)
+"""The :class:`ServiceRules` fields that end up in the kernel: a partial sync rewrites a service
+port when one of them changed. Every other field is in :data:`SUMMARY_FIELDS`."""
+
+SUMMARY_FIELDS: tuple[str, ...] = ("name", "categorized", "no_local_internal", "no_local_external")
+"""The :class:`ServiceRules` fields that only describe the port (key, metrics, health)."""
+
+_rendered = operator.attrgetter(*RENDERED_FIELDS)
+
+
+def same_rules(old: ServiceRules, new: ServiceRules) -> bool:
+    """Whether ``old`` and ``new`` put the same rules in the kernel (compared by field name,
+    so adding or reordering fields cannot change what "unchanged" means)."""
+    return bool(_rendered(old) == _rendered(new))
+
 
 FILTER_CHAINS = (
     KUBE_SERVICES,
@@ -801,7 +829,7 @@ def compile_iptables(
                     order, order_copied = list(order), True
                 bisect.insort(order, name)
                 dirty_fields.update(f for _, _, f in _DYNAMIC_CHAINS if rules[_FIELD_INDEX[f]])
-            elif old_rules[1:11] == rules[1:11]:
+            elif same_rules(old_rules, rules):
                 services[name] = rules  # same rules; keep the fresh endpoint categorisation
                 continue
             else:
