@@ -220,6 +220,20 @@ def test_encoded_dumps_parse_select_and_locate_exactly(
         assert delete_attributes(chunk, start).endswith(flow_id)
 
 
+def test_twins_after_a_walked_message_locate_their_own_messages() -> None:
+    """Found by the property test: a twin after a message re-parsed attribute by attribute
+    (zone inside the tuple) was searched for inside that message and located it again."""
+    # 10.0.0.1:1 -> 10.96.0.10:53, answered by 10.244.0.3:5353 (osrc, sport, odst, dport, ...)
+    flow = (b"\x0a\x00\x00\x01", b"\x00\x01", b"\x0a\x60\x00\x0a", b"\x00\x35")
+    flow += (b"\x0a\xf4\x00\x03", b"\x14\xe9")
+    walked = kernel_message("IPv4", flow, zone=7, flow_id=0, tuple_zone=True)
+    twins = [kernel_message("IPv4", flow, zone=0, flow_id=i, tuple_zone=False) for i in (1, 2)]
+    chunks = [walked + twins[0], twins[1] + DONE]
+    dump = UdpDump(chunks, "IPv4")
+    refs = dump.locate(dump.rows)
+    assert refs == [(chunks[0], 0), (chunks[0], len(walked)), (chunks[1], 0)]
+
+
 def test_frontend_keys_match_dumped_bytes() -> None:
     dump = UdpDump([KERNEL_FLOW], "IPv4")
     row = dump.rows[0]

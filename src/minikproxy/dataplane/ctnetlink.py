@@ -370,7 +370,8 @@ class UdpDump:
             if isinstance(loc, tuple):  # from the message walk: (chunk index, offset)
                 index, pos = loc
                 refs.append((chunks[index], pos))
-                pos += 1
+                # Past this whole message: a twin's tuple bytes must not be found inside it.
+                pos += _NLMSGHDR.unpack_from(chunks[index], pos)[0]
                 continue
             while index < len(chunks):
                 data = chunks[index]
