@@ -10,6 +10,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -171,11 +172,24 @@ class Controller:
         while not self.stop_event.wait(self.config.sync_period):
             self.proxier.check_canaries()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop everything, leaving the installed rules in place (no traffic interruption)."""
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop everything, leaving the installed rules in place (no traffic interruption).
+
+        Every thread is told to stop first and commands in flight are killed (a hung
+        ``iptables-restore`` must not hold the sync thread or outlive the proxy); then all the
+        threads are joined within one shared ``timeout``, well inside a pod's grace period.
+        Closes the execer: a restarted controller needs a new one.
+        """
         self.stop_event.set()
+        close = getattr(self.execer, "close", None)
+        if callable(close):
+            close()
+        deadline = time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(timeout)
+            thread.join(max(0.0, deadline - time.monotonic()))
+        stuck = [t.name for t in self._threads if t.is_alive()]
+        if stuck:
+            logger.warning("stopping without waiting for %s", ", ".join(stuck))
         self.proxier.initial_load_gc.release()
         for server in self._servers:
             server.stop()
@@ -218,7 +232,7 @@ def main_run(args: argparse.Namespace) -> int:
     if not dry_run and os.geteuid() != 0:
         logger.error("minikproxy run needs root (NET_ADMIN) to program iptables; use --dry-run")
         return 1
-    execer = None if dry_run else RealExecer()
+    execer = None if dry_run else RealExecer(timeout=args.exec_timeout or None)
     backend: IptablesBackend = "nft"
     families: list[IPFamily] = [IPV4, IPV6]
     if execer is not None:

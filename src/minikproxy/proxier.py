@@ -23,6 +23,7 @@ from minikproxy.compile.iptables import IptablesRuleset, compile_iptables, jump_
 from minikproxy.compile.names import KUBE_MARK_MASQ, KUBE_PROXY_CANARY, is_service_chain
 from minikproxy.config import ProxyConfig
 from minikproxy.dataplane.conntrack import Conntrack, ConntrackError
+from minikproxy.dataplane.execer import ExecCancelledError
 from minikproxy.dataplane.iptables import IptablesError, IptablesRunner
 from minikproxy.gcutil import InitialLoadGC
 from minikproxy.healthz import ProxierHealth, ServiceHealthServer
@@ -249,6 +250,9 @@ class Proxier:
         return True
 
     def _failed(self, err: Exception, full: bool, start: float) -> bool:
+        if isinstance(err.__cause__, ExecCancelledError):  # stopping: not a failure
+            logger.info("%s sync interrupted: %s", _kind(full), err)
+            return False
         detail = str(err)
         if isinstance(err, IptablesError) and err.line is not None:
             detail += f" (input line {err.line}: {err.line_text!r})"

@@ -15,7 +15,7 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal, Protocol, TypedDict
 
-from minikproxy.dataplane.execer import Execer, ExecResult, ExecTimeoutError
+from minikproxy.dataplane.execer import Execer, ExecError, ExecResult
 from minikproxy.model.names import IPFamily
 
 logger = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ class RealConntrack:
         argv = [self.binary, *args]
         try:
             return argv, self.execer.run(argv, timeout=self.timeout)
-        except (OSError, ExecTimeoutError) as exc:
+        except (OSError, ExecError) as exc:
             raise ConntrackError(argv, None, str(exc)) from exc
 
     def _delete(self, args: Sequence[str]) -> int:
