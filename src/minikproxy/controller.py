@@ -74,6 +74,7 @@ class Controller:
     reflector_options: dict[str, Any] = field(default_factory=dict)
     metrics: ProxyMetrics = field(default_factory=ProxyMetrics)
     record_events: bool = True  # the Starting Event on the Node (never in dry-run)
+    node_wait_log_interval: float = 10.0  # seconds between "waiting for the Node" lines
 
     def __post_init__(self) -> None:
         self.stop_event = threading.Event()
@@ -145,6 +146,8 @@ class Controller:
         if self.record_events:
             self._spawn("event-recorder", self._record_starting)
         self._spawn("sync-loop", lambda: self.runner.loop(self.stop_event))
+        if self.proxier.node_dependency():
+            self._spawn("node-wait", self._log_node_wait)
         if self.execer is not None:
             self._spawn("canary-monitor", self._monitor_canaries)
 
@@ -167,6 +170,14 @@ class Controller:
         thread = threading.Thread(target=target, name=name, daemon=True)
         thread.start()
         self._threads.append(thread)
+
+    def _log_node_wait(self) -> None:
+        """Say, again and again, why nothing is synced while the Node is missing."""
+        while not self.stop_event.wait(self.node_wait_log_interval):
+            reason = self.proxier.waiting_for_node()
+            if reason is None:
+                return
+            logger.warning("waiting for the Node before the first sync: %s", reason)
 
     def _monitor_canaries(self) -> None:
         while not self.stop_event.wait(self.config.sync_period):
