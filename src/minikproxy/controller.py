@@ -227,6 +227,11 @@ def _choose_backend(execer: Execer, flag: str) -> IptablesBackend:
     return detect_backend(execer)
 
 
+def _close_when(stop: threading.Event, execer: RealExecer) -> None:
+    stop.wait()
+    execer.close()
+
+
 def main_run(args: argparse.Namespace) -> int:
     """``minikproxy run``."""
     from minikproxy.cli import config_from_args
@@ -244,6 +249,23 @@ def main_run(args: argparse.Namespace) -> int:
         logger.error("minikproxy run needs root (NET_ADMIN) to program iptables; use --dry-run")
         return 1
     execer = None if dry_run else RealExecer(timeout=args.exec_timeout or None)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        logger.info(
+            "received %s: stopping, leaving the rules in place", signal.Signals(signum).name
+        )
+        stop.set()
+
+    # Installed before the first command runs: a tool hung during start-up (backend
+    # detection, the IPv6 probe) is killed on SIGTERM too, from a thread (a signal handler
+    # must not take the execer's lock).
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    if execer is not None:
+        threading.Thread(
+            target=_close_when, args=(stop, execer), name="execer-closer", daemon=True
+        ).start()
     backend: IptablesBackend = "nft"
     families: list[IPFamily] = [IPV4, IPV6]
     if execer is not None:
@@ -271,28 +293,26 @@ def main_run(args: argparse.Namespace) -> int:
     except KubeConfigError as err:
         logger.error("%s", err)
         return 2
-    controller = Controller(
-        config,
-        node_name,
-        api_client,
-        execer=execer,
-        backend=backend,
-        families=families,
-        out=sys.stdout if dry_run else None,
-        record_events=not dry_run,
-        metrics_bind_address=config.metrics_bind_address or None,
-        healthz_bind_address=config.healthz_bind_address or None,
-    )
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        logger.info(
-            "received %s: stopping, leaving the rules in place", signal.Signals(signum).name
+    if stop.is_set():  # stopped during start-up
+        return 0
+    try:
+        controller = Controller(
+            config,
+            node_name,
+            api_client,
+            execer=execer,
+            backend=backend,
+            families=families,
+            out=sys.stdout if dry_run else None,
+            record_events=not dry_run,
+            metrics_bind_address=config.metrics_bind_address or None,
+            healthz_bind_address=config.healthz_bind_address or None,
         )
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    except IptablesError as err:
+        if stop.is_set():
+            return 0
+        logger.error("%s", err)
+        return 1
     controller.start()
     stop.wait()
     controller.stop()

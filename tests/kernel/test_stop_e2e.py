@@ -1,8 +1,9 @@
 """``minikproxy run`` (a real process, as root) stops promptly on SIGTERM while an
-``iptables-restore`` hangs, and leaves no child behind.
+``iptables-restore`` hangs (or, during start-up, the IPv6 probe's ``ip6tables-save``), and
+leaves no child behind.
 
 The kernel is never touched: every tool ``run`` may start is a fake on a PATH of its own
-(``*-restore`` hangs after starting a helper; the rest succeed quietly).
+(the tool named by ``$MKP_HANG`` hangs after starting a helper; the rest succeed quietly).
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ pytestmark = [pytest.mark.kernel, pytest.mark.timeout(60)]
 NODE = "node-1"
 FAKE_TOOL = """#!/bin/sh
 case "$(/usr/bin/basename "$0")" in
-  *-restore)
+  $MKP_HANG)
     /bin/sleep 600 &
     echo $! > "$MKP_FAKE_DIR/helper.pid"
-    echo $$ > "$MKP_FAKE_DIR/restore.pid"
+    echo $$ > "$MKP_FAKE_DIR/hung.pid"
     exec /bin/sleep 600 ;;
 esac
 for arg in "$@"; do [ "$arg" = "-C" ] && exit 1; done
@@ -61,10 +62,18 @@ def kubeconfig(tmp_path: Path) -> Iterator[Path]:
         yield api.write_kubeconfig(tmp_path / "kubeconfig")
 
 
-def test_sigterm_kills_a_hung_restore_and_exits_promptly(
-    fake_bin: Path, kubeconfig: Path, tmp_path: Path
+@pytest.mark.parametrize(
+    ("hang", "killed"),
+    [
+        ("*-restore", "killing ['iptables-nft-restore'"),  # in a sync
+        ("ip6tables-nft-save", "killing ['ip6tables-nft-save'"),  # the start-up IPv6 probe
+    ],
+)
+def test_sigterm_kills_a_hung_tool_and_exits_promptly(
+    fake_bin: Path, kubeconfig: Path, tmp_path: Path, hang: str, killed: str
 ) -> None:
     env = {
+        "MKP_HANG": hang,
         "PATH": str(fake_bin),
         "MKP_FAKE_DIR": str(tmp_path),
         "PYTHONPATH": os.pathsep.join(sys.path),
@@ -84,7 +93,7 @@ def test_sigterm_kills_a_hung_restore_and_exits_promptly(
         stderr=(tmp_path / "stderr").open("wb"), start_new_session=True,
     )  # fmt: skip
     try:
-        restore = wait_file(tmp_path / "restore.pid", timeout=30)
+        restore = wait_file(tmp_path / "hung.pid", timeout=30)
         helper = wait_file(tmp_path / "helper.pid")
         assert not dead(restore)
         proc.send_signal(signal.SIGTERM)
@@ -92,14 +101,14 @@ def test_sigterm_kills_a_hung_restore_and_exits_promptly(
         # Before the fix: 10 s per stuck thread in turn, and the restore left running.
         assert proc.wait(timeout=30) == 0
         took = time.monotonic() - started
-        assert wait_dead(restore, timeout=1.0), "iptables-restore outlived the controller"
+        assert wait_dead(restore, timeout=1.0), f"{hang} outlived the controller"
         assert wait_dead(helper, timeout=1.0), "the restore's helper outlived the controller"
         assert took < 8.0, f"took {took:.1f}s to stop"
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        for name in ("restore.pid", "helper.pid"):
+        for name in ("hung.pid", "helper.pid"):
             path = tmp_path / name
             if path.exists() and path.read_text().strip():
                 pid = int(path.read_text())
@@ -107,4 +116,4 @@ def test_sigterm_kills_a_hung_restore_and_exits_promptly(
                     os.kill(pid, signal.SIGKILL)
     stderr = (tmp_path / "stderr").read_text()
     assert "Traceback" not in stderr, stderr
-    assert "killing ['iptables-nft-restore'" in stderr, stderr
+    assert killed in stderr, stderr
