@@ -5,10 +5,21 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from minikproxy import __version__
-from minikproxy.config import PROXY_MODES, ConfigError, ProxyConfig, load_config, parse_duration
+from minikproxy.config import (
+    HEALTHZ_PORT,
+    METRICS_PORT,
+    PROXY_MODES,
+    ConfigError,
+    ProxyConfig,
+    append_port_if_needed,
+    load_config,
+    parse_duration,
+    validate_config,
+)
 from minikproxy.gcutil import gc_paused
 from minikproxy.model.names import IPV4, IPV6, IPFamily, NamespacedName
 from minikproxy.nodeopts import split_list
@@ -67,12 +78,30 @@ def add_node_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+_FLAGS = {
+    "mode": "--proxy-mode",
+    "hostname_override": "--hostname-override",
+    "cluster_cidr": "--cluster-cidr",
+    "detect_local_mode": "--detect-local-mode",
+    "bridge_interface": "--pod-bridge-interface",
+    "interface_name_prefix": "--pod-interface-name-prefix",
+    "masquerade_all": "--masquerade-all",
+    "masquerade_bit": "--iptables-masquerade-bit",
+    "localhost_nodeports": "--iptables-localhost-nodeports",
+    "node_ips": "--node-ip",
+    "nodeport_addresses": "--nodeport-addresses",
+    "min_sync_period": "--min-sync-period",
+    "sync_period": "--sync-period",
+    "kubeconfig": "--kubeconfig",
+    "healthz_bind_address": "--healthz-bind-address",
+    "metrics_bind_address": "--metrics-bind-address",
+}
+
+
 def config_from_args(args: argparse.Namespace) -> ProxyConfig:
-    """The config file (if any) with the explicitly given flags applied on top."""
+    """The config file (if any) with the explicitly given flags applied on top, validated as
+    kube-proxy validates its configuration (errors name the flag or the file and field)."""
     config = load_config(args.config) if args.config else ProxyConfig()
-    bit = args.iptables_masquerade_bit
-    if bit is not None and not 0 <= bit <= 31:
-        raise ConfigError(f"--iptables-masquerade-bit: must be in 0..31, got {bit}")
     overrides: dict[str, Any] = {
         "mode": args.proxy_mode,
         "hostname_override": args.hostname_override,
@@ -81,7 +110,7 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         "bridge_interface": args.pod_bridge_interface,
         "interface_name_prefix": args.pod_interface_name_prefix,
         "masquerade_all": args.masquerade_all,
-        "masquerade_bit": bit,
+        "masquerade_bit": args.iptables_masquerade_bit,
         "localhost_nodeports": args.iptables_localhost_nodeports,
     }
     if args.node_ip is not None:
@@ -91,10 +120,18 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
     for name in ("min_sync_period", "sync_period", "kubeconfig"):
         if getattr(args, name, None) is not None:
             overrides[name] = getattr(args, name)
-    for name in ("healthz_bind_address", "metrics_bind_address"):
-        if getattr(args, name, None) is not None:
-            overrides[name] = getattr(args, name)
-    return config.with_overrides(**overrides)
+    for name, port in (
+        ("healthz_bind_address", HEALTHZ_PORT),
+        ("metrics_bind_address", METRICS_PORT),
+    ):
+        value = getattr(args, name, None)
+        if value is not None:  # "" disables the server
+            overrides[name] = append_port_if_needed(value, port) if value else ""
+    given = {name for name, value in overrides.items() if value is not None}
+    config = config.with_overrides(**overrides)
+    config = replace(config, origins={**config.origins, **{n: _FLAGS[n] for n in given}})
+    validate_config(config)
+    return config
 
 
 def build_parser() -> argparse.ArgumentParser:

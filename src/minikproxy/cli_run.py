@@ -6,6 +6,8 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
+from minikproxy.dataplane.execer import DEFAULT_TIMEOUT
+
 
 def add_subcommands(
     sub: Any,
@@ -35,6 +37,14 @@ def add_subcommands(
         choices=("auto", "nft", "legacy"),
         default="auto",
         help="iptables backend; auto picks the one that already holds rules",
+    )
+    run.add_argument(
+        "--exec-timeout",
+        type=duration,
+        default=DEFAULT_TIMEOUT,
+        metavar="DURATION",
+        help="kill a kernel tool (iptables-restore, conntrack, ...) and its process group "
+        "when it runs longer than this (0: never; default 5m)",
     )
 
     cleanup = sub.add_parser(

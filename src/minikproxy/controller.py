@@ -10,6 +10,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -74,6 +75,7 @@ class Controller:
     reflector_options: dict[str, Any] = field(default_factory=dict)
     metrics: ProxyMetrics = field(default_factory=ProxyMetrics)
     record_events: bool = True  # the Starting Event on the Node (never in dry-run)
+    node_wait_log_interval: float = 10.0  # seconds between "waiting for the Node" lines
 
     def __post_init__(self) -> None:
         self.stop_event = threading.Event()
@@ -146,6 +148,8 @@ class Controller:
         if self.record_events:
             self._spawn("event-recorder", self._record_starting)
         self._spawn("sync-loop", lambda: self.runner.loop(self.stop_event))
+        if self.proxier.node_dependency():
+            self._spawn("node-wait", self._log_node_wait)
         if self.execer is not None:
             self._spawn("canary-monitor", self._monitor_canaries)
 
@@ -169,15 +173,36 @@ class Controller:
         thread.start()
         self._threads.append(thread)
 
+    def _log_node_wait(self) -> None:
+        """Say, again and again, why nothing is synced while the Node is missing."""
+        while not self.stop_event.wait(self.node_wait_log_interval):
+            reason = self.proxier.waiting_for_node()
+            if reason is None:
+                return
+            logger.warning("waiting for the Node before the first sync: %s", reason)
+
     def _monitor_canaries(self) -> None:
         while not self.stop_event.wait(self.config.sync_period):
             self.proxier.check_canaries()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop everything, leaving the installed rules in place (no traffic interruption)."""
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop everything, leaving the installed rules in place (no traffic interruption).
+
+        Every thread is told to stop first and commands in flight are killed (a hung
+        ``iptables-restore`` must not hold the sync thread or outlive the proxy); then all the
+        threads are joined within one shared ``timeout``, well inside a pod's grace period.
+        Closes the execer: a restarted controller needs a new one.
+        """
         self.stop_event.set()
+        close = getattr(self.execer, "close", None)
+        if callable(close):
+            close()
+        deadline = time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(timeout)
+            thread.join(max(0.0, deadline - time.monotonic()))
+        stuck = [t.name for t in self._threads if t.is_alive()]
+        if stuck:
+            logger.warning("stopping without waiting for %s", ", ".join(stuck))
         self.proxier.initial_load_gc.release()
         for server in self._servers:
             server.stop()
@@ -206,6 +231,11 @@ def _choose_backend(execer: Execer, flag: str) -> IptablesBackend:
     return detect_backend(execer)
 
 
+def _close_when(stop: threading.Event, execer: RealExecer) -> None:
+    stop.wait()
+    execer.close()
+
+
 def main_run(args: argparse.Namespace) -> int:
     """``minikproxy run``."""
     from minikproxy.cli import config_from_args
@@ -222,7 +252,24 @@ def main_run(args: argparse.Namespace) -> int:
     if not dry_run and os.geteuid() != 0:
         logger.error("minikproxy run needs root (NET_ADMIN) to program iptables; use --dry-run")
         return 1
-    execer = None if dry_run else RealExecer()
+    execer = None if dry_run else RealExecer(timeout=args.exec_timeout or None)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        logger.info(
+            "received %s: stopping, leaving the rules in place", signal.Signals(signum).name
+        )
+        stop.set()
+
+    # Installed before the first command runs: a tool hung during start-up (backend
+    # detection, the IPv6 probe) is killed on SIGTERM too, from a thread (a signal handler
+    # must not take the execer's lock).
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    if execer is not None:
+        threading.Thread(
+            target=_close_when, args=(stop, execer), name="execer-closer", daemon=True
+        ).start()
     backend: IptablesBackend = "nft"
     families: list[IPFamily] = [IPV4, IPV6]
     if execer is not None:
@@ -250,28 +297,26 @@ def main_run(args: argparse.Namespace) -> int:
     except KubeConfigError as err:
         logger.error("%s", err)
         return 2
-    controller = Controller(
-        config,
-        node_name,
-        api_client,
-        execer=execer,
-        backend=backend,
-        families=families,
-        out=sys.stdout if dry_run else None,
-        record_events=not dry_run,
-        metrics_bind_address=config.metrics_bind_address or None,
-        healthz_bind_address=config.healthz_bind_address or None,
-    )
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        logger.info(
-            "received %s: stopping, leaving the rules in place", signal.Signals(signum).name
+    if stop.is_set():  # stopped during start-up
+        return 0
+    try:
+        controller = Controller(
+            config,
+            node_name,
+            api_client,
+            execer=execer,
+            backend=backend,
+            families=families,
+            out=sys.stdout if dry_run else None,
+            record_events=not dry_run,
+            metrics_bind_address=config.metrics_bind_address or None,
+            healthz_bind_address=config.healthz_bind_address or None,
         )
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    except IptablesError as err:
+        if stop.is_set():
+            return 0
+        logger.error("%s", err)
+        return 1
     controller.start()
     stop.wait()
     controller.stop()

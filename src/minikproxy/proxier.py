@@ -23,6 +23,7 @@ from minikproxy.compile.iptables import IptablesRuleset, compile_iptables, jump_
 from minikproxy.compile.names import KUBE_MARK_MASQ, KUBE_PROXY_CANARY, is_service_chain
 from minikproxy.config import ProxyConfig
 from minikproxy.ctreconcile import ConntrackReconciler, ReconcileError
+from minikproxy.dataplane.execer import ExecCancelledError
 from minikproxy.dataplane.iptables import IptablesError, IptablesRunner, parse_chains
 from minikproxy.gcutil import InitialLoadGC
 from minikproxy.healthz import ProxierHealth, ServiceHealthServer
@@ -31,7 +32,7 @@ from minikproxy.model.names import IPV6, IPFamily, NamespacedName
 from minikproxy.model.parse import NodeInfo
 from minikproxy.model.problems import ObjectProblem
 from minikproxy.model.state import ProxyState
-from minikproxy.nodeopts import iptables_options, primary_family
+from minikproxy.nodeopts import PRIMARY, iptables_options, primary_family
 from minikproxy.plan import describe_changes
 
 logger = logging.getLogger(__name__)
@@ -116,6 +117,9 @@ class Proxier:
         self._families: dict[IPFamily, _FamilyState] = {f: _FamilyState() for f in self.families}
         self._written_rules = {"filter": 0, "nat": 0}
         self._logged_node_addresses: list[Any] | None = None
+        self._node_exists = False
+        self._started = False  # the first sync was queued
+        self._start_lock = threading.Lock()
         # Held by the controller while the initial lists arrive; released after the first sync.
         self.initial_load_gc = InitialLoadGC()
         self._random_fully = {
@@ -130,8 +134,34 @@ class Proxier:
 
     @property
     def initialized(self) -> bool:
-        """True once Services and EndpointSlices have both been listed (kube-proxy's gate)."""
-        return {"services", "endpointslices"} <= self._synced
+        """True once Services and EndpointSlices have both been listed and, when the
+        configuration depends on the Node, the Node has what it needs (kube-proxy's gates)."""
+        lists = {"services", "endpointslices"} <= self._synced
+        return lists and self.waiting_for_node() is None
+
+    def node_dependency(self) -> str:
+        """What in the configuration needs this node's Node object ("" if nothing does)."""
+        if self.config.detect_local_mode == "NodeCIDR":
+            return "detectLocalMode NodeCIDR (the Node's spec.podCIDRs)"
+        if PRIMARY in self.config.nodeport_addresses and not self.config.node_ips:
+            return "nodePortAddresses: [primary] (the Node's addresses)"
+        return ""
+
+    def waiting_for_node(self) -> str | None:
+        """Why the first sync waits for the Node, or None if it does not (any more)."""
+        needs = self.node_dependency()
+        if not needs or self._started:
+            return None
+        if "nodes" not in self._synced:
+            return f"Node {self.node_name!r} not listed yet and {needs} depends on it"
+        if not self._node_exists:
+            return (
+                f"Node {self.node_name!r} does not exist (is --hostname-override or "
+                f"$NODE_NAME right?) and {needs} depends on it"
+            )
+        if self.config.detect_local_mode == "NodeCIDR" and not self.tracker.node.pod_cidrs:
+            return f"Node {self.node_name!r} has no spec.podCIDRs yet and {needs} depends on it"
+        return None
 
     def handler(self, kind: str) -> ObjectEvents:
         """The :class:`~minikproxy.sources.kubeapi.ObjectHandler` for ``services``,
@@ -148,7 +178,16 @@ class Proxier:
             self.metrics.endpoint_changes_total.inc()
         elif kind == "nodes":
             if deleted:
+                self._node_exists = False
+                logger.warning(
+                    "this node's Node %r was deleted: keeping its last known addresses, zone "
+                    "and pod CIDRs",
+                    self.node_name,
+                )
                 return
+            if not self._node_exists and "nodes" in self._synced:
+                logger.info("Node %r now exists", self.node_name)
+            self._node_exists = True
             fn = tracker.set_node
             self.health.sync_node(dict(obj))
             self._log_node_addresses(obj)
@@ -158,8 +197,10 @@ class Proxier:
             tracker.guarded(fn, obj)
             self.metrics.service_changes_pending.set(tracker.pending_service_changes)
             self.metrics.endpoint_changes_pending.set(tracker.pending_endpoint_changes)
-        if self.initialized:
+        if self._started:
             self.sync()
+        else:
+            self._maybe_start()
 
     def _log_node_addresses(self, obj: Mapping[str, Any]) -> None:
         """Log the node IPs learned from the Node object (when ``--node-ip`` is not given),
@@ -176,11 +217,32 @@ class Proxier:
             logger.info("Node IPs from the Node object: %s", ", ".join(map(str, addresses)))
 
     def _mark_synced(self, kind: str) -> None:
-        was = self.initialized
         self._synced.add(kind)
-        if self.initialized and not was:
+        if kind == "nodes":
+            reason = self.waiting_for_node()
+            if reason is not None:
+                logger.warning("waiting for the Node before the first sync: %s", reason)
+            elif not self._node_exists:
+                logger.warning(
+                    "Node %r not found: its addresses, zone and pod CIDRs are unknown (is "
+                    "--hostname-override or $NODE_NAME right?)",
+                    self.node_name,
+                )
+        self._maybe_start()
+
+    def _maybe_start(self) -> None:
+        """Queue the first sync once every gate is open (once)."""
+        with self._start_lock:
+            if self._started or not self.initialized:
+                return
+            self._started = True
+        if self.node_dependency():
+            logger.info(
+                "initial lists of Services and EndpointSlices and the Node received; syncing"
+            )
+        else:
             logger.info("initial lists of Services and EndpointSlices received; syncing")
-            self.sync()
+        self.sync()
 
     def sync(self) -> None:
         """Queue a sync (coalesced by the runner); never blocks."""
@@ -257,6 +319,11 @@ class Proxier:
         return True
 
     def _failed(self, err: Exception, full: bool, start: float) -> bool:
+        if isinstance(err.__cause__, ExecCancelledError):  # stopping: not a failure
+            logger.info("%s sync interrupted: %s", _kind(full), err)
+            with self._lock:
+                self._needs_full = True
+            return False
         detail = str(err)
         if isinstance(err, IptablesError) and err.line is not None:
             detail += f" (input line {err.line}: {err.line_text!r})"

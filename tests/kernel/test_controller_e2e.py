@@ -63,6 +63,8 @@ class Harness:
         self.controller: Controller | None = None
 
     def start(self, **config: Any) -> Controller:
+        if self.controller is None and self.execer.closed:  # a stopped controller closed it
+            self.execer = FlakyExecer(self.topo.namespaces["node"])
         self.controller = start_controller(self.kubeconfig, self.execer, **config)
         return self.controller
 

@@ -306,6 +306,23 @@ def test_sigint_stops_cleanly_and_explicit_node_ips_are_logged(
     assert not any("Traceback" in line or "KeyboardInterrupt" in line for line in proxy.stderr)
 
 
+def test_kubeadms_complete_configuration_runs(
+    api: tuple[FakeApiServer, Path],
+    start_proxy: Callable[[Sequence[str]], Proxy],
+    world_readable_dir: Path,
+) -> None:
+    """kubeadm's KubeProxyConfiguration (syncPeriod: 0s and minSyncPeriod: 0s among its zero
+    values) used to crash `run` with a traceback; zero means kube-proxy's default."""
+    _, kubeconfig = api
+    config = world_readable_dir / "kubeadm-config.yaml"
+    shutil.copy(Path(__file__).parents[1] / "data" / "kubeadm-kube-proxy-config.yaml", config)
+    config.chmod(0o644)
+    proxy = start_proxy(dry_run_args(kubeconfig, "--config", str(config)))
+    proxy.read_until(lambda line: line.startswith("# IPv4: initial sync"))
+    assert proxy.stop(signal.SIGTERM) == 0
+    assert not [line for line in proxy.stderr if " ERROR " in line or "Traceback" in line]
+
+
 def test_no_cluster_cidr_means_no_local_traffic_detection(
     api: tuple[FakeApiServer, Path], start_proxy: Callable[[Sequence[str]], Proxy]
 ) -> None:

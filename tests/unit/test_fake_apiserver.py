@@ -487,6 +487,63 @@ def test_compacted_resource_version_raises_410(
     assert http.request("GET", url + server.resource_version).data == b""
 
 
+def test_rollback_restores_state_and_too_large_versions_get_the_watch_cache_error() -> None:
+    with FakeApiServer(fresh_wait=0.1) as srv:
+        srv.create(service("kept"))
+        backup = srv.resource_version
+        srv.create(service("undone"))
+        srv.delete("services", "default", "kept")
+        newest = srv.resource_version
+        srv.rollback(backup)
+        assert srv.resource_version == backup
+        assert [o["metadata"]["name"] for o in srv.objects("services")] == ["kept"]
+        with pytest.raises(ValueError, match="cannot roll back"):
+            srv.rollback(newest)
+        http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=5, read=10))
+        url = f"{srv.url}/api/v1/services?watch=1&timeoutSeconds=5&resourceVersion={newest}"
+        resp = http.request("GET", url)
+        assert resp.status == 200  # the error is a watch event, as from the real watch cache
+        (event,) = [json.loads(line) for line in resp.data.splitlines()]
+        assert event == {
+            "type": "ERROR",
+            "object": {
+                "kind": "Status",
+                "apiVersion": "v1",
+                "metadata": {},
+                "status": "Failure",
+                "message": f"Timeout: Too large resource version: {newest}, current: {backup}",
+                "reason": "Timeout",
+                "details": {
+                    "causes": [
+                        {
+                            "reason": "ResourceVersionTooLarge",
+                            "message": "Too large resource version",
+                        }
+                    ],
+                    "retryAfterSeconds": 1,
+                },
+                "code": 504,
+            },
+        }
+        # history resumes from the restored version: the next write reuses a lost number
+        created = srv.create(service("after"))
+        assert int(created["metadata"]["resourceVersion"]) == int(backup) + 1
+
+
+def test_a_too_large_version_reached_while_waiting_is_watched(server: FakeApiServer) -> None:
+    ahead = str(int(server.resource_version) + 1)
+    http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=5, read=10))
+    url = f"{server.url}/api/v1/services?watch=1&timeoutSeconds=1&resourceVersion={ahead}"
+    result: list[bytes] = []
+    reader = threading.Thread(target=lambda: result.append(http.request("GET", url).data))
+    reader.start()
+    server.create(service("a"))  # reaches `ahead` (before or within the cacher's 3 s wait)
+    server.create(service("b"))
+    reader.join(10)
+    events = [json.loads(line) for line in result[0].splitlines()]
+    assert [(e["type"], e["object"]["metadata"]["name"]) for e in events] == [("ADDED", "b")]
+
+
 def test_dropped_connection_ends_the_stream(server: FakeApiServer, core: client.CoreV1Api) -> None:
     stream = StreamThread(
         core.list_service_for_all_namespaces,

@@ -20,6 +20,7 @@ from minikproxy.sources.kubeapi import (
     ResourceSpec,
     _abort,
     node_spec,
+    resource_version_unusable,
 )
 from minikproxy.sources.kubeclient import KubeConfigError, load_api_client
 from minikproxy.testing.apiserver import FakeApiServer
@@ -89,8 +90,8 @@ class Recorder:
         with self._cond:
             return self._cond.wait_for(predicate, timeout)
 
-    def wait_calls(self, n: int) -> bool:
-        return self.wait(lambda: len(self.calls) >= n)
+    def wait_calls(self, n: int, timeout: float = WAIT) -> bool:
+        return self.wait(lambda: len(self.calls) >= n, timeout)
 
 
 @pytest.fixture
@@ -278,6 +279,68 @@ def test_410_relist_reconciles_changes_made_during_the_gap(server: FakeApiServer
     server.delete("services", "default", b["metadata"]["name"])
     assert handler.wait_calls(7)
     assert handler.calls[-1] == ("delete", "b")
+
+
+def test_resource_version_rolled_back_relists_from_scratch(
+    server: FakeApiServer, run: Run, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An etcd restore: the store goes back to an older resourceVersion, the watch cache
+    answers the reflector's newer one with 504 "Too large resource version"; the reflector
+    must list from scratch, not retry that resourceVersion forever."""
+    caplog.set_level(logging.INFO, logger="minikproxy")
+    server.create(service("a"))
+    backup = server.resource_version
+    reflector, handler, _ = run()
+    server.create(service("undone"))
+    assert handler.wait_calls(2)
+    assert eventually(lambda: reflector.last_resource_version == server.resource_version)
+    server.rollback(backup)  # "undone" never existed; the watches are dropped
+    assert handler.wait_calls(3, timeout=15)  # the watch cache waits 3 s before answering
+    assert handler.calls[2] == ("delete", "undone")
+    assert [r.verb for r in server.request_log].count("list") == 2
+    assert reflector.last_resource_version == backup
+    assert any(
+        "is unusable (504 Timeout: Timeout: Too large resource version" in m
+        for m in caplog.messages
+    ), caplog.messages
+    server.create(service("new"))  # reuses the resourceVersion the reflector had seen
+    server.delete("services", "default", "a")
+    assert handler.wait_calls(5)
+    assert handler.calls[3:] == [("add", "new"), ("delete", "a")]
+
+
+@pytest.mark.parametrize(
+    ("status", "unusable"),
+    [
+        ({"code": 410, "reason": "Expired", "message": "too old resource version: 1 (5)"}, True),
+        ({"code": 410, "reason": "Gone"}, True),  # API servers up to 1.17
+        (
+            {
+                "code": 504,
+                "reason": "Timeout",
+                "details": {"causes": [{"reason": "ResourceVersionTooLarge"}]},
+            },
+            True,
+        ),
+        (  # 1.17.0 to 1.18.5: the cause's message only
+            {"code": 504, "details": {"causes": [{"message": "Too large resource version"}]}},
+            True,
+        ),
+        (  # before 1.17: the Status message only
+            {
+                "code": 504,
+                "reason": "Timeout",
+                "message": "Too large resource version: 9, current: 5",
+            },
+            True,
+        ),
+        ({"code": 504, "reason": "Timeout", "message": "request did not complete"}, False),
+        ({"code": 500, "reason": "InternalError", "message": "etcd is down"}, False),
+        ("not a status", False),
+    ],
+)
+def test_which_errors_make_the_resource_version_unusable(status: Any, unusable: bool) -> None:
+    assert resource_version_unusable(status) is unusable
 
 
 def test_outage_then_recovery_forgets_nothing(server: FakeApiServer, run: Run) -> None:

@@ -230,13 +230,15 @@ def test_examples_load() -> None:
         pytest.param("250us", 250e-6, id="us"),
         pytest.param("0", 0.0, id="zero"),
         pytest.param(" 2s ", 2.0, id="whitespace"),
+        pytest.param("-1s", -1.0, id="negative"),  # valid; validation then rejects it
+        pytest.param("0s", 0.0, id="zero-seconds"),
     ],
 )
 def test_parse_duration(text: str, seconds: float) -> None:
     assert parse_go_duration(text) == pytest.approx(seconds)
 
 
-@pytest.mark.parametrize("text", ["1", "s", "1x", "1s2", "abc", "-1s", "1 s"])
+@pytest.mark.parametrize("text", ["1", "s", "1x", "1s2", "abc", "--1s", "-", "1 s"])
 def test_parse_duration_rejects(text: str) -> None:
     with pytest.raises(ValueError, match="invalid duration"):
         parse_go_duration(text)
@@ -268,7 +270,7 @@ healthzBindAddress: 0.0.0.0:10999
 metricsBindAddress: 0.0.0.0:10998
 detectLocalMode: InterfaceNamePrefix
 detectLocal: {interfaceNamePrefix: veth}
-nodePortAddresses: [primary, 10.0.0.0/8]
+nodePortAddresses: [primary]
 conntrack: {tcpBeLiberal: true}
 iptables:
   masqueradeAll: true
@@ -297,7 +299,7 @@ def test_every_field_mapped(tmp_path: Path) -> None:
         min_sync_period=0.5,
         detect_local_mode="InterfaceNamePrefix",
         interface_name_prefix="veth",
-        nodeport_addresses=("primary", "10.0.0.0/8"),
+        nodeport_addresses=("primary",),
         healthz_bind_address="0.0.0.0:10999",
         metrics_bind_address="0.0.0.0:10998",
         conntrack_tcp_be_liberal=True,

@@ -21,7 +21,7 @@ import shlex
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal, Protocol
 
-from minikproxy.dataplane.execer import Execer, ExecResult, ExecTimeoutError
+from minikproxy.dataplane.execer import Execer, ExecError, ExecResult
 from minikproxy.model.names import IPFamily
 
 logger = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ def _save_score(execer: Execer, argv: Sequence[str]) -> int:
     """Rules plus KUBE-* chain declarations in one save output; 0 if the tool is unusable."""
     try:
         result = execer.run(argv, timeout=_DETECT_TIMEOUT)
-    except (OSError, ExecTimeoutError) as exc:
+    except (OSError, ExecError) as exc:
         logger.debug("backend detection: %s unusable: %s", argv[0], exc)
         return 0
     if result.returncode != 0:
@@ -175,7 +175,7 @@ def _has_hint_chain(execer: Execer, backend: IptablesBackend) -> bool:
     argv = [binary_name("IPv4", backend, "save"), "-t", "mangle"]
     try:
         result = execer.run(argv, timeout=_DETECT_TIMEOUT)
-    except (OSError, ExecTimeoutError):
+    except (OSError, ExecError):
         return False
     return result.returncode == 0 and bool(parse_chains(result.stdout) & set(HINT_CHAINS))
 
@@ -296,7 +296,7 @@ class RealIptables:
     def _run(self, argv: Sequence[str], stdin: bytes | None = None) -> ExecResult:
         try:
             return self.execer.run(argv, stdin=stdin, timeout=self.timeout)
-        except (OSError, ExecTimeoutError) as exc:
+        except (OSError, ExecError) as exc:
             raise IptablesError(f"cannot run {argv[0]}: {exc}", argv=argv) from exc
 
     def _command(self, table: str, op: str, chain: str, args: Sequence[str] = ()) -> list[str]:

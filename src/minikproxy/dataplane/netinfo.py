@@ -14,7 +14,7 @@ import socket
 import struct
 from typing import Any
 
-from minikproxy.dataplane.execer import Execer, ExecTimeoutError
+from minikproxy.dataplane.execer import Execer, ExecError
 from minikproxy.model.names import IPFamily
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -37,7 +37,7 @@ def local_addresses(
     argv = ["ip", "-j", "-f", _JSON_FAMILY[family], "addr", "show"]
     try:
         result = execer.run(argv, timeout=timeout)
-    except (OSError, ExecTimeoutError) as exc:
+    except (OSError, ExecError) as exc:
         raise NetInfoError(f"cannot run {' '.join(argv)}: {exc}") from exc
     if result.returncode != 0:
         stderr = result.stderr.decode(errors="replace").strip()

@@ -2,11 +2,14 @@
 
 A :class:`Reflector` lists a resource (paginated), delivers the differences against its own
 cache to an :class:`ObjectHandler`, calls ``on_synced`` once, then watches from the list's
-resourceVersion. Bookmarks advance the resourceVersion silently. A ``410 Gone`` (the version
-was compacted) triggers a relist reconciled against the cache, so deletions that happened
-while the watch was down still reach the handler. Any other failure (dropped stream, refused
-connection, 5xx) resumes the watch from the last resourceVersion after a capped, jittered
-exponential backoff; an outage never makes the handler forget objects.
+resourceVersion. Bookmarks advance the resourceVersion silently. An error saying the
+resourceVersion is unusable (``410 Gone``: compacted; the watch cache's ``504`` "Too large
+resource version": the store went back in time, e.g. an etcd restore) triggers a list from
+scratch reconciled against the cache, as client-go's reflector does, so deletions that
+happened while the watch was down (or were undone by the restore) still reach the handler.
+Any other failure (dropped stream, refused connection, 5xx) resumes the watch from the last
+resourceVersion after a capped, jittered exponential backoff; an outage never makes the
+handler forget objects.
 
 The official ``kubernetes`` client does the HTTP (configuration, auth, TLS), but is asked for
 raw responses (``_preload_content=False``): bodies are decoded with :func:`json.loads` and
@@ -90,7 +93,46 @@ def _resource_version(obj: dict[str, Any]) -> str:
 
 
 class _Expired(Exception):
-    """The requested resourceVersion is gone (410): relist."""
+    """The requested resourceVersion cannot be used (410 Gone, or too large): relist."""
+
+
+_TOO_LARGE = "Too large resource version"
+
+
+def resource_version_unusable(status: Any) -> bool:
+    """Whether an API ``Status`` says the requested resourceVersion cannot be served.
+
+    Like client-go's ``isExpiredError`` / ``isTooLargeResourceVersionError``: 410 (reason
+    ``Expired`` or ``Gone``), or a ``Timeout`` with the ``ResourceVersionTooLarge`` cause (or,
+    from API servers before 1.18.6, only its message).
+    """
+    if not isinstance(status, dict):
+        return False
+    if status.get("code") == 410 or status.get("reason") in ("Expired", "Gone"):
+        return True
+    details = status.get("details") or {}
+    causes = (details.get("causes") or []) if isinstance(details, dict) else []
+    for cause in causes:
+        if isinstance(cause, dict) and (
+            cause.get("reason") == "ResourceVersionTooLarge" or cause.get("message") == _TOO_LARGE
+        ):
+            return True
+    timeout = status.get("code") == 504 or status.get("reason") == "Timeout"
+    return timeout and _TOO_LARGE in str(status.get("message", ""))
+
+
+def _error_status(err: BaseException) -> dict[str, Any]:
+    """The ``Status`` of a failed request (an ``ApiException``'s body), or {}."""
+    status: dict[str, Any] = {"code": getattr(err, "status", None)}
+    body = getattr(err, "body", None)
+    if body:
+        try:
+            parsed = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return status
+        if isinstance(parsed, dict):
+            status.update(parsed)
+    return status
 
 
 class WatchError(Exception):
@@ -295,7 +337,8 @@ class Reflector:
     # watch -------------------------------------------------------------------------------
 
     def _watch(self, stop: threading.Event) -> bool:
-        """Watch until the stream ends; return True if a relist is needed (410)."""
+        """Watch until the stream ends; return True if a relist is needed (see
+        :func:`resource_version_unusable`)."""
         timeout = int(self._watch_timeout * (1.0 + self._rng.random()))
         started = time.monotonic()
         try:
@@ -309,8 +352,9 @@ class Reflector:
                 **self._selectors(),
             )
         except Exception as err:
-            if getattr(err, "status", None) == 410:
-                logger.info("%s: resourceVersion %s expired; relisting", self.name, self._rv)
+            status = _error_status(err)
+            if resource_version_unusable(status):
+                self._log_unusable(status)
                 return True
             raise
         self._set_response(resp)
@@ -327,8 +371,8 @@ class Reflector:
                         self._dispatch(orjson.loads(line))
                         events += 1
                         self._failures = 0
-        except _Expired:
-            logger.info("%s: resourceVersion %s expired; relisting", self.name, self._rv)
+        except _Expired as expired:
+            self._log_unusable(expired.args[0])
             return True
         finally:
             self._set_response(None)
@@ -343,8 +387,8 @@ class Reflector:
         etype = event.get("type")
         obj: dict[str, Any] = event.get("object") or {}
         if etype == "ERROR":
-            if obj.get("code") == 410:
-                raise _Expired(obj.get("message", ""))
+            if resource_version_unusable(obj):
+                raise _Expired(obj)
             raise WatchError(f"{obj.get('code')} {obj.get('reason')}: {obj.get('message')}")
         rv = _resource_version(obj)
         if etype in ("ADDED", "MODIFIED"):
@@ -365,6 +409,16 @@ class Reflector:
             self._rv = rv
 
     # helpers -----------------------------------------------------------------------------
+
+    def _log_unusable(self, status: dict[str, Any]) -> None:
+        logger.info(
+            "%s: resourceVersion %s is unusable (%s %s: %s); listing from scratch",
+            self.name,
+            self._rv,
+            status.get("code"),
+            status.get("reason", ""),
+            status.get("message", ""),
+        )
 
     def _call(self, fn: Callable[..., None], *args: Any) -> None:
         try:

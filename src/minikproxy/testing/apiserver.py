@@ -10,12 +10,16 @@
   selectors (``metadata.name``, ``metadata.namespace``); list items carry no kind/apiVersion;
 - WATCH as a chunked stream of JSON lines, starting after ``resourceVersion`` (or with synthetic
   ADDED events for ``""``/``"0"``), ``410 Expired`` ERROR events for compacted versions,
-  BOOKMARK events, ``timeoutSeconds``, and selector transitions delivered as ADDED/DELETED.
+  the watch cache's ``504 Timeout`` ERROR event (cause ``ResourceVersionTooLarge``) for a
+  resourceVersion newer than the store's after waiting for it a while (e.g. after an etcd
+  restore, :meth:`FakeApiServer.rollback`), BOOKMARK events, ``timeoutSeconds``, and selector
+  transitions delivered as ADDED/DELETED.
 
 Tests drive it through controls (:meth:`FakeApiServer.create`, :meth:`~FakeApiServer.update`,
 :meth:`~FakeApiServer.delete`, :meth:`~FakeApiServer.compact`, :meth:`~FakeApiServer.drop_watches`,
-:meth:`~FakeApiServer.outage`...) and read :attr:`~FakeApiServer.request_log` to check which
-RBAC verbs a component used. Only the standard library is used.
+:meth:`~FakeApiServer.outage`, :meth:`~FakeApiServer.rollback`...) and read
+:attr:`~FakeApiServer.request_log` to check which RBAC verbs a component used. Only the
+standard library is used.
 """
 
 from __future__ import annotations
@@ -450,11 +454,16 @@ class FakeApiServer:
     Use as a context manager or call :meth:`start` / :meth:`stop`. All methods are thread-safe.
     ``bookmark_interval`` (seconds) sends BOOKMARK events periodically to watches that asked
     for them; ``None`` (the default) sends them only when :meth:`send_bookmarks` is called.
+    ``fresh_wait`` (seconds) is how long a watch from a resourceVersion newer than the store's
+    waits for it before the watch cache's "Too large resource version" error (the real
+    cacher blocks up to 3 s).
     """
 
-    def __init__(self, *, bookmark_interval: float | None = None) -> None:
+    def __init__(self, *, bookmark_interval: float | None = None, fresh_wait: float = 3.0) -> None:
         self._lock = threading.RLock()
         self._watches_changed = threading.Condition(self._lock)
+        self._written = threading.Condition(self._lock)  # notified on every write
+        self._fresh_wait = fresh_wait
         self._rv = 1
         self._compacted = 0  # watches/continues from an RV below this get 410
         self._objects: dict[str, dict[str, _Entry]] = {rt.plural: {} for rt in RESOURCES}
@@ -590,6 +599,27 @@ class FakeApiServer:
             self._history.clear()
             return str(self._rv)
 
+    def rollback(self, resource_version: str) -> None:
+        """Restore every resource as it was at ``resource_version`` (an etcd restore from a
+        backup, an API server rolled back): later history is lost and the global
+        resourceVersion goes back to ``resource_version``; open watches are dropped (the API
+        servers restart). Clients still holding a newer resourceVersion then get the watch
+        cache's "Too large resource version" error until the store catches up."""
+        rv = int(resource_version)
+        with self._lock:
+            if not self._compacted <= rv <= self._rv:
+                raise ValueError(
+                    f"cannot roll back to {rv}: history is {self._compacted}..{self._rv}"
+                )
+            for rt in RESOURCES:
+                past, _ = self._snapshot(rt, rv)
+                self._objects[rt.plural] = dict(past)
+                self._sorted_keys[rt.plural] = None
+            start = bisect.bisect_right(self._history, rv, key=lambda e: e.rv)
+            del self._history[start:]
+            self._rv = rv
+        self.drop_watches()
+
     def drop_watches(self) -> int:
         """Abruptly close every open watch connection; return how many were open."""
         with self._lock:
@@ -704,6 +734,7 @@ class FakeApiServer:
 
     def _record(self, ev: _Event) -> None:
         self._history.append(ev)
+        self._written.notify_all()
         for w in self._watches:
             if w.rt is ev.rt and (line := w.line_for(ev)) is not None:
                 w.queue.put(line)
@@ -1037,6 +1068,16 @@ class FakeApiServer:
                 watch.queue.put(_event_line("ERROR", json.dumps(err.status()).encode()))
                 watch.queue.put(_CLOSE)
                 return True
+            if since is not None and since > self._rv:
+                # the watch cache blocks until it has seen `since`, then gives up
+                self._written.wait_for(lambda: self._rv >= since, self._fresh_wait)
+                if self._outage is not None or self._httpd is None:
+                    return False
+            if since is not None and since > self._rv:
+                status = _TooLargeResourceVersion(since, self._rv).status()
+                watch.queue.put(_event_line("ERROR", json.dumps(status).encode()))
+                watch.queue.put(_CLOSE)
+                return True
             if since is None:
                 for key in self._keys(rt):
                     entry = self._objects[rt.plural][key]
@@ -1109,3 +1150,25 @@ class _ExpiredContinue(ApiError):
     def status(self, metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The Status, carrying a fresh continue token as the real server does."""
         return super().status({"continue": self.fresh_token, **(metadata or {})})
+
+
+class _TooLargeResourceVersion(ApiError):
+    """The watch cache's answer to a resourceVersion it has not reached (apiserver's
+    ``storage.NewTooLargeResourceVersionError``: a 504 Timeout with a
+    ``ResourceVersionTooLarge`` cause)."""
+
+    def __init__(self, requested: int, current: int) -> None:
+        super().__init__(
+            504, "Timeout", f"Timeout: Too large resource version: {requested}, current: {current}"
+        )
+
+    def status(self, metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The Status, with the cause and retry hint the real server sends."""
+        status = super().status(metadata)
+        status["details"] = {
+            "causes": [
+                {"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}
+            ],
+            "retryAfterSeconds": 1,
+        }
+        return status

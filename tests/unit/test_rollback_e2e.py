@@ -1,0 +1,104 @@
+"""An etcd restore under a running (dry-run) controller: the store goes back to an older
+resourceVersion, the watch cache answers the controller's newer one with 504 "Too large
+resource version"; the controller lists from scratch, so a Service the restore removed
+disappears from the rules and a Service created afterwards appears."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from minikproxy.config import ProxyConfig
+from minikproxy.controller import Controller
+from minikproxy.model.names import IPV4
+from minikproxy.sources.kubeclient import load_api_client
+from minikproxy.testing.apiserver import FakeApiServer
+from tests.helpers import wait_for
+
+pytestmark = pytest.mark.timeout(60)
+
+NODE = "node-1"
+
+
+def service(name: str, ip: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"clusterIP": ip, "ports": [{"name": "p", "port": 80, "protocol": "TCP"}]},
+    }
+
+
+def endpoint_slice(name: str, address: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": f"{name}-1",
+            "namespace": "default",
+            "labels": {"kubernetes.io/service-name": name},
+        },
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [address], "conditions": {"ready": True}}],
+        "ports": [{"name": "p", "port": 8080, "protocol": "TCP"}],
+    }
+
+
+@pytest.fixture
+def server() -> Iterator[FakeApiServer]:
+    with FakeApiServer(fresh_wait=0.2) as srv:
+        srv.create({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}})
+        yield srv
+
+
+@pytest.fixture
+def controller(server: FakeApiServer, tmp_path: Path) -> Iterator[Controller]:
+    config = ProxyConfig().with_overrides(
+        hostname_override=NODE, min_sync_period=0.0, sync_period=30.0
+    )
+    ctl = Controller(
+        config,
+        NODE,
+        load_api_client(str(server.write_kubeconfig(tmp_path / "kubeconfig"))),
+        execer=None,
+        families=[IPV4],
+        out=io.StringIO(),
+        record_events=False,
+        reflector_options={"backoff_initial": 0.05, "backoff_max": 0.2},
+    )
+    ctl.start()
+    yield ctl
+    ctl.stop()
+
+
+def programmed(controller: Controller) -> set[str]:
+    """The Services (``ns/name``) whose ClusterIP rules the last sync compiled."""
+    compiled = controller.proxier._families[IPV4].compiled
+    if compiled is None:
+        return set()
+    text = compiled.render()
+    return {name for name in ("default/kept", "default/undone", "default/new") if name in text}
+
+
+def test_rules_follow_the_store_back_in_time(server: FakeApiServer, controller: Controller) -> None:
+    server.create(service("kept", "10.96.0.10"))
+    server.create(endpoint_slice("kept", "10.244.1.5"))
+    wait_for(lambda: programmed(controller) == {"default/kept"}, what="the first Service")
+    backup = server.resource_version
+    server.create(service("undone", "10.96.0.11"))
+    server.create(endpoint_slice("undone", "10.244.1.6"))
+    wait_for(lambda: "default/undone" in programmed(controller), what="the second Service")
+    assert server.wait_for_watches(3)
+
+    server.rollback(backup)  # the restore: "undone" never existed
+    wait_for(lambda: programmed(controller) == {"default/kept"}, what="the restore reconciled")
+    lists = [r for r in server.request_log if r.verb == "list"]
+    assert {r.resource for r in lists[-3:]} >= {"services", "endpointslices"}
+    wait_for(lambda: server.watch_count == 3, what="the watches resumed")
+    server.create(service("new", "10.96.0.12"))
+    server.create(endpoint_slice("new", "10.244.1.7"))
+    wait_for(lambda: programmed(controller) == {"default/kept", "default/new"}, what="new Service")
