@@ -506,7 +506,10 @@ class IptablesRuleset:
     """A compiled ruleset for one IP family: fragments per service port, in sorted order.
 
     Build it with :func:`compile_iptables`. ``changed`` is None for a from-scratch compile, or
-    the port names whose fragments differ from ``previous`` (added, removed or rewritten).
+    the port names whose fragments differ from the previous ruleset (added, removed or
+    rewritten); ``replaced`` then holds the previous fragments of those names that existed.
+    Only those are kept, not the previous ruleset: a controller holds its last ruleset for
+    the process's lifetime, and a chain of predecessors would grow with every sync.
     """
 
     def __init__(
@@ -519,7 +522,7 @@ class IptablesRuleset:
         top_level: dict[tuple[str, str], str],
         port_index: dict[NamespacedName, tuple[ServicePortName, ...]],
         service_rule_count: int,
-        previous: IptablesRuleset | None = None,
+        replaced: Mapping[ServicePortName, ServiceRules] | None = None,
         changed: frozenset[ServicePortName] | None = None,
         dirty_top_level: frozenset[tuple[str, str]] | None = None,
     ) -> None:
@@ -530,7 +533,7 @@ class IptablesRuleset:
         self.top_level = top_level
         self.port_index = port_index
         self.service_rule_count = service_rule_count
-        self.previous = previous
+        self.replaced = replaced
         self.changed = changed
         self.dirty_top_level = dirty_top_level
 
@@ -618,16 +621,22 @@ class IptablesRuleset:
     # --- partial restore --------------------------------------------------------------------
 
     def render_partial(self, *, rewrite_top_level: bool = False) -> str:
-        """Input for ``iptables-restore --noflush`` bringing the kernel from ``previous`` to this.
+        """Input for ``iptables-restore --noflush`` bringing the kernel from the previous
+        ruleset to this one.
 
-        Writes the changed services' chains, deletes their stale chains, and rewrites a
-        top-level chain only if its content changed (or always, with ``rewrite_top_level``,
-        which is what kube-proxy does). Returns "" when nothing needs writing. Without a
-        previous ruleset it is the full ruleset without jumps or canaries.
+        Of the changed services it writes only the chains whose rules changed (new chains
+        included) and deletes the chains they no longer have; a top-level chain is rewritten
+        only if its content changed. With ``rewrite_top_level`` it does what kube-proxy does:
+        every top-level chain and every chain of the changed services. Returns "" when nothing
+        needs writing. Without a previous ruleset it is the full ruleset without jumps or
+        canaries.
+
+        Why only changed chains: on nf_tables each chain written costs iptables-restore a
+        flush and a re-add of its rules, so an endpoint change in a 10-endpoint service writes
+        its KUBE-SVC chain and one KUBE-SEP chain instead of eleven.
         """
-        if self.previous is None or self.changed is None or self.dirty_top_level is None:
+        if self.replaced is None or self.changed is None or self.dirty_top_level is None:
             return self.render(jumps=False, canary=False)
-        previous = self.previous
         dirty = self.dirty_top_level
         out: list[str] = []
         filter_chains = [
@@ -647,19 +656,31 @@ class IptablesRuleset:
             if rules is not None:
                 live.update(rules.chains)
         stale: list[str] = []
+        written: list[tuple[str, str]] = []  # (chain, its rules)
         for name in changed:
-            old = previous.services.get(name)
+            old, new = self.replaced.get(name), self.services.get(name)
             if old is not None:
                 stale.extend(c for c in old.chains if c not in live)
-        rewritten = [self.services[n] for n in changed if n in self.services]
-        if not nat_chains and not rewritten and not stale:
+            if new is None:
+                continue
+            new_chains = _rules_by_chain(new)
+            if rewrite_top_level or old is None:
+                written.extend(new_chains.items())
+                continue
+            old_chains = _rules_by_chain(old)
+            written.extend(
+                (chain, text)
+                for chain, text in new_chains.items()
+                if chain not in old_chains or old_chains[chain] != text
+            )
+        if not nat_chains and not written and not stale:
             return "".join(out)
         out.append("*nat\n")
         out.extend(f":{c} - [0:0]\n" for c in nat_chains)
-        out.extend(r.chain_decls for r in rewritten)
+        out.extend(f":{c} - [0:0]\n" for c, _ in written)
         out.extend(f":{c} - [0:0]\n" for c in stale)
         out.extend(self.top_level.get(("nat", c), "") for c in nat_chains)
-        out.extend(r.rules for r in rewritten)
+        out.extend(text for _, text in written)
         out.extend(f"-X {c}\n" for c in stale)
         out.append("COMMIT\n")
         return "".join(out)
@@ -700,6 +721,14 @@ class IptablesRuleset:
         return counts
 
 
+def _rules_by_chain(rules: ServiceRules) -> dict[str, str]:
+    """A service port's own chains, each with its rules (in order; "" for an empty chain)."""
+    groups: dict[str, list[str]] = {c: [] for c in rules.chains}
+    for line in rules.rules.splitlines(keepends=True):
+        groups.setdefault(line.split(" ", 2)[1], []).append(line)  # "-A CHAIN ..."
+    return {chain: "".join(lines) for chain, lines in groups.items()}
+
+
 def _jump_lines(table: str, options: IptablesOptions) -> Iterable[str]:
     # Prepending each rule in turn leaves them in reverse order in the built-in chain;
     # appending in reverse order gives the same chain contents in a fresh table.
@@ -736,16 +765,17 @@ def compile_iptables(
     and ``changed_services`` (every Service whose ports or endpoints changed since), only
     those Services are recompiled and the rest is reused; the result is identical to a
     from-scratch compile, and :meth:`IptablesRuleset.render_partial` writes the difference.
+    When the cluster crosses the large-cluster threshold (which changes every endpoint
+    chain) every Service is recompiled, and the result still knows what changed.
     """
     if options.family != state.family:
         raise ValueError(f"options are for {options.family}, state is {state.family}")
     large = state.total_endpoints > options.large_cluster_threshold
     incremental = (
-        previous is not None
-        and changed_services is not None
-        and previous.options == options
-        and previous.large_cluster == large
+        previous is not None and changed_services is not None and previous.options == options
     )
+    if incremental and previous is not None and previous.large_cluster != large:
+        changed_services = set(previous.port_index) | set(state.ports_by_service)
     if not incremental:
         with gc_paused():
             services = {
@@ -771,6 +801,7 @@ def compile_iptables(
 
     assert previous is not None and changed_services is not None
     services = dict(previous.services)
+    replaced: dict[ServicePortName, ServiceRules] = {}
     order = previous.order
     changed: set[ServicePortName] = set()
     dirty_fields: set[str] = set()
@@ -788,6 +819,7 @@ def compile_iptables(
                 old = services.pop(name)
                 rule_count -= old.rule_count
                 changed.add(name)
+                replaced[name] = old
                 dirty_fields.update(f for _, _, f in _DYNAMIC_CHAINS if old[_FIELD_INDEX[f]])
                 if not order_copied:
                     order, order_copied = list(order), True
@@ -813,6 +845,8 @@ def compile_iptables(
             rule_count += rules.rule_count - (old_rules.rule_count if old_rules else 0)
             services[name] = rules
             changed.add(name)
+            if old_rules is not None:
+                replaced[name] = old_rules
     top = dict(previous.top_level)
     which = [entry for entry in _DYNAMIC_CHAINS if entry[2] in dirty_fields]
     _top_level(options, services, order, which, top)
@@ -824,7 +858,7 @@ def compile_iptables(
         top_level=top,
         port_index=port_index,
         service_rule_count=rule_count,
-        previous=previous,
+        replaced=replaced,
         changed=frozenset(changed),
         dirty_top_level=frozenset((t, c) for t, c, _ in which),
     )
