@@ -59,13 +59,21 @@ class Runner(Protocol):
 
 @dataclass
 class SyncResult:
-    """What the last sync did (for logs, tests and the dry-run printer)."""
+    """What a sync did (for logs, tests, the dry-run printer and lag measurements).
+
+    ``resource_versions`` maps each kind (``services``, ``endpointslices``, ``nodes``) to the
+    resourceVersion of the last object of that kind the sync's snapshot includes: watch events
+    arrive in resourceVersion order, so every change of that kind up to it is in the rules
+    once the sync has ended. ``ended`` is the proxier's clock when it ended.
+    """
 
     full: bool
     ok: bool
     restored_bytes: int = 0
     duration: float = 0.0
     error: str = ""
+    resource_versions: Mapping[str, str] = field(default_factory=dict)
+    ended: float = 0.0
 
 
 @dataclass
@@ -101,6 +109,7 @@ class Proxier:
     rewrite_top_level: bool = False  # True: kube-proxy's partial sync (always KUBE-SERVICES)
     runner: Runner | None = None
     last_sync: SyncResult | None = None
+    on_sync: Callable[[SyncResult], None] | None = None  # called after every sync
     tracker: ClusterTracker = field(init=False)
 
     def __post_init__(self) -> None:
@@ -110,6 +119,7 @@ class Proxier:
         self._started_at = self.wallclock()
         self._lock = threading.Lock()
         self._synced: set[str] = set()
+        self._resource_versions: dict[str, str] = {}
         self._needs_full = True
         self._last_full = -float("inf")
         self._failures = 0
@@ -154,8 +164,11 @@ class Proxier:
             self._log_node_addresses(obj)
         else:
             raise ValueError(f"unknown kind {kind!r}")
+        rv = (obj.get("metadata") or {}).get("resourceVersion")
         with self._lock:
             tracker.guarded(fn, obj)
+            if isinstance(rv, str):
+                self._resource_versions[kind] = rv
             pending = tracker.pending_services(self.families[0])
         self.metrics.service_changes_pending.set(pending)
         self.metrics.endpoint_changes_pending.set(pending)
@@ -229,6 +242,7 @@ class Proxier:
         with self._lock:
             snapshots = {f: self.tracker.snapshot(f) for f in self.families}
             node = self.tracker.node
+            versions = dict(self._resource_versions)
         self.metrics.service_changes_pending.set(0)
         self.metrics.endpoint_changes_pending.set(0)
         restored = 0
@@ -237,18 +251,23 @@ class Proxier:
             for family in self.families:
                 restored += self._sync_family(family, snapshots[family], node, full)
         except (IptablesError, OSError, ValueError) as err:
-            return self._failed(err, full, start)
-        duration = self.clock() - start
+            return self._failed(err, full, start, versions)
+        end = self.clock()
+        duration = end - start
         self.initial_load_gc.release()
         self._needs_full = False
         self._failures = 0
         if full:
             self._last_full = start
-        self.last_sync = SyncResult(full, True, restored, duration)
+        self.last_sync = SyncResult(full, True, restored, duration, "", versions, end)
         self._after_success(snapshots, full, duration)
+        if self.on_sync is not None:
+            self.on_sync(self.last_sync)
         return True
 
-    def _failed(self, err: Exception, full: bool, start: float) -> bool:
+    def _failed(
+        self, err: Exception, full: bool, start: float, versions: Mapping[str, str]
+    ) -> bool:
         detail = str(err)
         if isinstance(err, IptablesError) and err.line is not None:
             detail += f" (input line {err.line}: {err.line_text!r})"
@@ -263,7 +282,10 @@ class Proxier:
         if self.runner is not None:
             backoff = min(self.config.sync_period, 0.5 * 2 ** min(self._failures, 10))
             self.runner.retry_after(backoff)
-        self.last_sync = SyncResult(full, False, 0, self.clock() - start, detail)
+        end = self.clock()
+        self.last_sync = SyncResult(full, False, 0, end - start, detail, versions, end)
+        if self.on_sync is not None:
+            self.on_sync(self.last_sync)
         return False
 
     def _options(self, family: IPFamily, node: NodeInfo) -> Any:

@@ -24,7 +24,7 @@ from minikproxy.healthz import ProxierHealth, ServiceHealthServer
 from minikproxy.metrics import ProxyMetrics
 from minikproxy.model.names import IPV4, IPV6, NamespacedName, ServicePortName
 from minikproxy.model.parse import SERVICE_NAME_LABEL, TRIGGER_TIME_ANNOTATION
-from minikproxy.proxier import Proxier
+from minikproxy.proxier import Proxier, SyncResult
 from minikproxy.runner import FakeClock
 from minikproxy.testing.fake_conntrack import FakeConntrack
 from minikproxy.testing.fake_iptables import BUILTIN_CHAINS, FakeIptables
@@ -297,6 +297,39 @@ def test_endpoint_only_change_restores_only_that_services_chains() -> None:
     assert "KUBE-SERVICES" not in text  # its content did not change
     assert "*filter" not in text
     assert "-X KUBE-SEP-" in text  # the endpoint that went away loses its chain
+
+
+def test_each_sync_reports_the_resource_versions_it_includes() -> None:
+    results: list[SyncResult] = []
+    rig = make_rig(on_sync=results.append)
+
+    def versioned(obj: Obj, rv: str) -> Obj:
+        return {**obj, "metadata": {**obj["metadata"], "resourceVersion": rv}}
+
+    rig.start(versioned(WEB, "5"), versioned(WEB_EPS, "7"))
+    assert results[-1].ok and results[-1].full
+    assert results[-1].resource_versions == {"services": "5", "endpointslices": "7"}
+    rig.clock.advance(2.0)
+    rig.update(versioned(endpoint_slice("web", "10.244.1.3"), "9"))
+    rig.add(versioned(API, "10"))
+    assert rig.sync()
+    assert len(results) == 2 and not results[-1].full
+    assert results[-1].resource_versions == {"services": "10", "endpointslices": "9"}
+    assert results[-1].ended == rig.clock.now()
+
+
+def test_crossing_the_large_cluster_threshold_stays_a_partial_sync() -> None:
+    rig = make_rig()
+    rig.start(WEB, WEB_EPS, API, API_EPS)
+    many = [f"10.244.{3 + i // 250}.{i % 250 + 1}" for i in range(1001)]
+    rig.update(endpoint_slice("api", *many))  # 1003 endpoints: a large cluster now
+    assert rig.sync()
+    assert not rig.full and rig.kernel.restore_count == 2
+    # web's endpoint chains lose their comments: rewritten by the partial restore
+    web = service_chains(port_name("web")).cluster
+    assert f":{web} - [0:0]" in rig.restored
+    assert KUBE_PROXY_CANARY not in rig.restored  # not a full restore
+    assert rig.kernel.dump() == fresh_full_dump(WEB, WEB_EPS, API, endpoint_slice("api", *many))
 
 
 def test_adding_a_service_rewrites_kube_services() -> None:
