@@ -63,6 +63,13 @@ def apply_restore(tables: Tables, text: str, *, noflush: bool) -> None:
             chain = line.split()[1]
             assert chain in current, f"rule for undeclared chain: {line}"
             current[chain].append(line)
+        elif line.startswith("-D "):  # by number only: what the compiler writes
+            _, chain, number = line.split()
+            del current[chain][int(number) - 1]
+        elif line.startswith("-I "):
+            _, chain, number, spec = line.split(" ", 3)
+            assert 1 <= int(number) <= len(current[chain]), f"bad position: {line}"
+            current[chain].insert(int(number) - 1, f"-A {chain} {spec}")
         elif line.startswith("-X "):
             chain = line.split()[1]
             referencing = [r for rules in current.values() for r in rules if f"-j {chain}" in r]

@@ -332,17 +332,29 @@ def test_crossing_the_large_cluster_threshold_stays_a_partial_sync() -> None:
     assert rig.kernel.dump() == fresh_full_dump(WEB, WEB_EPS, API, endpoint_slice("api", *many))
 
 
-def test_adding_a_service_rewrites_kube_services() -> None:
+def test_adding_a_service_edits_kube_services_in_place() -> None:
     rig = make_rig()
     rig.start(WEB, WEB_EPS)
     rig.add(API, API_EPS)
     assert rig.sync()
     assert not rig.full
     text = rig.restored
-    assert ":KUBE-SERVICES - [0:0]" in text
-    assert '"shop/api:p cluster IP"' in text
-    assert '"shop/web:p cluster IP"' in text  # the whole chain is rewritten
+    assert ":KUBE-SERVICES - [0:0]" not in text  # not flushed and rewritten...
+    assert '-I KUBE-SERVICES 1 -m comment --comment "shop/api:p cluster IP"' in text
+    assert '"shop/web:p cluster IP"' not in text  # ...so web's rule is not written again
     assert f":{service_chains(port_name('web')).cluster}" not in text
+    assert rig.kernel.dump() == fresh_full_dump(WEB, WEB_EPS, API, API_EPS)
+
+
+def test_a_top_level_chain_mostly_changed_is_rewritten() -> None:
+    rig = make_rig()
+    rig.start(WEB, WEB_EPS)
+    rig.delete(WEB)
+    rig.add(API, API_EPS)
+    assert rig.sync()
+    text = rig.restored
+    assert ":KUBE-SERVICES - [0:0]" in text and "-D KUBE-SERVICES" not in text
+    assert rig.kernel.dump() == fresh_full_dump(WEB_EPS, API, API_EPS)
 
 
 def test_kube_proxy_style_partial_sync_always_rewrites_top_level_chains() -> None:

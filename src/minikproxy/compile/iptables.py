@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from difflib import SequenceMatcher
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -507,7 +508,8 @@ class IptablesRuleset:
 
     Build it with :func:`compile_iptables`. ``changed`` is None for a from-scratch compile, or
     the port names whose fragments differ from the previous ruleset (added, removed or
-    rewritten); ``replaced`` then holds the previous fragments of those names that existed.
+    rewritten); ``replaced`` then holds the previous fragments of those names that existed,
+    and ``replaced_top_level`` the previous text of the top-level chains that changed.
     Only those are kept, not the previous ruleset: a controller holds its last ruleset for
     the process's lifetime, and a chain of predecessors would grow with every sync.
     """
@@ -525,6 +527,7 @@ class IptablesRuleset:
         replaced: Mapping[ServicePortName, ServiceRules] | None = None,
         changed: frozenset[ServicePortName] | None = None,
         dirty_top_level: frozenset[tuple[str, str]] | None = None,
+        replaced_top_level: Mapping[tuple[str, str], str] | None = None,
     ) -> None:
         self.options = options
         self.services = services
@@ -536,6 +539,7 @@ class IptablesRuleset:
         self.replaced = replaced
         self.changed = changed
         self.dirty_top_level = dirty_top_level
+        self.replaced_top_level = replaced_top_level or {}
 
     @property
     def family(self) -> IPFamily:
@@ -625,15 +629,17 @@ class IptablesRuleset:
         ruleset to this one.
 
         Of the changed services it writes only the chains whose rules changed (new chains
-        included) and deletes the chains they no longer have; a top-level chain is rewritten
-        only if its content changed. With ``rewrite_top_level`` it does what kube-proxy does:
-        every top-level chain and every chain of the changed services. Returns "" when nothing
-        needs writing. Without a previous ruleset it is the full ruleset without jumps or
-        canaries.
+        included) and deletes the chains they no longer have. A top-level chain is touched
+        only if its content changed, and then edited in place (``-D CHAIN n``, ``-I CHAIN n``)
+        when few of its rules changed, else rewritten. With ``rewrite_top_level`` it does
+        what kube-proxy does: every top-level chain and every chain of the changed services
+        rewritten whole. Returns "" when nothing needs writing. Without a previous ruleset it
+        is the full ruleset without jumps or canaries.
 
-        Why only changed chains: on nf_tables each chain written costs iptables-restore a
-        flush and a re-add of its rules, so an endpoint change in a 10-endpoint service writes
-        its KUBE-SVC chain and one KUBE-SEP chain instead of eleven.
+        Why: on nf_tables iptables-restore re-adds every rule of a chain it writes, and the
+        top-level chains hold a rule or more per service; so an endpoint change in a
+        10-endpoint service writes its KUBE-SVC chain and one KUBE-SEP chain instead of eleven,
+        and a new Service adds its lines to KUBE-SERVICES instead of rewriting all of them.
         """
         if self.replaced is None or self.changed is None or self.dirty_top_level is None:
             return self.render(jumps=False, canary=False)
@@ -642,13 +648,18 @@ class IptablesRuleset:
         filter_chains = [
             c for c in self._filter_chain_names() if rewrite_top_level or ("filter", c) in dirty
         ]
-        if filter_chains:
+        filter_edits, filter_chains = self._top_level_edits(
+            "filter", filter_chains, rewrite_top_level
+        )
+        if filter_chains or filter_edits:
             out.append("*filter\n")
             out.extend(f":{c} - [0:0]\n" for c in filter_chains)
             out.extend(self.top_level.get(("filter", c), "") for c in filter_chains)
+            out.extend(filter_edits)
             out.append("COMMIT\n")
 
         nat_chains = [c for c in NAT_CHAINS if rewrite_top_level or ("nat", c) in dirty]
+        nat_edits, nat_chains = self._top_level_edits("nat", nat_chains, rewrite_top_level)
         changed = sorted(self.changed)
         live: set[str] = set()
         for name in changed:
@@ -673,17 +684,37 @@ class IptablesRuleset:
                 for chain, text in new_chains.items()
                 if chain not in old_chains or old_chains[chain] != text
             )
-        if not nat_chains and not written and not stale:
+        if not nat_chains and not nat_edits and not written and not stale:
             return "".join(out)
         out.append("*nat\n")
         out.extend(f":{c} - [0:0]\n" for c in nat_chains)
         out.extend(f":{c} - [0:0]\n" for c, _ in written)
         out.extend(f":{c} - [0:0]\n" for c in stale)
         out.extend(self.top_level.get(("nat", c), "") for c in nat_chains)
+        out.extend(nat_edits)  # after the declarations of the chains they jump to
         out.extend(text for _, text in written)
         out.extend(f"-X {c}\n" for c in stale)
         out.append("COMMIT\n")
         return "".join(out)
+
+    def _top_level_edits(
+        self, table: str, chains: list[str], rewrite: bool
+    ) -> tuple[list[str], list[str]]:
+        """Split the top-level ``chains`` to write into in-place edit lines (for those with a
+        known previous text and few changes) and the chains to rewrite whole."""
+        if rewrite:
+            return [], chains
+        edits: list[str] = []
+        rewritten: list[str] = []
+        for chain in chains:
+            old = self.replaced_top_level.get((table, chain))
+            new = self.top_level.get((table, chain), "")
+            lines = None if old is None else _chain_edits(chain, old, new)
+            if lines is None:
+                rewritten.append(chain)
+            else:
+                edits.extend(lines)
+        return edits, rewritten
 
     # --- reading ----------------------------------------------------------------------------
 
@@ -719,6 +750,34 @@ class IptablesRuleset:
         for (table, _), text in self.top_level.items():
             counts[table] += text.count("\n")
         return counts
+
+
+def _chain_edits(chain: str, old_text: str, new_text: str) -> list[str] | None:
+    """``-D``/``-I``/``-A`` lines turning ``chain`` from ``old_text`` into ``new_text`` (whole
+    ``-A`` lines), or None when rewriting it is no more work (half its rules or more change).
+
+    Blocks are edited from the last to the first, so the positions of the rules before a
+    block are those of ``old_text``; a block's new lines are inserted one after the other
+    before the first unchanged rule that follows it, or appended at the end of the chain.
+    """
+    old, new = old_text.splitlines(), new_text.splitlines()
+    matcher = SequenceMatcher(None, old, new, autojunk=False)
+    blocks = [op for op in matcher.get_opcodes() if op[0] != "equal"]
+    if sum(max(i2 - i1, j2 - j1) for _, i1, i2, j1, j2 in blocks) * 2 >= max(len(new), 1):
+        return None
+    prefix = f"-A {chain} "
+    lines: list[str] = []
+    for _, i1, i2, j1, j2 in reversed(blocks):
+        lines.extend(f"-D {chain} {i1 + 1}\n" for _ in range(i2 - i1))
+        at_end = i2 == len(old)
+        for k, line in enumerate(new[j1:j2]):
+            if not line.startswith(prefix):
+                return None
+            if at_end:
+                lines.append(line + "\n")
+            else:
+                lines.append(f"-I {chain} {i1 + 1 + k} {line[len(prefix) :]}\n")
+    return lines
 
 
 def _rules_by_chain(rules: ServiceRules) -> dict[str, str]:
@@ -850,6 +909,7 @@ def compile_iptables(
     top = dict(previous.top_level)
     which = [entry for entry in _DYNAMIC_CHAINS if entry[2] in dirty_fields]
     _top_level(options, services, order, which, top)
+    replaced_top = {(t, c): previous.top_level.get((t, c), "") for t, c, _ in which}
     return IptablesRuleset(
         options=options,
         services=services,
@@ -861,4 +921,5 @@ def compile_iptables(
         replaced=replaced,
         changed=frozenset(changed),
         dirty_top_level=frozenset((t, c) for t, c, _ in which),
+        replaced_top_level=replaced_top,
     )
