@@ -12,7 +12,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minikproxy.changes import ClusterTracker
-from minikproxy.compile.iptables import IptablesOptions, IptablesRuleset, compile_iptables
+from minikproxy.compile.iptables import (
+    IptablesOptions,
+    IptablesRuleset,
+    _chain_edits,
+    compile_iptables,
+)
 from minikproxy.compile.localdetect import make_local_detector
 from minikproxy.model.names import IPV4, IPV6, IPFamily
 from minikproxy.testing.strategies import NODE, clusters, service_with_slices
@@ -216,3 +221,15 @@ def test_a_ruleset_does_not_keep_its_predecessors_alive() -> None:
     gc.collect()
     assert first() is None
     assert ruleset.render_partial()  # still knows what to write
+
+
+def test_chain_edits_fall_back_to_a_rewrite_when_lines_repeat_or_move() -> None:
+    rules = [f"-A KUBE-SERVICES -d 10.0.0.{i} -j X{i}" for i in range(10)]
+    old = "\n".join(rules)
+    assert _chain_edits("KUBE-SERVICES", old, "\n".join([*rules, rules[3]])) is None
+    moved = [rules[1], rules[0], *rules[2:]]
+    assert _chain_edits("KUBE-SERVICES", old, "\n".join(moved)) is None
+    edits = _chain_edits(
+        "KUBE-SERVICES", old, "\n".join([*rules[:4], "-A KUBE-SERVICES -j Y", *rules[5:]])
+    )
+    assert edits == ["-D KUBE-SERVICES 5\n", "-I KUBE-SERVICES 5 -j Y\n"]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import bisect
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from difflib import SequenceMatcher
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -761,13 +760,14 @@ def _chain_edits(chain: str, old_text: str, new_text: str) -> list[str] | None:
     before the first unchanged rule that follows it, or appended at the end of the chain.
     """
     old, new = old_text.splitlines(), new_text.splitlines()
-    matcher = SequenceMatcher(None, old, new, autojunk=False)
-    blocks = [op for op in matcher.get_opcodes() if op[0] != "equal"]
-    if sum(max(i2 - i1, j2 - j1) for _, i1, i2, j1, j2 in blocks) * 2 >= max(len(new), 1):
+    blocks = _changed_blocks(old, new)
+    if blocks is None:
+        return None
+    if sum(max(i2 - i1, j2 - j1) for i1, i2, j1, j2 in blocks) * 2 >= max(len(new), 1):
         return None
     prefix = f"-A {chain} "
     lines: list[str] = []
-    for _, i1, i2, j1, j2 in reversed(blocks):
+    for i1, i2, j1, j2 in reversed(blocks):
         lines.extend(f"-D {chain} {i1 + 1}\n" for _ in range(i2 - i1))
         at_end = i2 == len(old)
         for k, line in enumerate(new[j1:j2]):
@@ -778,6 +778,35 @@ def _chain_edits(chain: str, old_text: str, new_text: str) -> list[str] | None:
             else:
                 lines.append(f"-I {chain} {i1 + 1 + k} {line[len(prefix) :]}\n")
     return lines
+
+
+def _changed_blocks(
+    old: Sequence[str], new: Sequence[str]
+) -> list[tuple[int, int, int, int]] | None:
+    """The blocks ``old[i1:i2]`` replaced by ``new[j1:j2]`` that turn ``old`` into ``new``.
+
+    Linear (a top-level chain has a rule or more per Service: ~10^4 at 10k Services), and
+    exact for what the compiler writes: lines unique within a chain, and the lines kept in
+    the same relative order (each chain follows the sorted service order). None otherwise.
+    """
+    old_set, new_set = set(old), set(new)
+    if len(old_set) != len(old) or len(new_set) != len(new):
+        return None
+    if [x for x in old if x in new_set] != [x for x in new if x in old_set]:
+        return None
+    blocks: list[tuple[int, int, int, int]] = []
+    i = j = 0
+    while i < len(old) or j < len(new):
+        if i < len(old) and j < len(new) and old[i] == new[j]:
+            i, j = i + 1, j + 1
+            continue
+        i1, j1 = i, j
+        while i < len(old) and old[i] not in new_set:
+            i += 1
+        while j < len(new) and new[j] not in old_set:
+            j += 1
+        blocks.append((i1, i, j1, j))
+    return blocks
 
 
 def _rules_by_chain(rules: ServiceRules) -> dict[str, str]:
