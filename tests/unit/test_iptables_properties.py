@@ -68,9 +68,9 @@ def apply_restore(tables: Tables, text: str, *, noflush: bool) -> None:
             chain = line.split()[1]
             assert chain in current, f"rule for undeclared chain: {line}"
             current[chain].append(line)
-        elif line.startswith("-D "):  # by number only: what the compiler writes
-            _, chain, number = line.split()
-            del current[chain][int(number) - 1]
+        elif line.startswith("-D "):  # by spec: what the compiler writes
+            _, chain, spec = line.split(" ", 2)
+            current[chain].remove(f"-A {chain} {spec}")  # ValueError if not there
         elif line.startswith("-I "):
             _, chain, number, spec = line.split(" ", 3)
             assert 1 <= int(number) <= len(current[chain]), f"bad position: {line}"
@@ -232,4 +232,4 @@ def test_chain_edits_fall_back_to_a_rewrite_when_lines_repeat_or_move() -> None:
     edits = _chain_edits(
         "KUBE-SERVICES", old, "\n".join([*rules[:4], "-A KUBE-SERVICES -j Y", *rules[5:]])
     )
-    assert edits == ["-D KUBE-SERVICES 5\n", "-I KUBE-SERVICES 5 -j Y\n"]
+    assert edits == ["-D KUBE-SERVICES -d 10.0.0.4 -j X4\n", "-I KUBE-SERVICES 5 -j Y\n"]

@@ -357,6 +357,20 @@ def test_a_top_level_chain_mostly_changed_is_rewritten() -> None:
     assert rig.kernel.dump() == fresh_full_dump(WEB_EPS, API, API_EPS)
 
 
+def test_an_in_place_edit_of_a_chain_someone_changed_fails_and_the_full_sync_repairs() -> None:
+    db = service("db", "10.96.0.12")
+    db_eps = endpoint_slice("db", "10.244.3.1")
+    rig = make_rig()
+    rig.start(WEB, WEB_EPS, API, API_EPS, db, db_eps)
+    web_rule = next(r for r in rig.kernel.rules("nat", "KUBE-SERVICES") if "web" in r.spec)
+    rig.kernel.delete_rule("nat", "KUBE-SERVICES", web_rule.args)  # someone else's doing
+    rig.delete(WEB)
+    assert rig.sync() is False  # "-D KUBE-SERVICES <web's rule>" finds no such rule
+    assert "-D KUBE-SERVICES" in rig.kernel.last_restore.decode()  # type: ignore[union-attr]
+    assert rig.sync() is True and rig.full
+    assert rig.kernel.dump() == fresh_full_dump(WEB_EPS, API, API_EPS, db, db_eps)
+
+
 def test_kube_proxy_style_partial_sync_always_rewrites_top_level_chains() -> None:
     rig = make_rig(rewrite_top_level=True)
     rig.start(WEB, WEB_EPS, API, API_EPS)

@@ -629,7 +629,7 @@ class IptablesRuleset:
 
         Of the changed services it writes only the chains whose rules changed (new chains
         included) and deletes the chains they no longer have. A top-level chain is touched
-        only if its content changed, and then edited in place (``-D CHAIN n``, ``-I CHAIN n``)
+        only if its content changed, and then edited in place (``-D CHAIN rule``, ``-I CHAIN n``)
         when few of its rules changed, else rewritten. With ``rewrite_top_level`` it does
         what kube-proxy does: every top-level chain and every chain of the changed services
         rewritten whole. Returns "" when nothing needs writing. Without a previous ruleset it
@@ -758,6 +758,9 @@ def _chain_edits(chain: str, old_text: str, new_text: str) -> list[str] | None:
     Blocks are edited from the last to the first, so the positions of the rules before a
     block are those of ``old_text``; a block's new lines are inserted one after the other
     before the first unchanged rule that follows it, or appended at the end of the chain.
+    Rules are deleted by their spec, not their number: if the chain is not what we wrote
+    (someone edited it), the restore fails and the next sync is full, instead of deleting
+    someone else's rule.
     """
     old, new = old_text.splitlines(), new_text.splitlines()
     blocks = _changed_blocks(old, new)
@@ -768,7 +771,10 @@ def _chain_edits(chain: str, old_text: str, new_text: str) -> list[str] | None:
     prefix = f"-A {chain} "
     lines: list[str] = []
     for i1, i2, j1, j2 in reversed(blocks):
-        lines.extend(f"-D {chain} {i1 + 1}\n" for _ in range(i2 - i1))
+        for line in old[i1:i2]:
+            if not line.startswith(prefix):
+                return None
+            lines.append(f"-D {chain} {line[len(prefix) :]}\n")
         at_end = i2 == len(old)
         for k, line in enumerate(new[j1:j2]):
             if not line.startswith(prefix):
