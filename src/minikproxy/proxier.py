@@ -60,13 +60,21 @@ class Runner(Protocol):
 
 @dataclass
 class SyncResult:
-    """What the last sync did (for logs, tests and the dry-run printer)."""
+    """What a sync did (for logs, tests, the dry-run printer and lag measurements).
+
+    ``resource_versions`` maps each kind (``services``, ``endpointslices``, ``nodes``) to the
+    resourceVersion of the last object of that kind the sync's snapshot includes: watch events
+    arrive in resourceVersion order, so every change of that kind up to it is in the rules
+    once the sync has ended. ``ended`` is the proxier's clock when it ended.
+    """
 
     full: bool
     ok: bool
     restored_bytes: int = 0
     duration: float = 0.0
     error: str = ""
+    resource_versions: Mapping[str, str] = field(default_factory=dict)
+    ended: float = 0.0
 
 
 @dataclass
@@ -102,6 +110,7 @@ class Proxier:
     rewrite_top_level: bool = False  # True: kube-proxy's partial sync (always KUBE-SERVICES)
     runner: Runner | None = None
     last_sync: SyncResult | None = None
+    on_sync: Callable[[SyncResult], None] | None = None  # called after every sync
     tracker: ClusterTracker = field(init=False)
 
     def __post_init__(self) -> None:
@@ -111,6 +120,7 @@ class Proxier:
         self._started_at = self.wallclock()
         self._lock = threading.Lock()
         self._synced: set[str] = set()
+        self._resource_versions: dict[str, str] = {}
         self._needs_full = True
         self._last_full = -float("inf")
         self._failures = 0
@@ -193,8 +203,11 @@ class Proxier:
             self._log_node_addresses(obj)
         else:
             raise ValueError(f"unknown kind {kind!r}")
+        rv = (obj.get("metadata") or {}).get("resourceVersion")
         with self._lock:  # the gauges too: a sync taking the changes resets them under it
             tracker.guarded(fn, obj)
+            if isinstance(rv, str):
+                self._resource_versions[kind] = rv
             self.metrics.service_changes_pending.set(tracker.pending_service_changes)
             self.metrics.endpoint_changes_pending.set(tracker.pending_endpoint_changes)
         if self._started:
@@ -293,6 +306,7 @@ class Proxier:
             # Cleared when the decision is taken, under the lock: a force_full_sync() that
             # comes while this sync runs (the canary monitor) is kept for the next one.
             self._needs_full = False
+            versions = dict(self._resource_versions)
         try:
             with self._lock:
                 snapshots = {f: self.tracker.snapshot(f) for f in self.families}
@@ -304,21 +318,26 @@ class Proxier:
             self._written_rules = {"filter": 0, "nat": 0}
             for family in self.families:
                 restored += self._sync_family(family, snapshots[family], node, full)
-            duration = self.clock() - start
+            end = self.clock()
+            duration = end - start
             self.initial_load_gc.release()
             self._failures = 0
             if full:
                 self._last_full = start
-            self.last_sync = SyncResult(full, True, restored, duration)
+            self.last_sync = SyncResult(full, True, restored, duration, "", versions, end)
             self._after_success(snapshots, full, duration)
         except Exception as err:
             # Whatever went wrong, the changes taken from the tracker must not be lost: the
             # next sync is full. (A snapshot that fails half-way keeps its dirty set.)
-            return self._failed(err, full, start)
+            return self._failed(err, full, start, versions)
+        if self.on_sync is not None:
+            self.on_sync(self.last_sync)
         self._reconcile_conntrack()
         return True
 
-    def _failed(self, err: Exception, full: bool, start: float) -> bool:
+    def _failed(
+        self, err: Exception, full: bool, start: float, versions: Mapping[str, str]
+    ) -> bool:
         if isinstance(err.__cause__, ExecCancelledError):  # stopping: not a failure
             logger.info("%s sync interrupted: %s", _kind(full), err)
             with self._lock:
@@ -343,7 +362,10 @@ class Proxier:
         if self.runner is not None:
             backoff = min(self.config.sync_period, 0.5 * 2 ** min(self._failures, 10))
             self.runner.retry_after(backoff)
-        self.last_sync = SyncResult(full, False, 0, self.clock() - start, detail)
+        end = self.clock()
+        self.last_sync = SyncResult(full, False, 0, end - start, detail, versions, end)
+        if self.on_sync is not None:
+            self.on_sync(self.last_sync)
         return False
 
     def _options(self, family: IPFamily, node: NodeInfo) -> Any:

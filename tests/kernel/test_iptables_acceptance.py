@@ -3,7 +3,7 @@ kernel exactly where a full restore of the new state would."""
 
 from __future__ import annotations
 
-import re
+import random
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +12,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minikproxy.changes import ClusterTracker
-from minikproxy.compile.iptables import compile_iptables
+from minikproxy.compile.iptables import _chain_edits, compile_iptables
 from minikproxy.config import ProxyConfig
 from minikproxy.model.names import IPV4, IPV6, IPFamily
 from minikproxy.render import render_objects
 from minikproxy.sources.manifests import load_manifests
 from minikproxy.testing.netns import Topology
+from minikproxy.testing.soak import normalized_rules
 from minikproxy.testing.strategies import NODE, clusters
 from minikproxy.testing.synthetic import synthetic_cluster, synthetic_slice
 
@@ -60,10 +61,8 @@ def test_random_clusters_are_accepted(
 
 
 def normalized_save(topo: Topology, backend: str) -> list[str]:
-    """iptables-save without counters, comments about the dump, or volatile lines."""
-    out = topo.iptables_save(IPV4, backend)  # type: ignore[arg-type]
-    lines = [re.sub(r"\[\d+:\d+\]", "[0:0]", line) for line in out.splitlines()]
-    return sorted(line for line in lines if line and not line.startswith("#"))
+    """iptables-save without counters or comments, each chain's rules in their order."""
+    return normalized_rules(topo.iptables_save(IPV4, backend))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -93,3 +92,42 @@ def test_partial_restore_matches_full_restore_in_the_kernel(
     topology.reset_rules()
     topology.load_iptables(second.render(), backend=backend)  # type: ignore[arg-type]
     assert after_partial == normalized_save(topology, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_in_place_chain_edits_end_like_a_rewrite(topology: Topology, backend: str) -> None:
+    """The ``-D n``/``-I n``/``-A`` edits of a top-level chain, applied by the real
+    iptables-restore in one transaction, leave the chain exactly as writing it whole would."""
+    rng = random.Random(11)
+    targets = "".join(f":T{i} - [0:0]\n" for i in range(4))
+
+    def rule(n: int) -> str:
+        return (
+            f'-A KUBE-TEST -m comment --comment "r{n}" -d 10.0.{n // 250}.{n % 250}/32 -j T{n % 4}'
+        )
+
+    def load(chain: list[str]) -> None:
+        text = f"*nat\n{targets}:KUBE-TEST - [0:0]\n" + "".join(f"{r}\n" for r in chain)
+        topology.load_iptables(text + "COMMIT\n", backend=backend, noflush=True)  # type: ignore[arg-type]
+
+    def saved() -> list[str]:
+        return [line for line in normalized_save(topology, backend) if "KUBE-TEST" in line]
+
+    fresh = iter(range(1000, 100000))
+    for _ in range(30):
+        old = [rule(n) for n in sorted(rng.sample(range(1000), rng.randint(0, 30)))]
+        new = list(old)
+        for _ in range(rng.randint(1, 6)):
+            at = rng.randint(0, len(new))
+            if new and rng.random() < 0.5:
+                del new[min(at, len(new) - 1)]
+            else:  # a run of new rules, as when a Service with several ports appears
+                new[at:at] = [rule(next(fresh)) for _ in range(rng.randint(1, 3))]
+        edits = _chain_edits("KUBE-TEST", "\n".join(old), "\n".join(new))
+        if edits is None:
+            continue  # rewritten whole: nothing to check here
+        load(old)
+        topology.load_iptables(f"*nat\n{''.join(edits)}COMMIT\n", backend=backend, noflush=True)  # type: ignore[arg-type]
+        after_edits = saved()
+        load(new)
+        assert after_edits == saved()

@@ -26,7 +26,7 @@ from minikproxy.healthz import ProxierHealth, ServiceHealthServer
 from minikproxy.metrics import ProxyMetrics
 from minikproxy.model.names import IPV4, IPV6, NamespacedName, ServicePortName
 from minikproxy.model.parse import SERVICE_NAME_LABEL, TRIGGER_TIME_ANNOTATION
-from minikproxy.proxier import Proxier
+from minikproxy.proxier import Proxier, SyncResult
 from minikproxy.runner import FakeClock
 from minikproxy.testing.fake_conntrack import FakeFlowTable, udp_flow
 from minikproxy.testing.fake_iptables import BUILTIN_CHAINS, FakeIptables
@@ -302,17 +302,76 @@ def test_endpoint_only_change_restores_only_that_services_chains() -> None:
     assert "-X KUBE-SEP-" in text  # the endpoint that went away loses its chain
 
 
-def test_adding_a_service_rewrites_kube_services() -> None:
+def test_each_sync_reports_the_resource_versions_it_includes() -> None:
+    results: list[SyncResult] = []
+    rig = make_rig(on_sync=results.append)
+
+    def versioned(obj: Obj, rv: str) -> Obj:
+        return {**obj, "metadata": {**obj["metadata"], "resourceVersion": rv}}
+
+    rig.start(versioned(WEB, "5"), versioned(WEB_EPS, "7"))
+    assert results[-1].ok and results[-1].full
+    assert results[-1].resource_versions == {"services": "5", "endpointslices": "7"}
+    rig.clock.advance(2.0)
+    rig.update(versioned(endpoint_slice("web", "10.244.1.3"), "9"))
+    rig.add(versioned(API, "10"))
+    assert rig.sync()
+    assert len(results) == 2 and not results[-1].full
+    assert results[-1].resource_versions == {"services": "10", "endpointslices": "9"}
+    assert results[-1].ended == rig.clock.now()
+
+
+def test_crossing_the_large_cluster_threshold_stays_a_partial_sync() -> None:
+    rig = make_rig()
+    rig.start(WEB, WEB_EPS, API, API_EPS)
+    many = [f"10.244.{3 + i // 250}.{i % 250 + 1}" for i in range(1001)]
+    rig.update(endpoint_slice("api", *many))  # 1003 endpoints: a large cluster now
+    assert rig.sync()
+    assert not rig.full and rig.kernel.restore_count == 2
+    # web's endpoint chains lose their comments: rewritten by the partial restore
+    web = service_chains(port_name("web")).cluster
+    assert f":{web} - [0:0]" in rig.restored
+    assert KUBE_PROXY_CANARY not in rig.restored  # not a full restore
+    assert rig.kernel.dump() == fresh_full_dump(WEB, WEB_EPS, API, endpoint_slice("api", *many))
+
+
+def test_adding_a_service_edits_kube_services_in_place() -> None:
     rig = make_rig()
     rig.start(WEB, WEB_EPS)
     rig.add(API, API_EPS)
     assert rig.sync()
     assert not rig.full
     text = rig.restored
-    assert ":KUBE-SERVICES - [0:0]" in text
-    assert '"shop/api:p cluster IP"' in text
-    assert '"shop/web:p cluster IP"' in text  # the whole chain is rewritten
+    assert ":KUBE-SERVICES - [0:0]" not in text  # not flushed and rewritten...
+    assert '-I KUBE-SERVICES 1 -m comment --comment "shop/api:p cluster IP"' in text
+    assert '"shop/web:p cluster IP"' not in text  # ...so web's rule is not written again
     assert f":{service_chains(port_name('web')).cluster}" not in text
+    assert rig.kernel.dump() == fresh_full_dump(WEB, WEB_EPS, API, API_EPS)
+
+
+def test_a_top_level_chain_mostly_changed_is_rewritten() -> None:
+    rig = make_rig()
+    rig.start(WEB, WEB_EPS)
+    rig.delete(WEB)
+    rig.add(API, API_EPS)
+    assert rig.sync()
+    text = rig.restored
+    assert ":KUBE-SERVICES - [0:0]" in text and "-D KUBE-SERVICES" not in text
+    assert rig.kernel.dump() == fresh_full_dump(WEB_EPS, API, API_EPS)
+
+
+def test_an_in_place_edit_of_a_chain_someone_changed_fails_and_the_full_sync_repairs() -> None:
+    db = service("db", "10.96.0.12")
+    db_eps = endpoint_slice("db", "10.244.3.1")
+    rig = make_rig()
+    rig.start(WEB, WEB_EPS, API, API_EPS, db, db_eps)
+    web_rule = next(r for r in rig.kernel.rules("nat", "KUBE-SERVICES") if "web" in r.spec)
+    rig.kernel.delete_rule("nat", "KUBE-SERVICES", web_rule.args)  # someone else's doing
+    rig.delete(WEB)
+    assert rig.sync() is False  # "-D KUBE-SERVICES <web's rule>" finds no such rule
+    assert "-D KUBE-SERVICES" in rig.kernel.last_restore.decode()  # type: ignore[union-attr]
+    assert rig.sync() is True and rig.full
+    assert rig.kernel.dump() == fresh_full_dump(WEB_EPS, API, API_EPS, db, db_eps)
 
 
 def test_kube_proxy_style_partial_sync_always_rewrites_top_level_chains() -> None:
