@@ -17,6 +17,7 @@ Deliberate differences, all outside that comparison (stripped before it):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -175,3 +176,26 @@ def test_ipv6_table() -> None:
     assert "ip6 daddr fd00:10:96::1 ip6 saddr != fd00:10::/64 jump mark-for-masquerade" in text
     assert "meta l4proto udp dnat to [fd00:10::5]:5353" in text
     assert "fib daddr type local ip6 daddr != ::1" in text  # no nodeport addresses: all local
+
+
+def test_update_script_sends_only_what_changed() -> None:
+    state, options = overall_state_and_options()
+    old = compile_nftables_kubeproxy(state, options)  # type: ignore[arg-type]
+    svc6 = ServicePortName("ns6", "svc6", "p80", "TCP")
+    services = dict(old.services)
+    services[svc6] = compile_nftables_kubeproxy(
+        dataclasses.replace(
+            state,  # type: ignore[type-var]
+            endpoints={**state.endpoints, svc6: (make_endpoint("10.180.0.6", 80),)},  # type: ignore[attr-defined]
+        ),
+        options,
+    ).services[svc6]
+    new = KubeProxyNftRuleset(options, services)
+    update = new.render_update(old).splitlines()
+    assert "delete element ip kube-proxy no-endpoint-services { 172.30.0.46 . tcp . 80 }" in update
+    assert any(
+        line.startswith("add element ip kube-proxy service-ips { 172.30.0.46") for line in update
+    )
+    assert not any("svc1" in line for line in update)
+    assert not any("cluster-ips" in line for line in update)  # unchanged element
+    assert new.render_update(new) == ""

@@ -298,6 +298,58 @@ class KubeProxyNftRuleset:
         text = "\n".join(self._fragment_lines(frags))
         return text + "\n" if text else ""
 
+    def elements(self) -> dict[tuple[str, str], str]:
+        """Every service element: (map or set, key) -> element body."""
+        out: dict[tuple[str, str], str] = {}
+        for name in sorted(self.services):
+            for container, body in self.services[name].elements:
+                out[(container, _element_key(body))] = body
+        return out
+
+    def render_update(self, previous: KubeProxyNftRuleset) -> str:
+        """An ``nft -f`` script turning the table ``previous`` installed into this one.
+
+        Like kube-proxy's partial sync: only the chains of changed service ports are
+        re-created (``add`` + ``flush`` + rules), element changes are sent as element deletes
+        and adds, stale chains are flushed and deleted and stale affinity sets deleted, all in
+        one transaction. (kube-proxy delays deleting chains because kernels before 6.2 may
+        still see them referenced; this script deletes them at once, so it needs kernel 6.2+.)
+        If the node options changed, this is the full :meth:`render`.
+        """
+        if previous.options != self.options:
+            return self.render()
+        fam, c, r = self.family, self._prefix("chain"), self._prefix("rule")
+        changed = [
+            frag
+            for name, frag in sorted(self.services.items())
+            if previous.services.get(name) != frag
+        ]
+        old_chains = previous.chain_names()
+        new_chains = self.chain_names()
+        old_sets = {_set_name(line) for f in previous.services.values() for line in f.sets}
+        new_sets = {_set_name(line) for f in self.services.values() for line in f.sets}
+        old_elements, new_elements = previous.elements(), self.elements()
+        lines: list[str] = []
+        for frag in changed:
+            lines += frag.sets
+        for frag in changed:
+            for chain, _ in frag.chains:
+                lines += [c + chain, f"flush chain {fam} {TABLE} {chain}"]
+        for frag in changed:
+            for chain, rules in frag.chains:
+                lines += [f"{r}{chain} {rule}" for rule in rules]
+        for (container, key), body in old_elements.items():
+            if new_elements.get((container, key)) != body:
+                lines.append(f"delete element {fam} {TABLE} {container} {{ {key} }}")
+        for (container, key), body in new_elements.items():
+            if old_elements.get((container, key)) != body:
+                lines.append(f"add element {fam} {TABLE} {container} {{ {body} }}")
+        stale = sorted(old_chains - new_chains)
+        lines += [f"flush chain {fam} {TABLE} {chain}" for chain in stale]
+        lines += [f"delete chain {fam} {TABLE} {chain}" for chain in stale]
+        lines += [f"delete set {fam} {TABLE} {name}" for name in sorted(old_sets - new_sets)]
+        return "\n".join(lines) + "\n" if lines else ""
+
     def chain_names(self) -> set[str]:
         """The names of all per-service chains (kube-proxy's: they contain a ``/``)."""
         return {chain for frag in self.services.values() for chain, _ in frag.chains}
@@ -479,6 +531,17 @@ def _port_name_string(name: ServicePortName) -> str:
         if name.port
         else f"{name.namespace}/{name.name}"
     )
+
+
+def _element_key(body: str) -> str:
+    """The key of an element body: before `` : `` (maps) without its comment."""
+    key = body.split(" : ", 1)[0]
+    return key.split(' comment "', 1)[0]
+
+
+def _set_name(line: str) -> str:
+    """The set name of an ``add set <family> kube-proxy <name> { … }`` line."""
+    return line.split(" ", 5)[4]
 
 
 def _contains(cidr: str, ip: str) -> bool:
