@@ -239,3 +239,20 @@ def test_update_script_reaches_the_same_table_as_a_fresh_load(topo: Topology) ->
     assert set(landings(topo, "10.96.0.12", 80, count=5)) == {BACKENDS[0]}
     assert len(landings(topo, "10.96.0.13", 80, count=10)) == 1
     assert new.render_update(new) == ""
+
+
+def test_tcp_udp_and_sctp_ports_load(topo: Topology) -> None:
+    objs = []
+    for proto in ("TCP", "UDP", "SCTP"):
+        name = f"p-{proto.lower()}"
+        objs += [
+            service(name, f"10.96.1.{len(objs) + 1}", proto=proto),
+            slice_(name, BACKENDS, proto=proto),
+        ]
+    load_kubeproxy_nft(topo, nft_script(objs, cluster_cidr="10.10.2.0/24"))
+    listed = topo.node_exec(["nft", "list", "map", "ip", "kube-proxy", "service-ips"]).stdout
+    for proto in ("tcp", "udp", "sctp"):
+        assert f". {proto} . 80 : goto service-" in listed
+    rules = topo.node_exec(["nft", "list", "table", "ip", "kube-proxy"]).stdout
+    assert "meta l4proto sctp dnat to 10.10.2.2:8080" in rules
+    assert set(landings(topo, "10.96.1.3", 80, proto="udp")) <= set(BACKENDS)
