@@ -8,9 +8,17 @@ from collections.abc import Sequence
 from typing import Any
 
 from minikproxy import __version__
-from minikproxy.config import PROXY_MODES, ConfigError, ProxyConfig, load_config, parse_duration
+from minikproxy.config import (
+    NFTABLES_LAYOUTS,
+    PROXY_MODES,
+    ConfigError,
+    ProxyConfig,
+    load_config,
+    parse_duration,
+)
 from minikproxy.gcutil import gc_paused
 from minikproxy.model.names import IPV4, IPV6, IPFamily, NamespacedName
+from minikproxy.model.parse import canonical_cidr
 from minikproxy.nodeopts import split_list
 
 EXIT_USAGE = 2
@@ -30,6 +38,21 @@ def _duration(text: str) -> float:
         return parse_duration(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _cidr_list(text: str) -> tuple[str, ...]:
+    cidrs = split_list(text)
+    if not cidrs or len(cidrs) > 2:
+        raise argparse.ArgumentTypeError(f"expected one CIDR or two (IPv4,IPv6), got {text!r}")
+    families = []
+    for cidr in cidrs:
+        parsed = canonical_cidr(cidr)
+        if parsed is None:
+            raise argparse.ArgumentTypeError(f"invalid CIDR {cidr!r}")
+        families.append(parsed[1])
+    if len(set(families)) != len(families):
+        raise argparse.ArgumentTypeError(f"two CIDRs must be of different families: {text!r}")
+    return cidrs
 
 
 def _service_name(text: str) -> NamespacedName:
@@ -65,6 +88,13 @@ def add_node_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--iptables-localhost-nodeports", type=_bool, default=None, metavar="true|false"
     )
+    parser.add_argument(
+        "--service-cidr",
+        type=_cidr_list,
+        default=None,
+        metavar="CIDR[,CIDR]",
+        help="the cluster's service CIDR(s), for nftables mode's checks of unallocated IPs",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> ProxyConfig:
@@ -83,6 +113,8 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         "masquerade_all": args.masquerade_all,
         "masquerade_bit": bit,
         "localhost_nodeports": args.iptables_localhost_nodeports,
+        "service_cidrs": args.service_cidr,
+        "nftables_layout": getattr(args, "nftables_layout", None),
     }
     if args.node_ip is not None:
         overrides["node_ips"] = split_list(args.node_ip)
@@ -121,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     render.add_argument("--ip-family", choices=(IPV4, IPV6), default=None)
     render.add_argument(
+        "--nftables-layout",
+        choices=NFTABLES_LAYOUTS,
+        default=None,
+        help="nftables mode: minikproxy's flat table (default) or kube-proxy's own layout",
+    )
+    render.add_argument(
         "--service", action="append", type=_service_name, default=[], metavar="NS/NAME",
         help="print only the chains and rules of these Services (for reading, not loading)",
     )  # fmt: skip
@@ -155,6 +193,12 @@ def _render(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
+    if config.mode == "nftables" and args.iptables_localhost_nodeports:
+        print(
+            "warning: localhost NodePorts are not supported in nftables mode (as in "
+            "kube-proxy); --iptables-localhost-nodeports is ignored",
+            file=sys.stderr,
+        )
     for problem in result.problems:
         print(f"warning: {problem} (skipped)", file=sys.stderr)
     if args.strict and result.problems:

@@ -20,7 +20,8 @@ from minikproxy.compile.localdetect import DETECT_LOCAL_MODES
 
 API_VERSION = "kubeproxy.config.k8s.io/v1alpha1"
 KIND = "KubeProxyConfiguration"
-PROXY_MODES = ("iptables",)
+PROXY_MODES = ("iptables", "nftables")
+NFTABLES_LAYOUTS = ("flat", "kube-proxy")
 
 
 class ConfigError(ValueError):
@@ -48,6 +49,9 @@ class ProxyConfig:
     metrics_bind_address: str = "127.0.0.1:10249"
     conntrack_tcp_be_liberal: bool = False
     node_ips: tuple[str, ...] = field(default=())
+    # Not in KubeProxyConfiguration (kube-proxy reads the API's ServiceCIDR objects): a flag.
+    service_cidrs: tuple[str, ...] = ()
+    nftables_layout: str = "flat"
 
     def with_overrides(self, **overrides: Any) -> ProxyConfig:
         """A copy with the given (non-None) settings replaced."""
