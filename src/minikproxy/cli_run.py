@@ -49,13 +49,5 @@ def dispatch(args: argparse.Namespace) -> int:
     from minikproxy.controller import main_cleanup, main_run
 
     if args.command == "run":
-        if args.proxy_mode == "nftables":
-            import sys
-
-            print(
-                "minikproxy run: --proxy-mode nftables is not supported by run yet (use render)",
-                file=sys.stderr,
-            )
-            return 2
         return main_run(args)
     return main_cleanup(args)

@@ -360,3 +360,7 @@ def test_render_objects_gives_the_ruleset() -> None:
         "add element ip minikproxy no-endpoint-services "
         "{ 10.96.0.10 . tcp . 80 : goto reject-chain }\n"
     )
+
+
+def test_run_refuses_nftables_mode_for_now() -> None:
+    assert main(["run", "--proxy-mode", "nftables", "--dry-run"]) == 2
