@@ -357,3 +357,24 @@ def _chi2_limit(df: int) -> float:
         return 0.0
     z = 3.72  # the standard normal's 1 - 1e-4 quantile
     return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def test_endpoint_change_applies_as_elements_only(topo: Topology) -> None:
+    """The applier's path: the element diff of one Service loads onto the live table."""
+
+    def ruleset(ips: list[str]) -> Any:
+        cfg = ProxyConfig(hostname_override=NODE, mode="nftables", cluster_cidr=POD_CIDR)
+        objs = [NODE_OBJ, service("web", ["10.96.0.10"]), slice_("web", ips)]
+        result = render_objects([SourcedObject(o, "t") for o in objs], cfg, families=[IPV4])
+        return result.rulesets[IPV4]
+
+    before = ruleset(BACKENDS[:2])
+    after = ruleset([BACKENDS[0], BACKENDS[2]])
+    topo.load_nft(before.render())
+    chains = topo.node_exec(["nft", "list", "chains", "ip"]).stdout
+    assert set(landings(topo, "10.96.0.10", 80)) == set(BACKENDS[:2])
+    update = after.update_script(before, list(after.services))
+    assert update is not None and "chain" not in update and "rule" not in update
+    topo.load_nft(update)
+    assert set(landings(topo, "10.96.0.10", 80)) == {BACKENDS[0], BACKENDS[2]}
+    assert topo.node_exec(["nft", "list", "chains", "ip"]).stdout == chains

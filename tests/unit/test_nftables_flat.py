@@ -364,3 +364,20 @@ def test_render_objects_gives_the_ruleset() -> None:
 
 def test_run_refuses_nftables_mode_for_now() -> None:
     assert main(["run", "--proxy-mode", "nftables", "--dry-run"]) == 2
+
+
+def test_update_script_is_element_only_and_respects_shared_elements() -> None:
+    a = ServicePort(ServicePortName("ns", "web", "a", "TCP"), IPV4, "10.96.0.10", 80)
+    b = ServicePort(ServicePortName("ns", "web", "b", "TCP"), IPV4, "10.96.0.10", 81)
+    before = compile_nftables(state((a, eps(2)), (b, eps(2))), OPTIONS)
+    moved = (eps(2)[0], make_endpoint("10.244.9.9", 8080))
+    after = compile_nftables(state((a, moved), (b, eps(2))), OPTIONS)
+    script = after.update_script(before, [a.name])
+    assert script == (
+        "delete element ip minikproxy cluster-endpoints-tcp { 10.96.0.10 . 80 . 1 }\n"
+        "add element ip minikproxy hairpin { 10.244.9.9 . 10.244.9.9 }\n"
+        "add element ip minikproxy cluster-endpoints-tcp "
+        "{ 10.96.0.10 . 80 . 1 : 10.244.9.9 . 8080 }\n"
+    )  # 10.244.1.2's hairpin element stays: port b still holds it
+    three = compile_nftables(state((a, eps(3)), (b, eps(2))), OPTIONS)
+    assert three.update_script(before, [a.name]) is None  # pick-3 is a new chain

@@ -18,9 +18,10 @@ The per-protocol endpoint maps (``typeof ... : ip daddr . tcp dport``) avoid nft
 from __future__ import annotations
 
 import ipaddress
+from collections import Counter
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import NamedTuple
 
 from minikproxy.compile.nftables_options import NftablesOptions
@@ -224,7 +225,7 @@ def compile_service_port(
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class NftablesRuleset:
     """A compiled flat-layout ruleset for one IP family.
 
@@ -277,6 +278,45 @@ class NftablesRuleset:
         """The complete ``nft -f`` script: replaces (or creates) the whole table at once."""
         return "".join(self.render_parts())
 
+    @cached_property
+    def shared_refs(self) -> Counter[tuple[str, str]]:
+        """How many ports hold each element of the :data:`SHARED_SETS`."""
+        refs: Counter[tuple[str, str]] = Counter()
+        for svc in self.services.values():
+            refs.update(item for item in svc.elements if item[0] in SHARED_SETS)
+        return refs
+
+    def update_script(
+        self, previous: NftablesRuleset, changed: Iterable[ServicePortName]
+    ) -> str | None:
+        """The element-only transaction taking the kernel from ``previous`` to this ruleset,
+        given every port whose elements may differ; None if the skeleton differs (a new count
+        class or affinity timeout, other options): then :meth:`render` it whole.
+
+        Deletions come first (a map key whose data changes is deleted, then added); a shared
+        element is deleted only when no port holds it any more.
+        """
+        if previous.skeleton != self.skeleton:
+            return None
+        deletes: dict[str, list[str]] = {}
+        adds: dict[str, list[str]] = {}
+        refs = self.shared_refs
+        for name in sorted(set(changed)):
+            old = previous.services.get(name)
+            new = self.services.get(name)
+            old_items = set(old.elements) if old else set()
+            new_items = set(new.elements) if new else set()
+            for item in old.elements if old else ():
+                if item not in new_items and not (item[0] in SHARED_SETS and refs[item]):
+                    # Maps are deleted by key.
+                    deletes.setdefault(item[0], []).append(item[1].partition(" : ")[0])
+            for item in new.elements if new else ():
+                if item not in old_items:
+                    adds.setdefault(item[0], []).append(item[1])
+        out = self.element_commands("delete", _in_set_order(deletes))
+        out += self.element_commands("add", _in_set_order(adds))
+        return "".join(out)
+
     def render_services(self, services: Collection[NamespacedName]) -> str:
         """Only the elements of ``services``' ports, as ``add element`` commands (for reading)."""
         wanted = [n for n in self.order if n.service in services]
@@ -285,6 +325,10 @@ class NftablesRuleset:
     def render_service(self, name: NamespacedName) -> str:
         """:meth:`render_services` for one Service."""
         return self.render_services({name})
+
+
+def _in_set_order(elements: dict[str, list[str]]) -> dict[str, list[str]]:
+    return {s: list(dict.fromkeys(elements[s])) for s in ELEMENT_SETS if s in elements}
 
 
 def _skeleton(
