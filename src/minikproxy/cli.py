@@ -199,6 +199,8 @@ def _render(args: argparse.Namespace) -> int:
             "kube-proxy); --iptables-localhost-nodeports is ignored",
             file=sys.stderr,
         )
+    for note in result.notes:
+        print(f"warning: {note}", file=sys.stderr)
     for problem in result.problems:
         print(f"warning: {problem} (skipped)", file=sys.stderr)
     if args.strict and result.problems:

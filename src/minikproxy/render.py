@@ -35,6 +35,7 @@ class RenderResult:
     rulesets: dict[IPFamily, Any]
     node: NodeInfo
     problems: list[ObjectProblem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @cached_property
     def payloads(self) -> dict[IPFamily, str]:
@@ -79,6 +80,7 @@ def render_objects(
     node = tracker.node
     parts: dict[IPFamily, list[str]] = {}
     rulesets: dict[IPFamily, Any] = {}
+    notes: list[str] = []
     if config.mode == "nftables":
         compile_nft = _nftables_compiler(config.nftables_layout)
     elif config.mode != "iptables":
@@ -95,6 +97,7 @@ def render_objects(
             )
             nft_ruleset = compile_nft(state, nft_options)
             rulesets[family] = nft_ruleset
+            notes.extend(getattr(nft_ruleset, "notes", ()))
             if services:
                 parts[family] = [nft_ruleset.render_services(set(services))]
             else:
@@ -106,7 +109,7 @@ def render_objects(
         parts[family] = (
             [ruleset.render_services(set(services))] if services else ruleset.render_parts()
         )
-    return RenderResult(parts, rulesets, node, problems)
+    return RenderResult(parts, rulesets, node, problems, notes)
 
 
 def _nftables_compiler(layout: str) -> Callable[[ProxyState, NftablesOptions], Any]:

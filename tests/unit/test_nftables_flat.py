@@ -381,3 +381,15 @@ def test_update_script_is_element_only_and_respects_shared_elements() -> None:
     )  # 10.244.1.2's hairpin element stays: port b still holds it
     three = compile_nftables(state((a, eps(3)), (b, eps(2))), OPTIONS)
     assert three.update_script(before, [a.name]) is None  # pick-3 is a new chain
+
+
+def test_ipv6_affinity_is_reported_not_programmed() -> None:
+    port = ServicePort(spn("web"), IPV6, "fd00::10", 80, session_affinity_client_ip=True)
+    ruleset = compile_nftables(
+        state((port, (make_endpoint("fd00:1::2", 8080),)), family=IPV6),
+        NftablesOptions(family=IPV6),
+    )
+    script = ruleset.render()
+    assert "affinity-record" not in script and "@affinity-tcp" not in script
+    assert "add element ip6 minikproxy affinity" not in script
+    assert len(ruleset.notes) == 1 and "ClientIP session affinity" in ruleset.notes[0]

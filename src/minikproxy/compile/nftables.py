@@ -132,7 +132,9 @@ def compile_service_port(
     local_picks: set[int] = set()
     cmap = "cluster-endpoints-" + proto
     lmap = "local-endpoints-" + proto
-    affinity = port.session_affinity_client_ip and has_endpoints
+    # IPv6: nft 1.0.6 cannot compile an ``update`` whose key and data exceed its register
+    # window (address . address . port : address . port aborts nft), so no affinity there.
+    affinity = port.session_affinity_client_ip and has_endpoints and options.family == IPV4
     timeout = port.sticky_max_age_seconds
     dispatching: list[str] = []
 
@@ -231,14 +233,16 @@ class NftablesRuleset:
 
     ``skeleton`` holds the ``add`` commands of the table, its chains (the count-class and
     affinity chains this ruleset needs included), sets, maps and rules; ``services`` the
-    elements of every service port. :meth:`render` is the complete ``nft -f`` script;
-    :meth:`element_commands` turns an element diff into ``add/delete element`` commands.
+    elements of every service port; ``notes`` what of the input it cannot express.
+    :meth:`render` is the complete ``nft -f`` script; :meth:`update_script` the element-only
+    transaction from a previous ruleset.
     """
 
     options: NftablesOptions
     skeleton: tuple[str, ...]
     services: dict[ServicePortName, ServiceElements]
     order: tuple[ServicePortName, ...]
+    notes: tuple[str, ...] = ()
 
     @property
     def family_prefix(self) -> str:
@@ -367,6 +371,8 @@ def _skeleton(
                 f"add map {prefix} {name} {{ typeof {ipf} daddr . {proto} dport . numgen random "
                 f"mod 16 : {ipf} daddr . {proto} dport ; }}\n"
             )
+        if not v4:
+            continue
         out.append(
             f"add map {prefix} {affinity_map(proto)} {{ typeof {ipf} saddr . {ipf} daddr . "
             f"{proto} dport : {ipf} daddr . {proto} dport ; flags dynamic,timeout ; "
@@ -382,7 +388,8 @@ def _skeleton(
     chain("nat-prerouting", "type nat hook prerouting priority -100")
     chain("nat-output", "type nat hook output priority -100")
     chain("nat-postrouting", "type nat hook postrouting priority 100")
-    chain("affinity-record", "type filter hook postrouting priority 90")
+    if v4:
+        chain("affinity-record", "type filter hook postrouting priority 90")
     for name in (
         "firewall-check",
         "service-endpoints-check",
@@ -448,7 +455,7 @@ def _skeleton(
     elif local is not None:
         rule("services", f"{frontend} @{CLUSTER_VIPS} {not_local_match} jump mark-for-masquerade")
     rule("services", f"{frontend} @{EXTERNAL_MASQ} jump mark-for-masquerade")
-    for proto in PROTOCOLS:
+    for proto in PROTOCOLS if v4 else ():
         rule(
             "services",
             f"meta l4proto {proto} {frontend} @{AFFINITY_SERVICES} dnat {ipf} to {ipf} saddr . "
@@ -473,11 +480,13 @@ def _skeleton(
                     f"meta l4proto {proto} dnat {ipf} to {ipf} daddr . {proto} dport . "
                     f"numgen random mod {n} map @{mapper(proto)}",
                 )
-    rule(
-        "affinity-record",
-        f"ct state new ct status dnat meta l4proto {{ tcp, udp, sctp }} ct original {ipf} daddr "
-        f". meta l4proto . ct original proto-dst vmap @{AFFINITY_TIMEOUTS}",
-    )
+    if v4:
+        rule(
+            "affinity-record",
+            "ct state new ct status dnat meta l4proto { tcp, udp, sctp } "
+            f"ct original {ipf} daddr . meta l4proto . ct original proto-dst "
+            f"vmap @{AFFINITY_TIMEOUTS}",
+        )
     for t in sorted(timeouts):
         for proto in PROTOCOLS:
             rule(
@@ -505,9 +514,19 @@ def compile_nftables(state: ProxyState, options: NftablesOptions) -> NftablesRul
         picks |= svc.pick_counts
         local_picks |= svc.local_pick_counts
         timeouts |= svc.affinity_timeouts
+    order = tuple(sorted(services))
+    notes: tuple[str, ...] = ()
+    if options.family != IPV4:
+        notes = tuple(
+            f"{name} ({name.protocol}): ClientIP session affinity is not supported for IPv6 "
+            "in the flat nftables layout (nft 1.0.6); connections are balanced without it"
+            for name in order
+            if state.services[name].session_affinity_client_ip
+        )
     return NftablesRuleset(
         options=options,
         skeleton=_skeleton(options, picks, local_picks, timeouts),
         services=services,
-        order=tuple(sorted(services)),
+        order=order,
+        notes=notes,
     )
