@@ -378,3 +378,33 @@ def test_endpoint_change_applies_as_elements_only(topo: Topology) -> None:
     topo.load_nft(update)
     assert set(landings(topo, "10.96.0.10", 80)) == {BACKENDS[0], BACKENDS[2]}
     assert topo.node_exec(["nft", "list", "chains", "ip"]).stdout == chains
+
+
+def test_ipv6_no_endpoints_rejected_and_udp(topo: Topology) -> None:
+    objs = [
+        service("empty", ["fd00:96::20"], ipFamilies=["IPv6"]),
+        service("dns", ["fd00:96::53"], "UDP", ipFamilies=["IPv6"]),
+        slice_("dns", BACKENDS6, "UDP", family="IPv6"),
+    ]
+    topo.load_nft(script(objs, IPV6))
+    assert topo.connect("fd00:96::20", 80).outcome == "refused"
+    assert set(landings(topo, "fd00:96::53", 80, 30, "udp")) == set(BACKENDS6)
+
+
+def test_interface_local_detection(topo: Topology) -> None:
+    """Traffic entering via the node's client-side interface (cl0) counts as pod traffic."""
+    objs = [service("web", ["10.96.0.10"]), slice_("web", BACKENDS)]
+    topo.load_nft(script(objs, detect_local_mode="InterfaceNamePrefix", interface_name_prefix="cl"))
+    result = topo.connect("10.96.0.10", 80)
+    assert result.ok and not topo.masqueraded(result)
+    topo.load_nft(script(objs, detect_local_mode="InterfaceNamePrefix", interface_name_prefix="xx"))
+    result = topo.connect("10.96.0.10", 80)
+    assert result.ok and topo.masqueraded(result)
+
+
+def test_hairpin_is_masqueraded(topo: Topology) -> None:
+    objs = [service("web", ["10.96.0.10"]), slice_("web", BACKENDS[:1])]
+    topo.load_nft(script(objs))
+    result = topo.connect("10.96.0.10", 80, from_ns="backend", src_ip=BACKENDS[0])
+    assert result.ok and result.server_ip == BACKENDS[0]
+    assert result.peer_ip != BACKENDS[0]  # the endpoint's own address would not route back
