@@ -393,3 +393,21 @@ def test_ipv6_affinity_is_reported_not_programmed() -> None:
     assert "affinity-record" not in script and "@affinity-tcp" not in script
     assert "add element ip6 minikproxy affinity" not in script
     assert len(ruleset.notes) == 1 and "ClientIP session affinity" in ruleset.notes[0]
+
+
+def test_topology_hints_select_same_zone_endpoints() -> None:
+    node = NodeInfo("node-1", labels={"topology.kubernetes.io/zone": "a"}, addresses=("10.0.0.1",))
+    port = ServicePort(spn("web"), IPV4, "10.96.0.10", 80)
+    endpoints = (
+        make_endpoint("10.244.1.1", 8080, zone_hints=frozenset({"a"})),
+        make_endpoint("10.244.1.2", 8080, zone_hints=frozenset({"b"})),
+        make_endpoint("10.244.1.3", 8080, zone_hints=frozenset({"a"})),
+    )
+    st = ProxyState(
+        family=IPV4, node=node, services={port.name: port}, endpoints={port.name: endpoints}
+    )
+    items = compile_nftables(st, OPTIONS).services[port.name].elements
+    assert of(items, "cluster-endpoints-tcp") == [
+        "10.96.0.10 . 80 . 0 : 10.244.1.1 . 8080",
+        "10.96.0.10 . 80 . 1 : 10.244.1.3 . 8080",
+    ]
