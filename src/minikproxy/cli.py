@@ -12,6 +12,7 @@ from minikproxy import __version__
 from minikproxy.config import (
     HEALTHZ_PORT,
     METRICS_PORT,
+    NFTABLES_LAYOUTS,
     PROXY_MODES,
     ConfigError,
     ProxyConfig,
@@ -22,6 +23,7 @@ from minikproxy.config import (
 )
 from minikproxy.gcutil import gc_paused
 from minikproxy.model.names import IPV4, IPV6, IPFamily, NamespacedName
+from minikproxy.model.parse import canonical_cidr
 from minikproxy.nodeopts import split_list
 
 EXIT_USAGE = 2
@@ -41,6 +43,21 @@ def _duration(text: str) -> float:
         return parse_duration(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _cidr_list(text: str) -> tuple[str, ...]:
+    cidrs = split_list(text)
+    if not cidrs or len(cidrs) > 2:
+        raise argparse.ArgumentTypeError(f"expected one CIDR or two (IPv4,IPv6), got {text!r}")
+    families = []
+    for cidr in cidrs:
+        parsed = canonical_cidr(cidr)
+        if parsed is None:
+            raise argparse.ArgumentTypeError(f"invalid CIDR {cidr!r}")
+        families.append(parsed[1])
+    if len(set(families)) != len(families):
+        raise argparse.ArgumentTypeError(f"two CIDRs must be of different families: {text!r}")
+    return cidrs
 
 
 def _service_name(text: str) -> NamespacedName:
@@ -76,6 +93,13 @@ def add_node_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--iptables-localhost-nodeports", type=_bool, default=None, metavar="true|false"
     )
+    parser.add_argument(
+        "--service-cidr",
+        type=_cidr_list,
+        default=None,
+        metavar="CIDR[,CIDR]",
+        help="the cluster's service CIDR(s), for nftables mode's checks of unallocated IPs",
+    )
 
 
 _FLAGS = {
@@ -88,6 +112,8 @@ _FLAGS = {
     "masquerade_all": "--masquerade-all",
     "masquerade_bit": "--iptables-masquerade-bit",
     "localhost_nodeports": "--iptables-localhost-nodeports",
+    "service_cidrs": "--service-cidr",
+    "nftables_layout": "--nftables-layout",
     "node_ips": "--node-ip",
     "nodeport_addresses": "--nodeport-addresses",
     "min_sync_period": "--min-sync-period",
@@ -112,6 +138,8 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         "masquerade_all": args.masquerade_all,
         "masquerade_bit": args.iptables_masquerade_bit,
         "localhost_nodeports": args.iptables_localhost_nodeports,
+        "service_cidrs": args.service_cidr,
+        "nftables_layout": getattr(args, "nftables_layout", None),
     }
     if args.node_ip is not None:
         overrides["node_ips"] = split_list(args.node_ip)
@@ -158,6 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     render.add_argument("--ip-family", choices=(IPV4, IPV6), default=None)
     render.add_argument(
+        "--nftables-layout",
+        choices=NFTABLES_LAYOUTS,
+        default=None,
+        help="nftables mode: minikproxy's flat table (default) or kube-proxy's own layout",
+    )
+    render.add_argument(
         "--service", action="append", type=_service_name, default=[], metavar="NS/NAME",
         help="print only the chains and rules of these Services (for reading, not loading)",
     )  # fmt: skip
@@ -192,6 +226,14 @@ def _render(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
+    if config.mode == "nftables" and args.iptables_localhost_nodeports:
+        print(
+            "warning: localhost NodePorts are not supported in nftables mode (as in "
+            "kube-proxy); --iptables-localhost-nodeports is ignored",
+            file=sys.stderr,
+        )
+    for note in result.notes:
+        print(f"warning: {note}", file=sys.stderr)
     for problem in result.problems:
         print(f"warning: {problem} (skipped)", file=sys.stderr)
     if args.strict and result.problems:

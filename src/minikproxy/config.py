@@ -25,7 +25,8 @@ from minikproxy.model.parse import canonical_cidr, canonical_ip
 
 API_VERSION = "kubeproxy.config.k8s.io/v1alpha1"
 KIND = "KubeProxyConfiguration"
-PROXY_MODES = ("iptables",)
+PROXY_MODES = ("iptables", "nftables")
+NFTABLES_LAYOUTS = ("flat", "kube-proxy")
 HEALTHZ_PORT = 10256  # kube-proxy's ports.ProxyHealthzPort
 METRICS_PORT = 10249  # kube-proxy's ports.ProxyStatusPort
 
@@ -59,6 +60,9 @@ class ProxyConfig:
     metrics_bind_address: str = f"127.0.0.1:{METRICS_PORT}"
     conntrack_tcp_be_liberal: bool = False
     node_ips: tuple[str, ...] = field(default=())
+    # Not in KubeProxyConfiguration (kube-proxy reads the API's ServiceCIDR objects): a flag.
+    service_cidrs: tuple[str, ...] = ()
+    nftables_layout: str = "flat"
     origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def with_overrides(self, **overrides: Any) -> ProxyConfig:

@@ -247,6 +247,9 @@ def main_run(args: argparse.Namespace) -> int:
     except ConfigError as err:
         logger.error("%s", err)
         return 2
+    if config.mode != "iptables":
+        logger.error("proxy mode %s is not supported by run yet (render supports it)", config.mode)
+        return 2
     node_name = node_name_from(config)
     dry_run = bool(args.dry_run)
     if not dry_run and os.geteuid() != 0:

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import socket
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
 from minikproxy.changes import ClusterTracker
-from minikproxy.compile.iptables import IptablesRuleset, compile_iptables
+from minikproxy.compile.iptables import compile_iptables
+from minikproxy.compile.nftables import compile_nftables
+from minikproxy.compile.nftables_options import NftablesOptions
 from minikproxy.config import ConfigError, ProxyConfig
 from minikproxy.model.names import IPV4, IPV6, IPFamily, NamespacedName
 from minikproxy.model.parse import NodeInfo
 from minikproxy.model.problems import ObjectProblem
-from minikproxy.nodeopts import iptables_options
+from minikproxy.model.state import ProxyState
+from minikproxy.nodeopts import iptables_options, nftables_options
 from minikproxy.sources.manifests import SourcedObject
 
 
@@ -28,9 +32,10 @@ class RenderResult:
     """
 
     parts: dict[IPFamily, list[str]]
-    rulesets: dict[IPFamily, IptablesRuleset]
+    rulesets: dict[IPFamily, Any]
     node: NodeInfo
     problems: list[ObjectProblem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @cached_property
     def payloads(self) -> dict[IPFamily, str]:
@@ -74,14 +79,51 @@ def render_objects(
     tracker.add_objects(stream())
     node = tracker.node
     parts: dict[IPFamily, list[str]] = {}
-    rulesets: dict[IPFamily, IptablesRuleset] = {}
+    rulesets: dict[IPFamily, Any] = {}
+    notes: list[str] = []
+    if config.mode == "nftables":
+        compile_nft = _nftables_compiler(config.nftables_layout)
+    elif config.mode != "iptables":
+        raise ConfigError(f"--proxy-mode: unsupported mode {config.mode!r}")
     for family in families:
-        if config.mode != "iptables":
-            raise ConfigError(f"--proxy-mode: unsupported mode {config.mode!r}")
+        state = tracker.snapshot(family).state
+        if config.mode == "nftables":
+            nft_options = nftables_options(
+                config,
+                node,
+                family,
+                node_addresses=node_addresses,
+                service_cidrs=config.service_cidrs,
+            )
+            nft_ruleset = compile_nft(state, nft_options)
+            rulesets[family] = nft_ruleset
+            notes.extend(getattr(nft_ruleset, "notes", ()))
+            if services:
+                parts[family] = [nft_ruleset.render_services(set(services))]
+            else:
+                parts[family] = [nft_ruleset.render()]
+            continue
         options = iptables_options(config, node, family, node_addresses=node_addresses)
-        ruleset = compile_iptables(tracker.snapshot(family).state, options)
+        ruleset = compile_iptables(state, options)
         rulesets[family] = ruleset
         parts[family] = (
             [ruleset.render_services(set(services))] if services else ruleset.render_parts()
         )
-    return RenderResult(parts, rulesets, node, problems)
+    return RenderResult(parts, rulesets, node, problems, notes)
+
+
+def _nftables_compiler(layout: str) -> Callable[[ProxyState, NftablesOptions], Any]:
+    """The compiler of ``--nftables-layout``; kube-proxy's layout is imported lazily."""
+    if layout == "flat":
+        return compile_nftables
+    if layout == "kube-proxy":
+        try:
+            module = importlib.import_module("minikproxy.compile.nftables_kubeproxy")
+        except ImportError:
+            raise ConfigError(
+                "--nftables-layout kube-proxy: not available in this build yet "
+                "(minikproxy.compile.nftables_kubeproxy is missing)"
+            ) from None
+        compiler: Callable[[ProxyState, NftablesOptions], Any] = module.compile_nftables_kubeproxy
+        return compiler
+    raise ConfigError(f"--nftables-layout: unknown layout {layout!r}")

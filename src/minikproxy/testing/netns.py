@@ -527,6 +527,10 @@ class Topology:
             argv.append("--noflush")
         self.node_exec(argv, input=payload)
 
+    def load_nft(self, script: str) -> None:
+        """Feed ``script`` to ``nft -f -`` in the node namespace (raises CommandError)."""
+        self.node_exec(["nft", "-f", "-"], input=script)
+
     def iptables_save(self, family: Family = "IPv4", backend: IptablesBackend | None = None) -> str:
         """Return ``ip[6]tables-save`` output of the node (default: the backend last loaded)."""
         chosen = backend or self._iptables_backend or "nft"
@@ -622,6 +626,27 @@ class Topology:
         """Open one TCP connection (or send one UDP datagram) to ``dst_ip:port`` and classify it."""
         probe = Probe(dst_ip, port, proto, src_ip)
         return self.connect_many([probe], from_ns=from_ns, timeout=timeout)[0]
+
+    def send_udp_flows(
+        self, dst_ip: str, port: int, count: int, *, from_ns: Role = "client"
+    ) -> None:
+        """Send one datagram from each of ``count`` source ports (``count`` new UDP flows).
+
+        Source ports are 20000, 20001, ... so no two datagrams share a conntrack tuple.
+        """
+        if count > 40000:
+            raise ValueError("at most 40000 flows (source ports 20000-59999)")
+        family = socket.AF_INET6 if ":" in dst_ip else socket.AF_INET
+        any_addr = "::" if family == socket.AF_INET6 else "0.0.0.0"
+
+        def send() -> None:
+            for k in range(count):
+                with socket.socket(family, socket.SOCK_DGRAM) as sock:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    sock.bind((any_addr, 20000 + k))
+                    sock.sendto(b"x", (dst_ip, port))
+
+        run_in_netns(self.namespaces[from_ns], send)
 
     def masqueraded(self, result: ProbeResult, client_ip: str | None = None) -> bool:
         """Tell whether the server saw a source other than the client address (default: the
