@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import socket
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -13,6 +12,7 @@ from typing import Any
 from minikproxy.changes import ClusterTracker
 from minikproxy.compile.iptables import compile_iptables
 from minikproxy.compile.nftables import compile_nftables
+from minikproxy.compile.nftables_kubeproxy import compile_nftables_kubeproxy
 from minikproxy.compile.nftables_options import NftablesOptions
 from minikproxy.config import ConfigError, ProxyConfig
 from minikproxy.model.names import IPV4, IPV6, IPFamily, NamespacedName
@@ -113,17 +113,9 @@ def render_objects(
 
 
 def _nftables_compiler(layout: str) -> Callable[[ProxyState, NftablesOptions], Any]:
-    """The compiler of ``--nftables-layout``; kube-proxy's layout is imported lazily."""
+    """The compiler of ``--nftables-layout``: ours (``flat``) or kube-proxy's own table."""
     if layout == "flat":
         return compile_nftables
     if layout == "kube-proxy":
-        try:
-            module = importlib.import_module("minikproxy.compile.nftables_kubeproxy")
-        except ImportError:
-            raise ConfigError(
-                "--nftables-layout kube-proxy: not available in this build yet "
-                "(minikproxy.compile.nftables_kubeproxy is missing)"
-            ) from None
-        compiler: Callable[[ProxyState, NftablesOptions], Any] = module.compile_nftables_kubeproxy
-        return compiler
+        return compile_nftables_kubeproxy
     raise ConfigError(f"--nftables-layout: unknown layout {layout!r}")

@@ -328,15 +328,18 @@ def test_cli_localhost_nodeports_warning(capsys: pytest.CaptureFixture[str]) -> 
     assert "localhost NodePorts are not supported in nftables mode" in err
 
 
-def test_cli_kube_proxy_layout_not_available(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import sys
-
-    monkeypatch.setitem(sys.modules, "minikproxy.compile.nftables_kubeproxy", None)
+def test_cli_kube_proxy_layout(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = render(capsys, "--nftables-layout", "kube-proxy")
-    assert code == 2 and out == ""
-    assert err.count("\n") == 1 and "--nftables-layout kube-proxy" in err
+    assert code == 0, err
+    assert out.startswith("# IPv4\nadd table ip kube-proxy\n")
+    assert "add chain ip kube-proxy service-" in out
+    assert "minikproxy" not in out
+
+
+def test_cli_unknown_nftables_layout(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        render(capsys, "--nftables-layout", "tree")
+    assert exit_info.value.code == 2
 
 
 def test_render_objects_gives_the_ruleset() -> None:
