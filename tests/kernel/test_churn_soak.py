@@ -3,8 +3,9 @@ real controller (``--min-sync-period 0``) programming a node namespace; at every
 the kernel's rules must equal, rule for rule, a fresh render of the objects the API server
 holds, and the node's conntrack table (a few thousand UDP flows to the Services, topped up at
 every checkpoint, and flows that are no Service's) must hold no flow to a Service frontend
-answered by anything but a serving endpoint, with every other flow kept. The figures (sync times, API -> kernel lag, RSS) are printed, not asserted: they are
-measured by the long form, ``bench/bench_churn_soak.py``."""
+answered by anything but a serving endpoint, with every other flow kept. The figures (sync
+times, API -> kernel lag, RSS) are printed, not asserted: they are measured by the long form,
+``bench/bench_churn_soak.py``."""
 
 from __future__ import annotations
 
