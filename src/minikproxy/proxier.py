@@ -66,9 +66,10 @@ class SyncResult:
     resourceVersion of the last object of that kind the sync's snapshot includes: watch events
     arrive in resourceVersion order, so every change of that kind up to it is in the rules
     once the sync has ended. ``ended`` is the proxier's clock when it ended (the rules are in
-    the kernel). ``duration`` is the rules' part of the sync; ``conntrack_seconds`` the UDP
-    conntrack reconcile that follows a successful one (kube-proxy's cleanup at the end of
-    ``syncProxyRules``), so :attr:`total` is what ``sync_proxy_rules_duration_seconds`` counts.
+    the kernel). ``duration`` is the sync up to then; ``conntrack_seconds`` the UDP conntrack
+    reconcile that follows a successful one (kube-proxy's cleanup at the end of
+    ``syncProxyRules``); ``elapsed`` the whole sync, from its start to the end of the
+    reconcile: what ``sync_proxy_rules_duration_seconds`` observes (see :attr:`total`).
     """
 
     full: bool
@@ -79,11 +80,13 @@ class SyncResult:
     resource_versions: Mapping[str, str] = field(default_factory=dict)
     ended: float = 0.0
     conntrack_seconds: float = 0.0
+    elapsed: float = 0.0
 
     @property
     def total(self) -> float:
-        """The whole sync: the rules and the conntrack reconcile after them."""
-        return self.duration + self.conntrack_seconds
+        """The whole sync, the rules, the bookkeeping after them and the conntrack reconcile
+        (``elapsed``; for a result that does not set it, ``duration`` plus the reconcile)."""
+        return self.elapsed or self.duration + self.conntrack_seconds
 
 
 @dataclass
@@ -342,9 +345,12 @@ class Proxier:
             return self._failed(err, full, start, versions)
         # kube-proxy cleans conntrack at the end of syncProxyRules, inside the time its
         # sync_proxy_rules_duration_seconds observes (a deferred call from the start): so do we.
+        reconcile_start = self.clock()
         self._reconcile_conntrack()
-        result.conntrack_seconds = self.clock() - end
-        self._observe_latency(full, result.total)
+        finished = self.clock()
+        result.conntrack_seconds = finished - reconcile_start
+        result.elapsed = finished - start
+        self._observe_latency(full, result.elapsed)
         if self.on_sync is not None:
             self.on_sync(result)
         return True

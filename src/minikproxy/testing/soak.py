@@ -159,7 +159,7 @@ class SoakReport:
                 f"churn soak: {s.services} Services, {len(self.lags)} changes seen by the proxy "
                 f"({s.changes} made) in {self.churn_seconds:.1f} s, UDP share {s.udp_share:.0%}, "
                 f"conntrack cleanup {'on' if s.conntrack else 'off'}, seed {s.seed}",
-                f"conntrack table: {s.service_flows} UDP flows to Services (topped up at "
+                f"conntrack table: {s.service_flows} UDP flows to UDP Services (topped up at "
                 f"every checkpoint), {s.other_flows} other UDP, {s.tcp_flows} TCP",
                 f"initial full sync: {self.initial_sync * 1000:.0f} ms",
                 f"syncs: {len(times)} ({full} full); with the conntrack reconcile p50 "
