@@ -296,8 +296,9 @@ def churn_api_server(settings: SoakSettings, workdir: Path) -> Iterator[Connecti
 
 
 class SyncRecorder:
-    """Collects every :class:`SyncResult` (the proxier's ``on_sync`` hook) and answers
-    "has the kernel caught up with these resourceVersions?"."""
+    """Collects every :class:`SyncResult` (the proxier's ``on_sync`` hook, called after the
+    sync's conntrack reconcile) and answers "has the kernel caught up with these
+    resourceVersions?" (rules and conntrack both)."""
 
     def __init__(self) -> None:
         self.results: list[SyncResult] = []
