@@ -98,7 +98,9 @@ class ProxyMetrics:
         def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
             return Counter(name, doc, labels, namespace=SUBSYSTEM, registry=reg)
 
-        # sync_proxy_rules_duration_seconds: latency of one sync, full or partial.
+        # sync_proxy_rules_duration_seconds: latency of one successful sync, full or partial,
+        # the UDP conntrack reconcile after the rules included (as in kube-proxy, whose
+        # syncProxyRules observes it deferred, after its conntrack cleanup).
         self.sync_proxy_rules_latency = histogram(
             "sync_proxy_rules_duration_seconds",
             "SyncProxyRules latency in seconds",

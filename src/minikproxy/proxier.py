@@ -65,7 +65,11 @@ class SyncResult:
     ``resource_versions`` maps each kind (``services``, ``endpointslices``, ``nodes``) to the
     resourceVersion of the last object of that kind the sync's snapshot includes: watch events
     arrive in resourceVersion order, so every change of that kind up to it is in the rules
-    once the sync has ended. ``ended`` is the proxier's clock when it ended.
+    once the sync has ended. ``ended`` is the proxier's clock when it ended (the rules are in
+    the kernel). ``duration`` is the sync up to then; ``conntrack_seconds`` the UDP conntrack
+    reconcile that follows a successful one (kube-proxy's cleanup at the end of
+    ``syncProxyRules``); ``elapsed`` the whole sync, from its start to the end of the
+    reconcile: what ``sync_proxy_rules_duration_seconds`` observes (see :attr:`total`).
     """
 
     full: bool
@@ -75,6 +79,14 @@ class SyncResult:
     error: str = ""
     resource_versions: Mapping[str, str] = field(default_factory=dict)
     ended: float = 0.0
+    conntrack_seconds: float = 0.0
+    elapsed: float = 0.0
+
+    @property
+    def total(self) -> float:
+        """The whole sync, the rules, the bookkeeping after them and the conntrack reconcile
+        (``elapsed``; for a result that does not set it, ``duration`` plus the reconcile)."""
+        return self.elapsed or self.duration + self.conntrack_seconds
 
 
 @dataclass
@@ -324,15 +336,23 @@ class Proxier:
             self._failures = 0
             if full:
                 self._last_full = start
-            self.last_sync = SyncResult(full, True, restored, duration, "", versions, end)
-            self._after_success(snapshots, full, duration)
+            result = SyncResult(full, True, restored, duration, "", versions, end)
+            self.last_sync = result
+            self._after_success(snapshots, full)
         except Exception as err:
             # Whatever went wrong, the changes taken from the tracker must not be lost: the
             # next sync is full. (A snapshot that fails half-way keeps its dirty set.)
             return self._failed(err, full, start, versions)
-        if self.on_sync is not None:
-            self.on_sync(self.last_sync)
+        # kube-proxy cleans conntrack at the end of syncProxyRules, inside the time its
+        # sync_proxy_rules_duration_seconds observes (a deferred call from the start): so do we.
+        reconcile_start = self.clock()
         self._reconcile_conntrack()
+        finished = self.clock()
+        result.conntrack_seconds = finished - reconcile_start
+        result.elapsed = finished - start
+        self._observe_latency(full, result.elapsed)
+        if self.on_sync is not None:
+            self.on_sync(result)
         return True
 
     def _failed(
@@ -443,16 +463,18 @@ class Proxier:
 
     # --- after a successful sync -----------------------------------------------------------
 
-    def _after_success(
-        self, snapshots: Mapping[IPFamily, Snapshot], full: bool, duration: float
-    ) -> None:
+    def _observe_latency(self, full: bool, seconds: float) -> None:
+        """A successful sync's duration, conntrack reconcile included, as kube-proxy's."""
         metrics = self.metrics
-        metrics.sync_proxy_rules_latency.observe(duration)
+        metrics.sync_proxy_rules_latency.observe(seconds)
         (
             metrics.sync_full_proxy_rules_latency
             if full
             else metrics.sync_partial_proxy_rules_latency
-        ).observe(duration)
+        ).observe(seconds)
+
+    def _after_success(self, snapshots: Mapping[IPFamily, Snapshot], full: bool) -> None:
+        metrics = self.metrics
         metrics.sync_proxy_rules_last_timestamp.set(self.wallclock())
         now = self.wallclock()
         for snapshot in snapshots.values():

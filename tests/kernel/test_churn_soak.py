@@ -1,8 +1,11 @@
 """The churn soak, short form: a couple of hundred random API changes in bursts against the
 real controller (``--min-sync-period 0``) programming a node namespace; at every checkpoint
 the kernel's rules must equal, rule for rule, a fresh render of the objects the API server
-holds. The figures (sync times, API -> kernel lag, RSS) are printed, not asserted: they are
-measured by the long form, ``bench/bench_churn_soak.py``."""
+holds, and the node's conntrack table (a few thousand UDP flows to the Services, topped up at
+every checkpoint, and flows that are no Service's) must hold no flow to a Service frontend
+answered by anything but a serving endpoint, with every other flow kept. The figures (sync
+times, API -> kernel lag, RSS) are printed, not asserted: they are measured by the long form,
+``bench/bench_churn_soak.py``."""
 
 from __future__ import annotations
 
@@ -26,3 +29,11 @@ def test_churn_keeps_the_kernel_equal_to_a_fresh_render(tmp_path: Path) -> None:
     assert not any(s.full for s in report.syncs), "churn alone never needs a full sync"
     # every change the proxy can see reached the kernel, and each is counted once
     assert len(report.lags) == sum(size for size, _ in report.bursts)
+    for checkpoint in report.checkpoints:
+        flows = checkpoint.flows
+        assert flows is not None
+        assert not flows.violations, f"after {checkpoint.changes} changes: {flows.violations[:5]}"
+        assert flows.other_flows == flows.others_inserted == settings.other_flows
+        assert flows.service_flows + flows.added == settings.service_flows
+    assert report.conntrack_deleted > 0, "the churn left no Service flow stale: nothing tested"
+    assert all(s.conntrack_seconds > 0 for s in report.syncs)

@@ -24,7 +24,7 @@ from minikproxy.config import ProxyConfig
 from minikproxy.ctreconcile import ConntrackReconciler
 from minikproxy.healthz import ProxierHealth, ServiceHealthServer
 from minikproxy.metrics import ProxyMetrics
-from minikproxy.model.names import IPV4, IPV6, NamespacedName, ServicePortName
+from minikproxy.model.names import IPV4, IPV6, IPFamily, NamespacedName, ServicePortName
 from minikproxy.model.parse import SERVICE_NAME_LABEL, TRIGGER_TIME_ANNOTATION
 from minikproxy.proxier import Proxier, SyncResult
 from minikproxy.runner import FakeClock
@@ -912,6 +912,44 @@ def test_udp_cleanup_waits_for_the_rules_that_stop_using_the_endpoint() -> None:
     assert rig.conntrack.remaining() == {gone}  # the rules still DNAT to 10.244.1.2
     assert rig.sync() and rig.full
     assert rig.conntrack.remaining() == set()
+
+
+def test_sync_time_and_on_sync_include_the_conntrack_reconcile() -> None:
+    """As kube-proxy's syncProxyRules, whose deferred latency observation runs after its
+    conntrack cleanup: the reconcile's time is part of the sync's, reported apart on the
+    SyncResult, and on_sync sees the flows already reconciled; ``ended`` stays the time the
+    rules were in the kernel."""
+    results: list[SyncResult] = []
+    remaining_at_hook: list[set[str]] = []
+
+    def hook(result: SyncResult) -> None:
+        results.append(result)
+        remaining_at_hook.append(rig.conntrack.remaining())
+
+    rig = make_rig(on_sync=hook)
+    kept = to_dns(1000, "10.244.1.1")
+    to_dns(1001, "10.244.1.2")
+    seed(rig)
+    dump = rig.conntrack.dump_udp
+
+    def slow_dump(family: IPFamily) -> Any:
+        rig.clock.advance(0.25)  # the reconcile takes 250 ms of the proxier's clock
+        return dump(family)
+
+    rig.conntrack.dump_udp = slow_dump  # type: ignore[method-assign]
+    rig.start(DNS, dns_slice(ep("10.244.1.1"), ep("10.244.1.2")))
+    rig.update(dns_slice(ep("10.244.1.1")))
+    assert rig.sync()
+    assert remaining_at_hook[-1] == {kept}
+    last = results[-1]
+    assert last.conntrack_seconds == pytest.approx(0.25)
+    assert last.total == last.elapsed == pytest.approx(last.duration + 0.25)
+    assert last.ended == pytest.approx(rig.clock.now() - 0.25)
+    assert rig.metric("sync_proxy_rules_duration_seconds_sum") == pytest.approx(
+        sum(r.total for r in results)
+    )
+    assert rig.metric("sync_proxy_rules_duration_seconds_sum") >= 0.5
+    assert rig.metric("sync_partial_proxy_rules_duration_seconds_sum") == pytest.approx(last.total)
 
 
 def test_tcp_only_services_never_list_conntrack() -> None:

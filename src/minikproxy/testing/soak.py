@@ -18,8 +18,19 @@ What is measured (all on ``time.monotonic``, which is system-wide, so both proce
   (:attr:`~minikproxy.proxier.SyncResult.resource_versions`). EndpointSlices of headless
   Services, which the proxy's watch filters out, have no lag. The largest lag is the most the
   kernel was ever behind the API.
-* **sync times**: the proxier's own duration of every sync after the initial one (the figure
-  behind ``kubeproxy_sync_proxy_rules_duration_seconds``).
+* **sync times**: the proxier's own duration of every sync after the initial one, with the
+  UDP conntrack reconcile that follows it (:attr:`~minikproxy.proxier.SyncResult.total`, the
+  figure behind ``kubeproxy_sync_proxy_rules_duration_seconds``, as kube-proxy's includes its
+  conntrack cleanup) and without it (the rules alone); and the reconcile's own time.
+* **conntrack**: the node's table holds a population of UDP flows
+  (:mod:`minikproxy.testing.ctflows`): flows to the UDP Services' cluster IPs and NodePorts
+  answered by their serving endpoints, topped up after the initial sync and at every
+  checkpoint, which go stale as the churn changes them; flows that are no Service's; and
+  optionally a large TCP population. At every checkpoint (after the sync and reconcile that
+  followed the last change) no Service flow may be left whose reply source is not a serving
+  endpoint of its frontend, as computed from the API server's objects (a frontend that went
+  away loses its flows), and every other flow must be there. The flows the reconciler deleted
+  are counted.
 * **RSS** of this process (controller plus harness) after warm-up (the first checkpoint) and
   at every later checkpoint.
 """
@@ -48,7 +59,8 @@ from minikproxy.render import render_objects
 from minikproxy.sources.kubeclient import load_api_client
 from minikproxy.sources.manifests import SourcedObject
 from minikproxy.testing.apiserver import FakeApiServer
-from minikproxy.testing.churn import CLUSTER_CIDR, NODE, ChurnCluster
+from minikproxy.testing.churn import CLUSTER_CIDR, NODE, NODE_IP, ChurnCluster
+from minikproxy.testing.ctflows import FlowCheck, FlowPopulation, udp_service_frontends
 from minikproxy.testing.netns import Topology
 
 #: (kind plural, resourceVersion, monotonic time just before the write) of one change.
@@ -64,6 +76,9 @@ class SoakSettings:
     checkpoint_every: int = 500
     udp_share: float = 0.2
     conntrack: bool = True  # False: the proxier skips UDP conntrack cleanup (a control run)
+    service_flows: int = 2500  # UDP flows to Services kept in the node's table
+    other_flows: int = 1000  # UDP flows that are no Service's (never to be deleted)
+    tcp_flows: int = 0  # TCP flows (the reconciler's kernel filter keeps them in the kernel)
     seed: int = 9
     burst_weights: tuple[tuple[tuple[int, int], int], ...] = (
         ((1, 10), 60),
@@ -82,6 +97,7 @@ class Checkpoint:
     identical: bool
     diff: str
     rss_kb: int
+    flows: FlowCheck | None = None
 
 
 @dataclass
@@ -98,11 +114,29 @@ class SoakReport:
     rss_max_kb: int
     churn_seconds: float
     bursts: list[tuple[int, int]] = field(default_factory=list)  # (changes, syncs that wrote it)
+    conntrack_deleted: int = 0  # UDP flows the reconciler deleted (its metric)
+    service_flows_inserted: int = 0
 
     @property
     def sync_times(self) -> list[float]:
-        """Durations of the syncs after the initial one."""
+        """Durations of the syncs after the initial one, conntrack reconcile included (what
+        ``sync_proxy_rules_duration_seconds`` observes, and what the targets are about)."""
+        return [s.total for s in self.syncs]
+
+    @property
+    def rules_times(self) -> list[float]:
+        """The same syncs without the conntrack reconcile (the rules alone)."""
         return [s.duration for s in self.syncs]
+
+    @property
+    def conntrack_times(self) -> list[float]:
+        """The conntrack reconcile's part of each sync."""
+        return [s.conntrack_seconds for s in self.syncs]
+
+    @property
+    def conntrack_ok(self) -> bool:
+        """Every checkpoint's conntrack check passed."""
+        return all(c.flows is not None and c.flows.ok for c in self.checkpoints)
 
     @property
     def rss_growth(self) -> float:
@@ -114,6 +148,8 @@ class SoakReport:
     def summary(self) -> str:
         """The figures, one per line."""
         times, lags = sorted(self.sync_times), sorted(self.lags)
+        rules, ct = sorted(self.rules_times), sorted(self.conntrack_times)
+        checks = [c.flows for c in self.checkpoints if c.flows is not None]
         s = self.settings
         full = sum(1 for x in self.syncs if x.full)
         identical = sum(1 for c in self.checkpoints if c.identical)
@@ -123,9 +159,19 @@ class SoakReport:
                 f"churn soak: {s.services} Services, {len(self.lags)} changes seen by the proxy "
                 f"({s.changes} made) in {self.churn_seconds:.1f} s, UDP share {s.udp_share:.0%}, "
                 f"conntrack cleanup {'on' if s.conntrack else 'off'}, seed {s.seed}",
+                f"conntrack table: {s.service_flows} UDP flows to UDP Services (topped up at "
+                f"every checkpoint), {s.other_flows} other UDP, {s.tcp_flows} TCP",
                 f"initial full sync: {self.initial_sync * 1000:.0f} ms",
-                f"syncs: {len(times)} ({full} full); p50 {_ms(_pct(times, 50))}, "
-                f"p95 {_ms(_pct(times, 95))}, max {_ms(times[-1] if times else 0)}",
+                f"syncs: {len(times)} ({full} full); with the conntrack reconcile p50 "
+                f"{_ms(_pct(times, 50))}, p95 {_ms(_pct(times, 95))}, "
+                f"max {_ms(times[-1] if times else 0)}; rules only p50 {_ms(_pct(rules, 50))}, "
+                f"p95 {_ms(_pct(rules, 95))}, max {_ms(rules[-1] if rules else 0)}",
+                f"conntrack reconcile: p50 {_ms(_pct(ct, 50))}, p95 {_ms(_pct(ct, 95))}, "
+                f"max {_ms(ct[-1] if ct else 0)}; UDP flows deleted {self.conntrack_deleted} "
+                f"(of {self.service_flows_inserted} Service flows inserted)",
+                f"conntrack checks passed: {sum(c.ok for c in checks)}/{len(checks)}; stale "
+                f"Service flows left {sum(len(c.violations) for c in checks)}, other flows "
+                f"lost {sum(c.others_inserted - c.other_flows for c in checks)}",
                 f"lag API -> kernel: p50 {_ms(_pct(lags, 50))}, p99 {_ms(_pct(lags, 99))}, "
                 f"max {_ms(lags[-1] if lags else 0)}",
                 f"bursts: {len(self.bursts)}; syncs writing a burst: median "
@@ -250,8 +296,9 @@ def churn_api_server(settings: SoakSettings, workdir: Path) -> Iterator[Connecti
 
 
 class SyncRecorder:
-    """Collects every :class:`SyncResult` (the proxier's ``on_sync`` hook) and answers
-    "has the kernel caught up with these resourceVersions?"."""
+    """Collects every :class:`SyncResult` (the proxier's ``on_sync`` hook, called after the
+    sync's conntrack reconcile) and answers "has the kernel caught up with these
+    resourceVersions?" (rules and conntrack both)."""
 
     def __init__(self) -> None:
         self.results: list[SyncResult] = []
@@ -369,6 +416,14 @@ def run_soak(
         )
         if not settings.conntrack:
             controller.proxier.conntrack = None
+        population = FlowPopulation(
+            topo.namespaces["node"],
+            NODE_IP,
+            service_flows=settings.service_flows,
+            other_flows=settings.other_flows,
+            tcp_flows=settings.tcp_flows,
+            seed=settings.seed + 2,
+        )
         controller.proxier.on_sync = recorder
         if prepare is not None:
             prepare(controller)
@@ -378,6 +433,9 @@ def run_soak(
             if not recorder.wait_covered({}, settings.catch_up_timeout):
                 raise RuntimeError("the initial sync did not finish")
             initial = recorder.results[-1].duration
+            population.insert_others()
+            api.send(("objects",))
+            population.top_up(udp_service_frontends(api.recv(), NODE_IP), 0)
             first = len(recorder.results)
             churn_start = time.monotonic()
             done = 0
@@ -403,21 +461,30 @@ def run_soak(
                     if not recorder.wait_covered(wanted, settings.catch_up_timeout):
                         raise RuntimeError(f"the kernel did not catch up after {done} changes")
                     api.send(("objects",))
-                    diff = compare_with_render(topo, reference, api.recv())
+                    objects = api.recv()
+                    diff = compare_with_render(topo, reference, objects)
+                    frontends = udp_service_frontends(objects, NODE_IP)
+                    flows = population.check(frontends)
+                    flows.added = population.top_up(frontends, flows.service_flows)
                     rss = rss_kb()
                     if not checkpoints:
                         rss_warm = rss
                     else:
                         rss_max = max(rss_max, rss)
-                    checkpoints.append(Checkpoint(done, not diff, diff, rss))
+                    checkpoints.append(Checkpoint(done, not diff, diff, rss, flows))
                 else:
                     time.sleep(rng.uniform(*settings.gap))
             churn_seconds = time.monotonic() - churn_start
         finally:
             controller.stop()
+            population.close()
         del start
-        failures = controller.metrics.registry.get_sample_value(
+        registry = controller.metrics.registry
+        failures = registry.get_sample_value(
             "kubeproxy_sync_proxy_rules_iptables_restore_failures_total"
+        )
+        deleted = registry.get_sample_value(
+            "kubeproxy_conntrack_reconciler_deleted_entries_total", {"ip_family": IPV4}
         )
     syncs = recorder.results[first:]
     return SoakReport(
@@ -431,4 +498,6 @@ def run_soak(
         rss_max_kb=rss_max or rss_warm,
         churn_seconds=churn_seconds,
         bursts=[(len(b), syncs_per_burst(b, syncs)) for b in bursts],
+        conntrack_deleted=int(deleted or 0),
+        service_flows_inserted=population.service_inserted,
     )
