@@ -416,7 +416,14 @@ def _abort(resp: Any) -> None:
 
 
 def _describe(err: BaseException) -> str:
+    """One line: the HTTP status, or what broke the connection (TLS, refused, ...)."""
     status = getattr(err, "status", None)
-    if isinstance(status, int):
-        return f"HTTP {status} {getattr(err, 'reason', '')}".strip()
-    return f"{type(err).__name__}: {err}"
+    reason = " ".join(str(getattr(err, "reason", "") or "").split())
+    if isinstance(status, int) and status > 0:
+        return f"HTTP {status} {reason}".strip()
+    if isinstance(status, int):  # the client's ApiException(status=0): no HTTP response
+        return reason or type(err).__name__
+    inner = getattr(err, "reason", None)  # urllib3's MaxRetryError: the last failure
+    if isinstance(inner, BaseException):
+        err = inner
+    return " ".join(f"{type(err).__name__}: {err}".split())
