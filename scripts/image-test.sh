@@ -124,4 +124,5 @@ if ! podman image exists "$base_ref"; then
     fi
 fi
 
+export MINIKPROXY_IMAGE_TEST=1
 exec .venv/bin/python -m pytest -p no:cacheprovider -m image tests/image "$@"
