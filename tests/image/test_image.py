@@ -68,7 +68,11 @@ def wait_for(what: str, condition: Callable[[], Any], timeout: float = 60) -> An
 
 @pytest.fixture(scope="session")
 def image() -> Iterator[str]:
-    """Build the Dockerfile (the layers stay cached in the test's podman storage)."""
+    """Build the Dockerfile (the layers stay cached in the test's podman storage), or use
+    ``$MINIKPROXY_IMAGE_TEST_IMAGE`` (an image already built, e.g. from another revision)."""
+    if os.environ.get("MINIKPROXY_IMAGE_TEST_IMAGE"):
+        yield os.environ["MINIKPROXY_IMAGE_TEST_IMAGE"]
+        return
     tag = f"localhost/minikproxy-image-test:{os.getpid()}"
     build = ["build", "--network=host", "-t", tag]
     ca = os.environ.get("MINIKPROXY_BUILD_CA", "/etc/ssl/certs/ca-certificates.crt")
