@@ -201,6 +201,9 @@ def _setup_logging() -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # urllib3 warns of each of its own retries; the final failure is logged once, in one
+    # line, by whoever made the request (reflectors, the event recorder).
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
 def _choose_backend(execer: Execer, flag: str) -> IptablesBackend:

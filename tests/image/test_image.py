@@ -356,8 +356,13 @@ def test_a_wrong_ca_or_token_is_one_clear_log_line(node: Node, wrong: str) -> No
     expected = r"CERTIFICATE_VERIFY_FAILED" if wrong == "ca" else r"HTTP 401 Unauthorized"
     line = node.wait_log(name, rf"[^\n]*services: list failed: [^\n]*{expected}[^\n]*")
     assert "retrying" in line
+    event = node.wait_log(name, r"WARNING [^\n]*could not record the Starting event[^\n]*\n")
+    assert expected.split()[-1] in event  # the cause, in the same line
     assert node.stop(name, pod.grace_seconds) == 0
-    no_traceback(node.logs(name))
+    logs = node.logs(name)
+    no_traceback(logs)
+    # One line per failure: no urllib3 retry chatter, no multi-line exception dumps.
+    assert "Retrying (" not in logs and "HTTP response headers" not in logs, logs
     assert "KUBE-" not in node.nat()
 
 

@@ -478,7 +478,7 @@ def test_describe_is_one_line_naming_the_failure() -> None:
     import urllib3
     from kubernetes.client.exceptions import ApiException
 
-    from minikproxy.sources.kubeapi import _describe
+    from minikproxy.sources.kubeapi import describe_error as _describe
 
     assert _describe(ApiException(status=401, reason="Unauthorized")) == "HTTP 401 Unauthorized"
     tls = ApiException(status=0, reason="SSLError\n[SSL: CERTIFICATE_VERIFY_FAILED] failed")

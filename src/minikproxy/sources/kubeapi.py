@@ -191,7 +191,7 @@ class Reflector:
                     "%s: %s failed: %s; retrying in %.2fs",
                     self.name,
                     "list" if need_list else "watch",
-                    _describe(err),
+                    describe_error(err),
                     delay,
                 )
                 sleep(delay)
@@ -415,7 +415,7 @@ def _abort(resp: Any) -> None:
         pass  # urllib3 raises the latter two once the response is closed or released: no read
 
 
-def _describe(err: BaseException) -> str:
+def describe_error(err: BaseException) -> str:
     """One line: the HTTP status, or what broke the connection (TLS, refused, ...)."""
     status = getattr(err, "status", None)
     reason = " ".join(str(getattr(err, "reason", "") or "").split())
