@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs what is missing, then runs the linters and the whole test suite, kernel tests
-# included (they need root: network namespaces, iptables, conntrack).
+# included (they need root: network namespaces, iptables, conntrack), then the container image
+# test (scripts/image-test.sh: builds the image with podman and runs it as the DaemonSet).
+# With arguments, only pytest runs, with those arguments (e.g. a file or -k EXPR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
@@ -11,4 +13,8 @@ echo "== ruff"
 echo "== mypy"
 .venv/bin/mypy
 echo "== pytest"
-exec .venv/bin/python -m pytest -p no:cacheprovider "$@"
+.venv/bin/python -m pytest -p no:cacheprovider "$@"
+if [ $# -eq 0 ]; then
+    echo "== image"
+    exec bash scripts/image-test.sh
+fi

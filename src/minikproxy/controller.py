@@ -21,12 +21,14 @@ from minikproxy.ctreconcile import ConntrackReconciler
 from minikproxy.dataplane.ctnetlink import NetlinkConntrack
 from minikproxy.dataplane.execer import Execer, RealExecer
 from minikproxy.dataplane.iptables import (
+    BackendDetectionError,
     IptablesBackend,
     IptablesError,
     RealIptables,
     detect_backend,
 )
 from minikproxy.dataplane.netinfo import NetInfoError, local_addresses
+from minikproxy.dataplane.sysctl import SysctlError, ensure_sysctl
 from minikproxy.events import record_starting
 from minikproxy.healthz import HealthzServer, ProxierHealth, ServiceHealthServer
 from minikproxy.metrics import MetricsServer, ProxyMetrics
@@ -36,6 +38,8 @@ from minikproxy.runner import BoundedFrequencyRunner
 from minikproxy.sources.kubeapi import ENDPOINT_SLICES, SERVICES, Reflector, node_spec
 
 logger = logging.getLogger("minikproxy")
+
+ROUTE_LOCALNET = "net.ipv4.conf.all.route_localnet"
 
 
 def node_name_from(config: ProxyConfig) -> str:
@@ -156,13 +160,16 @@ class Controller:
     @staticmethod
     def _enable_route_localnet(execer: Execer) -> None:
         """Localhost NodePorts need ``route_localnet`` (kube-proxy sets it too; the
-        KUBE-FIREWALL rule closes the hole it opens, k/k#90259)."""
-        result = execer.run(["sysctl", "-w", "net.ipv4.conf.all.route_localnet=1"])
-        if result.returncode != 0:
+        KUBE-FIREWALL rule closes the hole it opens, k/k#90259). Without it the rules are
+        still installed, but NodePorts on 127.0.0.1 do not answer."""
+        try:
+            if ensure_sysctl(execer, ROUTE_LOCALNET, "1"):
+                logger.info("set %s=1 for NodePorts on 127.0.0.1", ROUTE_LOCALNET)
+        except SysctlError as err:
             logger.warning(
-                "cannot set net.ipv4.conf.all.route_localnet=1 (%s): NodePorts on 127.0.0.1 "
-                "will not work; set iptables.localhostNodePorts: false to silence this",
-                result.stderr.decode(errors="replace").strip(),
+                "%s: NodePorts on 127.0.0.1 will not work (a container needs privileged: true "
+                "to write /proc/sys); set iptables.localhostNodePorts: false to silence this",
+                err,
             )
 
     def _record_starting(self) -> None:
@@ -223,6 +230,9 @@ def _setup_logging() -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # urllib3 warns of each of its own retries; the final failure is logged once, in one
+    # line, by whoever made the request (reflectors, the event recorder).
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
 def _choose_backend(execer: Execer, flag: str) -> IptablesBackend:
@@ -276,7 +286,11 @@ def main_run(args: argparse.Namespace) -> int:
     backend: IptablesBackend = "nft"
     families: list[IPFamily] = [IPV4, IPV6]
     if execer is not None:
-        backend = _choose_backend(execer, args.iptables_backend)
+        try:
+            backend = _choose_backend(execer, args.iptables_backend)
+        except BackendDetectionError as err:
+            logger.error("%s", err)
+            return 2
         families = usable_families(execer, backend)
     logger.info(
         "Using %s proxier%s",

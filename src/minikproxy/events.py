@@ -34,11 +34,15 @@ def record_starting(api_client: Any, node_name: str) -> bool:
     """Create the start-up Event; a failure is logged, never fatal. True if recorded."""
     from kubernetes import client  # imported lazily: the CLI's render path never needs it
 
+    from minikproxy.sources.kubeapi import describe_error
+
     try:
         api = client.EventsV1Api(api_client)
         body: Any = starting_event(node_name)  # a plain dict: the client serialises it as is
         api.create_namespaced_event("default", body, _preload_content=False)
     except Exception as err:  # any API or connection error: the proxy runs regardless
-        logger.warning("could not record the Starting event for node %s: %s", node_name, err)
+        logger.warning(
+            "could not record the Starting event for node %s: %s", node_name, describe_error(err)
+        )
         return False
     return True

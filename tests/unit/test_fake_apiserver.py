@@ -606,3 +606,99 @@ def test_watch_of_a_departed_client_is_reaped(server: FakeApiServer) -> None:
     while server.watch_count and time.monotonic() < deadline:
         time.sleep(0.01)  # the server notices within its client-check interval (0.5 s)
     assert server.watch_count == 0
+
+
+# --- HTTPS and bearer tokens (the in-cluster path) ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from minikproxy.testing.tls import make_ca
+
+    d = tmp_path_factory.mktemp("pki")
+    ca = make_ca(d, "ca")
+    other = make_ca(d, "other-ca")
+    serving = ca.issue(d, "apiserver", ["localhost", "127.0.0.1"])
+    return {"ca": ca.cert, "other": other.cert, "cert": serving.cert, "key": serving.key}
+
+
+def _incluster_client(server: FakeApiServer, tmp_path: Path, token: str, ca: Path) -> Any:
+    """A client configured exactly as in a pod: KUBERNETES_SERVICE_HOST/PORT, token, ca.crt."""
+    from kubernetes.config.incluster_config import InClusterConfigLoader
+
+    host, port = server.url.removeprefix("https://").rsplit(":", 1)
+    token_file = tmp_path / "token"
+    token_file.write_text(token)
+    cfg = client.Configuration()
+    InClusterConfigLoader(
+        token_filename=str(token_file),
+        cert_filename=str(ca),
+        environ={"KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port},
+    ).load_and_set(cfg)
+    cfg.retries = False
+    return client.CoreV1Api(client.ApiClient(cfg))
+
+
+def test_https_with_token_serves_the_incluster_client(pki: dict[str, Path], tmp_path: Path) -> None:
+    with FakeApiServer(
+        host="localhost", tls_cert=pki["cert"], tls_key=pki["key"], token="s3cret"
+    ) as srv:
+        srv.create(service("web"))
+        assert srv.url.startswith("https://localhost:")
+        api = _incluster_client(srv, tmp_path, "s3cret", pki["ca"])
+        items = api.list_service_for_all_namespaces().items
+        assert [s.metadata.name for s in items] == ["web"]
+        assert srv.unauthorized_count == 0
+
+
+def test_wrong_token_gets_401_with_a_status_body(pki: dict[str, Path], tmp_path: Path) -> None:
+    with FakeApiServer(
+        host="localhost", tls_cert=pki["cert"], tls_key=pki["key"], token="s3cret"
+    ) as srv:
+        api = _incluster_client(srv, tmp_path, "wrong", pki["ca"])
+        with pytest.raises(ApiException) as info:
+            api.list_service_for_all_namespaces()
+        assert info.value.status == 401
+        assert json.loads(info.value.body) == {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": "Unauthorized",
+            "reason": "Unauthorized",
+            "code": 401,
+        }
+        assert srv.unauthorized_count == 1
+
+
+def test_a_certificate_from_another_ca_is_rejected(pki: dict[str, Path], tmp_path: Path) -> None:
+    with FakeApiServer(
+        host="localhost", tls_cert=pki["cert"], tls_key=pki["key"], token="s3cret"
+    ) as srv:
+        api = _incluster_client(srv, tmp_path, "s3cret", pki["other"])
+        # kubernetes >= 35 wraps the SSL error in an ApiException with status 0
+        with pytest.raises(
+            (urllib3.exceptions.MaxRetryError, ApiException), match="CERTIFICATE_VERIFY_FAILED"
+        ):
+            api.list_service_for_all_namespaces()
+        deadline = time.monotonic() + 10
+        while srv.tls_failure_count == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert srv.tls_failure_count >= 1
+
+
+def test_https_watch_ends_when_the_client_goes(pki: dict[str, Path], tmp_path: Path) -> None:
+    with FakeApiServer(
+        host="localhost", tls_cert=pki["cert"], tls_key=pki["key"], token="s3cret"
+    ) as srv:
+        api = _incluster_client(srv, tmp_path, "s3cret", pki["ca"])
+        resp = api.list_service_for_all_namespaces(watch=True, _preload_content=False)
+        assert srv.wait_for_watches(1)
+        srv.create(service("web"))
+        line = resp.readline() if hasattr(resp, "readline") else next(resp.stream())
+        assert json.loads(line)["type"] == "ADDED"
+        resp.close()  # not released to the pool: the connection closes
+        deadline = time.monotonic() + 10
+        while srv.watch_count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert srv.watch_count == 0

@@ -535,3 +535,18 @@ def test_load_api_client_sources(
 def test_unsupported_resource_is_rejected(api: Any) -> None:
     with pytest.raises(ValueError, match="unsupported resource"):
         Reflector(api, ResourceSpec("/api/v1", "pods"), Recorder())
+
+
+def test_describe_is_one_line_naming_the_failure() -> None:
+    import urllib3
+    from kubernetes.client.exceptions import ApiException
+
+    from minikproxy.sources.kubeapi import describe_error as _describe
+
+    assert _describe(ApiException(status=401, reason="Unauthorized")) == "HTTP 401 Unauthorized"
+    tls = ApiException(status=0, reason="SSLError\n[SSL: CERTIFICATE_VERIFY_FAILED] failed")
+    assert _describe(tls) == "SSLError [SSL: CERTIFICATE_VERIFY_FAILED] failed"
+    retries = urllib3.exceptions.MaxRetryError(
+        None, "/api/v1/services", urllib3.exceptions.SSLError("certificate\nverify failed")
+    )
+    assert _describe(retries) == "SSLError: certificate verify failed"

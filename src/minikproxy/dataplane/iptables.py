@@ -156,13 +156,21 @@ def parse_chains(save_output: bytes) -> set[str]:
 
 
 def _save_score(execer: Execer, argv: Sequence[str]) -> int:
-    """Rules plus KUBE-* chain declarations in one save output; 0 if the tool is unusable."""
+    """Rules plus KUBE-* chain declarations in one save output; 0 if the tool is unusable.
+
+    Raise :class:`BackendDeniedError` if the tool exists but may not read the rules: an empty
+    count would then be a guess, not a fact.
+    """
     try:
         result = execer.run(argv, timeout=_DETECT_TIMEOUT)
     except (OSError, ExecError) as exc:
         logger.debug("backend detection: %s unusable: %s", argv[0], exc)
         return 0
     if result.returncode != 0:
+        stderr = result.stderr.decode(errors="replace").strip()
+        if "Permission denied" in stderr:
+            raise BackendDeniedError(f"{argv[0]}: {stderr}")
+        logger.debug("backend detection: %s failed: %s", argv[0], stderr)
         return 0
     return sum(
         1
@@ -190,19 +198,53 @@ def detect_backend(execer: Execer) -> IptablesBackend:
        in ``iptables-<backend>-save`` plus ``ip6tables-<backend>-save``: the backend already
        holding more wins. Ties (including an empty node) go to nft, the modern default.
 
-    A backend whose tools are missing, fail or hang (5 s) counts as empty.
+    A backend whose tools are missing, fail or hang (5 s) counts as empty. One whose rules
+    cannot be read (legacy iptables without CAP_NET_RAW: ``Permission denied``) does not: it
+    is reported with a warning, and if nf_tables holds nothing either, so that the choice
+    would be a blind guess (the node may keep all its rules in legacy iptables),
+    :class:`BackendDetectionError` is raised.
     """
     for backend in _BACKENDS:
         if _has_hint_chain(execer, backend):
             logger.info("iptables backend %s: found a kubelet hint chain", backend)
             return backend
-    scores = {
-        backend: sum(_save_score(execer, [binary_name(f, backend, "save")]) for f in _FAMILIES)
-        for backend in _BACKENDS
-    }
+    scores: dict[IptablesBackend, int] = {}
+    denied: dict[IptablesBackend, str] = {}
+    for backend in _BACKENDS:
+        try:
+            scores[backend] = sum(
+                _save_score(execer, [binary_name(f, backend, "save")]) for f in _FAMILIES
+            )
+        except BackendDeniedError as err:
+            denied[backend] = str(err)
+    if denied:
+        readable = [b for b in _BACKENDS if b not in denied]
+        detail = "; ".join(denied.values())
+        if not readable or not any(scores.values()):
+            raise BackendDetectionError(
+                f"cannot detect the iptables backend: {detail} (legacy iptables needs the "
+                "NET_RAW capability), and the other backend holds no rules, so this node's "
+                "rules may all be in the unreadable one; add NET_RAW or pass "
+                "--iptables-backend nft|legacy"
+            )
+        logger.warning(
+            "iptables backend %s: it holds rules, but %s (legacy iptables needs the NET_RAW "
+            "capability); if this node uses the other backend, pass --iptables-backend",
+            readable[0],
+            detail,
+        )
+        return readable[0]
     chosen: IptablesBackend = "legacy" if scores["legacy"] > scores["nft"] else "nft"
     logger.info("iptables backend %s (rules: nft=%d legacy=%d)", chosen, *scores.values())
     return chosen
+
+
+class BackendDetectionError(RuntimeError):
+    """The iptables backend cannot be detected; the message says why and what to do."""
+
+
+class BackendDeniedError(RuntimeError):
+    """An iptables backend's rules could not be read (permission denied)."""
 
 
 class IptablesRunner(Protocol):
@@ -439,6 +481,7 @@ __all__ = [
     "EXIT_NOT_FOUND",
     "HINT_CHAINS",
     "RANDOM_FULLY_MIN_VERSION",
+    "BackendDetectionError",
     "IptablesBackend",
     "IptablesError",
     "IptablesRunner",

@@ -233,7 +233,7 @@ class Reflector:
                     "%s: %s failed: %s; retrying in %.2fs",
                     self.name,
                     "list" if need_list else "watch",
-                    _describe(err),
+                    describe_error(err),
                     delay,
                 )
                 sleep(delay)
@@ -469,8 +469,15 @@ def _abort(resp: Any) -> None:
         pass  # urllib3 raises the latter two once the response is closed or released: no read
 
 
-def _describe(err: BaseException) -> str:
+def describe_error(err: BaseException) -> str:
+    """One line: the HTTP status, or what broke the connection (TLS, refused, ...)."""
     status = getattr(err, "status", None)
-    if isinstance(status, int):
-        return f"HTTP {status} {getattr(err, 'reason', '')}".strip()
-    return f"{type(err).__name__}: {err}"
+    reason = " ".join(str(getattr(err, "reason", "") or "").split())
+    if isinstance(status, int) and status > 0:
+        return f"HTTP {status} {reason}".strip()
+    if isinstance(status, int):  # the client's ApiException(status=0): no HTTP response
+        return reason or type(err).__name__
+    inner = getattr(err, "reason", None)  # urllib3's MaxRetryError: the last failure
+    if isinstance(inner, BaseException):
+        err = inner
+    return " ".join(f"{type(err).__name__}: {err}".split())

@@ -15,6 +15,12 @@
   restore, :meth:`FakeApiServer.rollback`), BOOKMARK events, ``timeoutSeconds``, and selector
   transitions delivered as ADDED/DELETED.
 
+It serves plain HTTP on 127.0.0.1 by default. Given ``tls_cert``/``tls_key`` it serves HTTPS
+(the in-cluster path: the client checks the certificate against the service account's
+``ca.crt``), on any ``host``/``port`` (the address of a test network namespace, bind it from a
+thread in that namespace); given ``token`` every request must carry ``Authorization: Bearer
+TOKEN`` or is answered ``401 Unauthorized`` with a ``Status`` body, as the real server does.
+
 Tests drive it through controls (:meth:`FakeApiServer.create`, :meth:`~FakeApiServer.update`,
 :meth:`~FakeApiServer.delete`, :meth:`~FakeApiServer.compact`, :meth:`~FakeApiServer.drop_watches`,
 :meth:`~FakeApiServer.outage`, :meth:`~FakeApiServer.rollback`...) and read
@@ -34,6 +40,8 @@ import re
 import secrets
 import select
 import socket
+import ssl
+import sys
 import threading
 import time
 import uuid
@@ -354,6 +362,14 @@ class _HTTPServer(ThreadingHTTPServer):
     def verify_request(self, request: Any, client_address: Any) -> bool:
         return not self.api.refusing
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Clients going away and failed TLS handshakes (a client rejecting the certificate)
+        are part of the tests: count the handshake failures, print nothing."""
+        if isinstance(sys.exc_info()[1], ssl.SSLError):
+            self.api._count_tls_failure()
+        elif not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
+
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -459,7 +475,25 @@ class FakeApiServer:
     cacher blocks up to 3 s).
     """
 
-    def __init__(self, *, bookmark_interval: float | None = None, fresh_wait: float = 3.0) -> None:
+    def __init__(
+        self,
+        *,
+        bookmark_interval: float | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
+        token: str | None = None,
+        fresh_wait: float = 3.0,
+    ) -> None:
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        self._host = host
+        self._port = port
+        self._tls_files = (tls_cert, tls_key) if tls_cert is not None else None
+        self._token = token
+        self._unauthorized = 0
+        self._tls_failures = 0
         self._lock = threading.RLock()
         self._watches_changed = threading.Condition(self._lock)
         self._written = threading.Condition(self._lock)  # notified on every write
@@ -481,11 +515,19 @@ class FakeApiServer:
     # lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> FakeApiServer:
-        """Bind 127.0.0.1 on an ephemeral port and serve in background threads."""
+        """Bind the address (default 127.0.0.1, an ephemeral port) and serve in background
+        threads. The listening socket belongs to the calling thread's network namespace."""
         if self._httpd is not None:
             raise RuntimeError("FakeApiServer already started")
-        httpd = _HTTPServer(("127.0.0.1", 0), _Handler)
+        httpd = _HTTPServer((self._host, self._port), _Handler)
         httpd.api = self
+        if self._tls_files is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(str(self._tls_files[0]), str(self._tls_files[1]))
+            # The handshake happens on the connection's own thread, at its first read.
+            httpd.socket = context.wrap_socket(
+                httpd.socket, server_side=True, do_handshake_on_connect=False
+            )
         self._httpd = httpd
         self._stopped.clear()
         serve = threading.Thread(
@@ -533,18 +575,42 @@ class FakeApiServer:
 
     @property
     def url(self) -> str:
-        """``http://127.0.0.1:<port>`` of the running server."""
+        """``http(s)://<host>:<port>`` of the running server."""
         if self._httpd is None:
             raise RuntimeError("FakeApiServer is not running")
-        return f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        scheme = "https" if self._tls_files is not None else "http"
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"{scheme}://{host}:{self._httpd.server_address[1]}"
 
-    def write_kubeconfig(self, path: str | Path) -> Path:
-        """Write a plain-http, no-auth kubeconfig for this server; return its path."""
+    @property
+    def unauthorized_count(self) -> int:
+        """How many requests were refused with 401 (missing or wrong bearer token)."""
+        with self._lock:
+            return self._unauthorized
+
+    @property
+    def tls_failure_count(self) -> int:
+        """How many connections failed their TLS handshake (e.g. the client rejected the
+        certificate)."""
+        with self._lock:
+            return self._tls_failures
+
+    def _count_tls_failure(self) -> None:
+        with self._lock:
+            self._tls_failures += 1
+
+    def write_kubeconfig(self, path: str | Path, *, ca_file: str | Path | None = None) -> Path:
+        """Write a kubeconfig for this server (with its token, if any; for HTTPS, pass the CA
+        certificate in ``ca_file``); return its path."""
+        cluster: dict[str, Any] = {"server": self.url}
+        if ca_file is not None:
+            cluster["certificate-authority"] = str(ca_file)
+        user = {"token": self._token} if self._token else {}
         config = {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
-            "users": [{"name": "fake", "user": {}}],
+            "clusters": [{"name": "fake", "cluster": cluster}],
+            "users": [{"name": "fake", "user": user}],
             "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
             "current-context": "fake",
         }
@@ -837,6 +903,10 @@ class FakeApiServer:
         length = int(h.headers.get("Content-Length") or 0)
         body = h.rfile.read(length) if length else b""
         try:
+            if self._token is not None and not self._authorized(h.headers.get("Authorization")):
+                with self._lock:
+                    self._unauthorized += 1
+                raise ApiError(401, "Unauthorized", "Unauthorized")
             if self._outage == "503":
                 raise ApiError(503, "ServiceUnavailable", "the server is currently unavailable")
             route = _route(url.path)
@@ -860,6 +930,12 @@ class FakeApiServer:
         except (ValueError, KeyError, TypeError) as err:
             bad = ApiError(400, "BadRequest", f"bad request: {err}")
             h.send_json(400, json.dumps(bad.status()).encode())
+
+    def _authorized(self, header: str | None) -> bool:
+        # As the API server's bearer-token authenticator: the scheme is case-insensitive
+        # (the kubernetes client sends "bearer").
+        parts = (header or "").strip().split(" ", 2)
+        return len(parts) >= 2 and parts[0].lower() == "bearer" and parts[1] == self._token
 
     def _log_request(
         self, method: str, path: str, route: _Route, verb: str, query: Mapping[str, str]
@@ -1129,7 +1205,9 @@ def _client_gone(sock: socket.socket) -> bool:
     """Whether the peer closed the connection (a watch client sends nothing while reading)."""
     try:
         readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+        # The raw socket's recv, also for a TLS socket (whose own recv refuses flags): an
+        # orderly close reads as b"" below the TLS layer too.
+        return bool(readable) and socket.socket.recv(sock, 1, socket.MSG_PEEK) == b""
     except (OSError, ValueError):
         return True
 
