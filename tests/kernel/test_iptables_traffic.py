@@ -8,98 +8,18 @@ with the real iptables-restore.
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 import pytest
 
-from minikproxy.config import ProxyConfig
-from minikproxy.model.names import IPV4, IPV6, IPFamily
-from minikproxy.render import render_objects
-from minikproxy.sources.manifests import SourcedObject
-from minikproxy.testing.netns import Probe, Proto, Topology
+from minikproxy.model.names import IPV6
+from minikproxy.testing.netns import Topology
+
+from .traffic import BACKENDS, NODE_IP, landings, payload, service, slice_
 
 pytestmark = pytest.mark.kernel
 
-NODE = "node-1"
-BACKENDS = ["10.10.2.2", "10.10.2.3", "10.10.2.4"]
 CLIENT = "10.10.1.2"
-NODE_IP = "10.10.1.1"
-TARGET_PORT = 8080
-
-
-def service(name: str, cluster_ip: str, port: int = 80, proto: str = "TCP", **spec: Any) -> Any:
-    status = spec.pop("status", {})
-    cluster_ips = spec.pop("clusterIPs", [cluster_ip])
-    ports = [{"name": "p", "port": port, "protocol": proto, **spec.pop("port_extra", {})}]
-    body = {"clusterIP": cluster_ip, "clusterIPs": cluster_ips, "ports": ports, **spec}
-    return {
-        "kind": "Service",
-        "metadata": {"name": name, "namespace": "t"},
-        "spec": body,
-        "status": status,
-    }
-
-
-def slice_(
-    name: str,
-    ips: list[str],
-    *,
-    proto: str = "TCP",
-    local: tuple[str, ...] = (),
-    family: str = "IPv4",
-    **conditions: bool,
-) -> Any:
-    endpoints = []
-    for ip in ips:
-        ep: dict[str, Any] = {"addresses": [ip], "conditions": {"ready": True, **conditions}}
-        ep["nodeName"] = NODE if ip in local else "node-2"
-        endpoints.append(ep)
-    return {
-        "kind": "EndpointSlice",
-        "metadata": {
-            "name": f"{name}-{family.lower()}",
-            "namespace": "t",
-            "labels": {"kubernetes.io/service-name": name},
-        },
-        "addressType": family,
-        "endpoints": endpoints,
-        "ports": [{"name": "p", "port": TARGET_PORT, "protocol": proto}],
-    }
-
-
-NODE_OBJ = {
-    "kind": "Node",
-    "metadata": {"name": NODE},
-    "status": {
-        "addresses": [
-            {"type": "InternalIP", "address": NODE_IP},
-            {"type": "InternalIP", "address": "fd00:10:1::1"},
-        ]
-    },
-}
-
-
-def payload(objs: list[Any], family: IPFamily = IPV4, **config: Any) -> str:
-    cfg = ProxyConfig(hostname_override=NODE, **config)
-    sourced = [SourcedObject(o, "test") for o in [NODE_OBJ, *objs]]
-    result = render_objects(sourced, cfg, families=[family])
-    assert result.problems == []
-    return result.payloads[family]
-
-
-@pytest.fixture
-def topo(shared_topology: Topology) -> Topology:
-    shared_topology.serve_backends(TARGET_PORT, protos=("tcp", "udp"))
-    return shared_topology
-
-
-def landings(
-    topo: Topology, dst: str, port: int, count: int = 30, proto: Proto = "tcp"
-) -> Counter[str]:
-    results = topo.connect_many([Probe(dst, port, proto)] * count, timeout=2.0)
-    assert all(r.ok for r in results), [r.outcome for r in results if not r.ok]
-    return Counter(r.server_ip for r in results)
 
 
 @pytest.mark.parametrize("backend", ["nft", "legacy"])

@@ -1,6 +1,6 @@
 """Real traffic through kube-proxy's nftables layout (``compile_nftables_kubeproxy``).
 
-Same topology and objects as test_iptables_traffic.py: client netns -> node netns (the
+Same topology and objects (traffic.py) as test_iptables_traffic.py: client netns -> node netns (the
 ``kube-proxy`` table loaded with ``nft -f``) -> backend netns. The service CIDR is
 10.96.0.0/16 (fd00:96::/112 for IPv6), routed to the node by the harness.
 """
@@ -18,16 +18,7 @@ from minikproxy.config import ProxyConfig
 from minikproxy.model.names import IPV4, IPV6, IPFamily
 from minikproxy.nodeopts import nftables_options
 from minikproxy.testing.netns import Topology
-from tests.kernel.test_iptables_traffic import (
-    BACKENDS,
-    NODE,
-    NODE_IP,
-    NODE_OBJ,
-    TARGET_PORT,
-    landings,
-    service,
-    slice_,
-)
+from tests.kernel.traffic import BACKENDS, NODE, NODE_IP, NODE_OBJ, landings, service, slice_
 
 pytestmark = pytest.mark.kernel
 
@@ -53,12 +44,6 @@ def nft_script(objs: list[Any], family: IPFamily = IPV4, **config: Any) -> str:
 def load_kubeproxy_nft(topo: Topology, script: str) -> None:
     """Load a kube-proxy-layout script into the node namespace with ``nft -f``."""
     topo.node_exec(["nft", "-f", "-"], input=script)
-
-
-@pytest.fixture
-def topo(shared_topology: Topology) -> Topology:
-    shared_topology.serve_backends(TARGET_PORT, protos=("tcp", "udp"))
-    return shared_topology
 
 
 def test_cluster_ip_balances_and_masquerades_off_cluster_clients(topo: Topology) -> None:
