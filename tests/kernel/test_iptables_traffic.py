@@ -12,14 +12,35 @@ from typing import Any
 
 import pytest
 
-from minikproxy.model.names import IPV6
+from minikproxy.model.names import IPFamily
 from minikproxy.testing.netns import Topology
 
-from .traffic import BACKENDS, NODE_IP, landings, payload, service, slice_
+from .traffic import (
+    BACKENDS,
+    NODE_IP,
+    Load,
+    check_external_policy_local,
+    check_ipv6_cluster_ip,
+    check_nodeport_external_ip_and_load_balancer_ip,
+    check_udp_cluster_ip,
+    landings,
+    payload,
+    service,
+    slice_,
+)
 
 pytestmark = pytest.mark.kernel
 
 CLIENT = "10.10.1.2"
+
+
+def loader(topo: Topology) -> Load:
+    """Loads the rendered iptables payload with iptables-nft-restore."""
+
+    def load(objs: list[Any], family: IPFamily, cluster_cidr: str) -> None:
+        topo.load_iptables(payload(objs, family, cluster_cidr=cluster_cidr), family=family)
+
+    return load
 
 
 @pytest.mark.parametrize("backend", ["nft", "legacy"])
@@ -48,34 +69,11 @@ def test_cluster_ip_masquerades_only_off_cluster_clients(topo: Topology) -> None
 
 
 def test_udp_cluster_ip(topo: Topology) -> None:
-    objs = [
-        service("dns", "10.96.0.53", port=53, proto="UDP"),
-        slice_("dns", BACKENDS, proto="UDP"),
-    ]
-    topo.load_iptables(payload(objs, cluster_cidr="10.10.2.0/24"))
-    assert set(landings(topo, "10.96.0.53", 53, proto="udp")) <= set(BACKENDS)
+    check_udp_cluster_ip(topo, loader(topo))
 
 
 def test_nodeport_external_ip_and_load_balancer_ip(topo: Topology) -> None:
-    svc = service(
-        "shop",
-        "10.96.0.20",
-        type="LoadBalancer",
-        externalIPs=["203.0.113.10"],
-        port_extra={"nodePort": 30080},
-        status={"loadBalancer": {"ingress": [{"ip": "203.0.113.20"}]}},
-    )
-    topo.load_iptables(payload([svc, slice_("shop", BACKENDS)], cluster_cidr="10.10.2.0/24"))
-    for dst, port in (
-        ("10.96.0.20", 80),
-        (NODE_IP, 30080),
-        ("203.0.113.10", 80),
-        ("203.0.113.20", 80),
-    ):
-        result = topo.connect(dst, port)
-        assert result.ok, (dst, port, result)
-        assert result.server_ip in BACKENDS
-        assert topo.masqueraded(result), "external traffic with ETP=Cluster is masqueraded"
+    check_nodeport_external_ip_and_load_balancer_ip(topo, loader(topo))
 
 
 def test_no_endpoints_rejects(topo: Topology) -> None:
@@ -86,22 +84,7 @@ def test_no_endpoints_rejects(topo: Topology) -> None:
 
 
 def test_external_policy_local(topo: Topology) -> None:
-    svc = service(
-        "local",
-        "10.96.0.40",
-        type="NodePort",
-        externalTrafficPolicy="Local",
-        port_extra={"nodePort": 30040},
-    )
-    # Only 10.10.2.3 runs on this node: NodePort traffic lands there, source preserved.
-    objs = [svc, slice_("local", BACKENDS, local=("10.10.2.3",))]
-    topo.load_iptables(payload(objs, cluster_cidr="10.10.2.0/24"))
-    seen = landings(topo, NODE_IP, 30040, count=15)
-    assert set(seen) == {"10.10.2.3"}
-    result = topo.connect(NODE_IP, 30040)
-    assert not topo.masqueraded(result)
-    # ClusterIP traffic still uses every endpoint.
-    assert set(landings(topo, "10.96.0.40", 80, count=40)) == set(BACKENDS)
+    check_external_policy_local(topo, loader(topo))
 
 
 def test_external_policy_local_without_local_endpoints_drops(topo: Topology) -> None:
@@ -157,11 +140,7 @@ def test_terminating_endpoints_are_a_fallback(topo: Topology) -> None:
 
 
 def test_ipv6_cluster_ip(topo: Topology) -> None:
-    v6 = ["fd00:10:2::2", "fd00:10:2::3"]
-    svc = service("dual", "10.96.0.80", clusterIPs=["10.96.0.80", "fd00:96::80"])
-    objs = [svc, slice_("dual", v6, family="IPv6"), slice_("dual", BACKENDS)]
-    topo.load_iptables(payload(objs, IPV6, cluster_cidr="fd00:10:2::/64"), family=IPV6)
-    assert set(landings(topo, "fd00:96::80", 80, count=20)) == set(v6)
+    check_ipv6_cluster_ip(topo, loader(topo))
 
 
 def test_localhost_nodeports(topo: Topology) -> None:

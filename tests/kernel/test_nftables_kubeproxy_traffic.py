@@ -15,10 +15,23 @@ import pytest
 from minikproxy.changes import ClusterTracker
 from minikproxy.compile.nftables_kubeproxy import KubeProxyNftRuleset, compile_nftables_kubeproxy
 from minikproxy.config import ProxyConfig
-from minikproxy.model.names import IPV4, IPV6, IPFamily
+from minikproxy.model.names import IPV4, IPFamily
 from minikproxy.nodeopts import nftables_options
 from minikproxy.testing.netns import Topology
-from tests.kernel.traffic import BACKENDS, NODE, NODE_IP, NODE_OBJ, landings, service, slice_
+from tests.kernel.traffic import (
+    BACKENDS,
+    NODE,
+    NODE_IP,
+    NODE_OBJ,
+    Load,
+    check_external_policy_local,
+    check_ipv6_cluster_ip,
+    check_nodeport_external_ip_and_load_balancer_ip,
+    check_udp_cluster_ip,
+    landings,
+    service,
+    slice_,
+)
 
 pytestmark = pytest.mark.kernel
 
@@ -46,6 +59,15 @@ def load_kubeproxy_nft(topo: Topology, script: str) -> None:
     topo.node_exec(["nft", "-f", "-"], input=script)
 
 
+def loader(topo: Topology) -> Load:
+    """Loads the kube-proxy-layout script with ``nft -f``."""
+
+    def load(objs: list[Any], family: IPFamily, cluster_cidr: str) -> None:
+        load_kubeproxy_nft(topo, nft_script(objs, family, cluster_cidr=cluster_cidr))
+
+    return load
+
+
 def test_cluster_ip_balances_and_masquerades_off_cluster_clients(topo: Topology) -> None:
     objs = [service("web", "10.96.0.10"), slice_("web", BACKENDS)]
     load_kubeproxy_nft(topo, nft_script(objs, cluster_cidr="10.10.2.0/24"))
@@ -66,35 +88,11 @@ def test_cluster_ip_balances_and_masquerades_off_cluster_clients(topo: Topology)
 
 
 def test_udp_cluster_ip(topo: Topology) -> None:
-    objs = [
-        service("dns", "10.96.0.53", port=53, proto="UDP"),
-        slice_("dns", BACKENDS, proto="UDP"),
-    ]
-    load_kubeproxy_nft(topo, nft_script(objs, cluster_cidr="10.10.2.0/24"))
-    assert set(landings(topo, "10.96.0.53", 53, proto="udp")) <= set(BACKENDS)
+    check_udp_cluster_ip(topo, loader(topo))
 
 
 def test_nodeport_external_ip_and_load_balancer_ip(topo: Topology) -> None:
-    svc = service(
-        "shop",
-        "10.96.0.20",
-        type="LoadBalancer",
-        externalIPs=["203.0.113.10"],
-        port_extra={"nodePort": 30080},
-        status={"loadBalancer": {"ingress": [{"ip": "203.0.113.20"}]}},
-    )
-    objs = [svc, slice_("shop", BACKENDS)]
-    load_kubeproxy_nft(topo, nft_script(objs, cluster_cidr="10.10.2.0/24"))
-    for dst, port in (
-        ("10.96.0.20", 80),
-        (NODE_IP, 30080),
-        ("203.0.113.10", 80),
-        ("203.0.113.20", 80),
-    ):
-        result = topo.connect(dst, port)
-        assert result.ok, (dst, port, result)
-        assert result.server_ip in BACKENDS
-        assert topo.masqueraded(result), "external traffic with ETP=Cluster is masqueraded"
+    check_nodeport_external_ip_and_load_balancer_ip(topo, loader(topo))
 
 
 def test_no_endpoints_rejects_and_service_cidr_checks(topo: Topology) -> None:
@@ -110,15 +108,7 @@ def test_no_endpoints_rejects_and_service_cidr_checks(topo: Topology) -> None:
 
 
 def test_external_policy_local(topo: Topology) -> None:
-    svc = service(
-        "local", "10.96.0.40", type="NodePort", externalTrafficPolicy="Local",
-        port_extra={"nodePort": 30040},
-    )  # fmt: skip
-    objs = [svc, slice_("local", BACKENDS, local=("10.10.2.3",))]
-    load_kubeproxy_nft(topo, nft_script(objs, cluster_cidr="10.10.2.0/24"))
-    assert set(landings(topo, NODE_IP, 30040, count=15)) == {"10.10.2.3"}
-    assert not topo.masqueraded(topo.connect(NODE_IP, 30040))
-    assert set(landings(topo, "10.96.0.40", 80, count=40)) == set(BACKENDS)
+    check_external_policy_local(topo, loader(topo))
 
 
 def test_local_policies_without_local_endpoints_drop(topo: Topology) -> None:
@@ -163,11 +153,7 @@ def test_load_balancer_source_ranges(topo: Topology) -> None:
 
 
 def test_ipv6_cluster_ip(topo: Topology) -> None:
-    v6 = ["fd00:10:2::2", "fd00:10:2::3"]
-    svc = service("dual", "10.96.0.80", clusterIPs=["10.96.0.80", "fd00:96::80"])
-    objs = [svc, slice_("dual", v6, family="IPv6"), slice_("dual", BACKENDS)]
-    load_kubeproxy_nft(topo, nft_script(objs, IPV6, cluster_cidr="fd00:10:2::/64"))
-    assert set(landings(topo, "fd00:96::80", 80, count=20)) == set(v6)
+    check_ipv6_cluster_ip(topo, loader(topo))
     assert topo.connect("fd00:96::80", 81).outcome == "refused"
 
 
