@@ -8,6 +8,7 @@ with the real iptables-restore.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -18,13 +19,11 @@ from minikproxy.testing.netns import Topology
 from .traffic import (
     BACKENDS,
     NODE_IP,
+    SHARED_SCENARIOS,
     Load,
-    check_external_policy_local,
-    check_ipv6_cluster_ip,
-    check_nodeport_external_ip_and_load_balancer_ip,
-    check_udp_cluster_ip,
     landings,
     payload,
+    scenario_id,
     service,
     slice_,
 )
@@ -68,12 +67,10 @@ def test_cluster_ip_masquerades_only_off_cluster_clients(topo: Topology) -> None
     assert forced.ok and topo.masqueraded(forced)
 
 
-def test_udp_cluster_ip(topo: Topology) -> None:
-    check_udp_cluster_ip(topo, loader(topo))
-
-
-def test_nodeport_external_ip_and_load_balancer_ip(topo: Topology) -> None:
-    check_nodeport_external_ip_and_load_balancer_ip(topo, loader(topo))
+@pytest.mark.parametrize("scenario", SHARED_SCENARIOS, ids=scenario_id)
+def test_shared_scenario(topo: Topology, scenario: Callable[[Topology, Load], None]) -> None:
+    """The scenarios every dataplane passes (traffic.py), with this module's loader."""
+    scenario(topo, loader(topo))
 
 
 def test_no_endpoints_rejects(topo: Topology) -> None:
@@ -81,10 +78,6 @@ def test_no_endpoints_rejects(topo: Topology) -> None:
     topo.load_iptables(payload([svc], cluster_cidr="10.10.2.0/24"))
     assert topo.connect("10.96.0.30", 80).outcome == "refused"
     assert topo.connect(NODE_IP, 30030).outcome == "refused"
-
-
-def test_external_policy_local(topo: Topology) -> None:
-    check_external_policy_local(topo, loader(topo))
 
 
 def test_external_policy_local_without_local_endpoints_drops(topo: Topology) -> None:
@@ -137,10 +130,6 @@ def test_terminating_endpoints_are_a_fallback(topo: Topology) -> None:
     draining = slice_("drain", ["10.10.2.4"], ready=False, serving=True, terminating=True)
     topo.load_iptables(payload([svc, draining], cluster_cidr="10.10.2.0/24"))
     assert set(landings(topo, "10.96.0.70", 80, count=5)) == {"10.10.2.4"}
-
-
-def test_ipv6_cluster_ip(topo: Topology) -> None:
-    check_ipv6_cluster_ip(topo, loader(topo))
 
 
 def test_localhost_nodeports(topo: Topology) -> None:

@@ -8,6 +8,7 @@ Same topology and objects (traffic.py) as test_iptables_traffic.py: client netns
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -23,12 +24,11 @@ from tests.kernel.traffic import (
     NODE,
     NODE_IP,
     NODE_OBJ,
+    SHARED_SCENARIOS,
     Load,
-    check_external_policy_local,
     check_ipv6_cluster_ip,
-    check_nodeport_external_ip_and_load_balancer_ip,
-    check_udp_cluster_ip,
     landings,
+    scenario_id,
     service,
     slice_,
 )
@@ -87,12 +87,10 @@ def test_cluster_ip_balances_and_masquerades_off_cluster_clients(topo: Topology)
     assert forced.ok and topo.masqueraded(forced)
 
 
-def test_udp_cluster_ip(topo: Topology) -> None:
-    check_udp_cluster_ip(topo, loader(topo))
-
-
-def test_nodeport_external_ip_and_load_balancer_ip(topo: Topology) -> None:
-    check_nodeport_external_ip_and_load_balancer_ip(topo, loader(topo))
+@pytest.mark.parametrize("scenario", SHARED_SCENARIOS, ids=scenario_id)
+def test_shared_scenario(topo: Topology, scenario: Callable[[Topology, Load], None]) -> None:
+    """The scenarios every dataplane passes (traffic.py), with this module's loader."""
+    scenario(topo, loader(topo))
 
 
 def test_no_endpoints_rejects_and_service_cidr_checks(topo: Topology) -> None:
@@ -105,10 +103,6 @@ def test_no_endpoints_rejects_and_service_cidr_checks(topo: Topology) -> None:
     assert topo.connect("10.96.0.31", 81).outcome == "refused"  # unknown port, active IP
     assert topo.connect("10.96.0.99", 80, timeout=0.5).outcome == "timeout"  # unallocated
     assert topo.connect("10.96.0.31", 80).ok
-
-
-def test_external_policy_local(topo: Topology) -> None:
-    check_external_policy_local(topo, loader(topo))
 
 
 def test_local_policies_without_local_endpoints_drop(topo: Topology) -> None:
@@ -152,7 +146,8 @@ def test_load_balancer_source_ranges(topo: Topology) -> None:
     assert topo.connect("203.0.113.60", 80).ok
 
 
-def test_ipv6_cluster_ip(topo: Topology) -> None:
+def test_ipv6_unknown_port_rejected(topo: Topology) -> None:
+    """Beyond the shared IPv6 scenario: an unknown port on an active cluster IP is rejected."""
     check_ipv6_cluster_ip(topo, loader(topo))
     assert topo.connect("fd00:96::80", 81).outcome == "refused"
 

@@ -156,3 +156,16 @@ def check_ipv6_cluster_ip(topo: Topology, load: Load) -> None:
     objs = [svc, slice_("dual", v6, family="IPv6"), slice_("dual", BACKENDS)]
     load(objs, IPV6, "fd00:10:2::/64")
     assert set(landings(topo, "fd00:96::80", 80, count=20)) == set(v6)
+
+
+SHARED_SCENARIOS: tuple[Callable[[Topology, Load], None], ...] = (
+    check_udp_cluster_ip,
+    check_nodeport_external_ip_and_load_balancer_ip,
+    check_external_policy_local,
+    check_ipv6_cluster_ip,
+)
+"""The scenarios every dataplane's traffic test runs (parametrize with :func:`scenario_id`)."""
+
+
+def scenario_id(scenario: Callable[[Topology, Load], None]) -> str:
+    return scenario.__name__.removeprefix("check_")
