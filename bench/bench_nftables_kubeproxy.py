@@ -8,34 +8,19 @@ linearly with the number of chains, as kube-proxy's own issue k/k#135639 reports
 
 from __future__ import annotations
 
-import secrets
-import subprocess
-import tempfile
-
 import pytest
 
 from minikproxy.compile import nftables_kubeproxy
 from minikproxy.compile.nftables_kubeproxy import compile_nftables_kubeproxy
-from minikproxy.compile.nftables_options import LocalMatch, NftablesOptions
 
-from .conftest import tracked
-
-
-def kubeproxy_options() -> NftablesOptions:
-    """Like a real node's: ClusterCIDR detection, primary node IP, one service CIDR."""
-    return NftablesOptions(
-        local=LocalMatch("saddr", "10.128.0.0/9"),
-        node_ip="192.168.0.10",
-        nodeport_addresses=("192.168.0.10",),
-        service_cidrs=("172.16.0.0/12",),
-    )
+from .conftest import bench_nft_load, bench_nft_options, tracked
 
 
 @pytest.mark.parametrize("services", [1000, 10000])
 def test_full_compile_and_render(benchmark, services: int) -> None:  # type: ignore[no-untyped-def]
     """A full compile and render (chain-name hashes cached, as in every sync after the first)."""
     _, snapshot = tracked(services)
-    options = kubeproxy_options()
+    options = bench_nft_options()
     text = compile_nftables_kubeproxy(snapshot.state, options).render()
     benchmark.extra_info["lines"] = text.count("\n")
     benchmark.pedantic(
@@ -49,7 +34,7 @@ def test_full_compile_and_render(benchmark, services: int) -> None:  # type: ign
 def test_full_compile_cold(benchmark, services: int) -> None:  # type: ignore[no-untyped-def]
     """A first compile in a fresh process: every chain name hashed."""
     _, snapshot = tracked(services)
-    options = kubeproxy_options()
+    options = bench_nft_options()
     benchmark.pedantic(
         lambda: compile_nftables_kubeproxy(snapshot.state, options).render(),
         setup=nftables_kubeproxy.hash_and_truncate.cache_clear,
@@ -62,23 +47,5 @@ def test_full_compile_cold(benchmark, services: int) -> None:  # type: ignore[no
 def test_nft_load_into_empty_netns(benchmark, services: int, rounds: int) -> None:  # type: ignore[no-untyped-def]
     """``nft -f`` of the whole script into a fresh network namespace (created per round)."""
     _, snapshot = tracked(services)
-    text = compile_nftables_kubeproxy(snapshot.state, kubeproxy_options()).render()
-    created: list[str] = []
-    with tempfile.NamedTemporaryFile("w", suffix=".nft") as script:
-        script.write(text)
-        script.flush()
-
-        def fresh_netns() -> tuple[tuple[str], dict[str, str]]:
-            netns = f"mkpbench-{secrets.token_hex(3)}"
-            subprocess.run(["ip", "netns", "add", netns], check=True)
-            created.append(netns)
-            return (netns,), {}
-
-        def load(netns: str) -> None:
-            subprocess.run(["ip", "netns", "exec", netns, "nft", "-f", script.name], check=True)
-
-        try:
-            benchmark.pedantic(load, setup=fresh_netns, rounds=rounds, iterations=1)
-        finally:
-            for netns in created:
-                subprocess.run(["ip", "netns", "del", netns], check=False)
+    text = compile_nftables_kubeproxy(snapshot.state, bench_nft_options()).render()
+    bench_nft_load(benchmark, text, rounds)

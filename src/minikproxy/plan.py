@@ -9,18 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from minikproxy.compile.iptables import IptablesRuleset, ServiceRules
+from minikproxy.compile.iptables import RULE_LINE_FIELDS, IptablesRuleset, ServiceRules
 from minikproxy.model.names import IPFamily, ServicePortName
-
-_FRAGMENTS = (
-    "filter_services",
-    "filter_external",
-    "filter_nodeports",
-    "filter_firewall",
-    "nat_services",
-    "nat_nodeports",
-    "rules",
-)
 
 
 def service_lines(rules: ServiceRules | None) -> list[str]:
@@ -28,7 +18,7 @@ def service_lines(rules: ServiceRules | None) -> list[str]:
     if rules is None:
         return []
     lines: list[str] = []
-    for name in _FRAGMENTS:
+    for name in RULE_LINE_FIELDS:
         lines.extend(getattr(rules, name).splitlines())
     return lines
 

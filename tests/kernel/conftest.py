@@ -4,6 +4,7 @@
 * ``module_topology``: one topology shared by a test module, left as the tests leave it.
 * ``shared_topology``: the module's topology, reset before each test (rules of both iptables
   backends, conntrack, probe servers), for modules with many small tests.
+* ``topo``: ``shared_topology`` with TCP and UDP probe servers on the backends (traffic.py).
 
 Tests marked ``kernel`` are skipped only when not running as root (true of no machine this
 project runs on: CI and developers are root). A missing tool is an error, never a skip:
@@ -19,6 +20,8 @@ from collections.abc import Iterator
 import pytest
 
 from minikproxy.testing.netns import Topology
+
+from .traffic import TARGET_PORT
 
 _REQUIRED_TOOLS = ("ip", "iptables-nft-restore", "iptables-legacy-restore", "nft", "conntrack")
 
@@ -64,3 +67,11 @@ def shared_topology(module_topology: Topology) -> Topology:
     module_topology.stop_servers()
     module_topology.reset_rules()
     return module_topology
+
+
+@pytest.fixture
+def topo(shared_topology: Topology) -> Topology:
+    """The module's topology, reset, with TCP and UDP probe servers on every backend's port
+    TARGET_PORT: the real-traffic tests' topology."""
+    shared_topology.serve_backends(TARGET_PORT, protos=("tcp", "udp"))
+    return shared_topology

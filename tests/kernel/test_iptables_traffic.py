@@ -8,98 +8,38 @@ with the real iptables-restore.
 
 from __future__ import annotations
 
-from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from minikproxy.config import ProxyConfig
-from minikproxy.model.names import IPV4, IPV6, IPFamily
-from minikproxy.render import render_objects
-from minikproxy.sources.manifests import SourcedObject
-from minikproxy.testing.netns import Probe, Proto, Topology
+from minikproxy.model.names import IPFamily
+from minikproxy.testing.netns import Topology
+
+from .traffic import (
+    BACKENDS,
+    NODE_IP,
+    SHARED_SCENARIOS,
+    Load,
+    landings,
+    payload,
+    scenario_id,
+    service,
+    slice_,
+)
 
 pytestmark = pytest.mark.kernel
 
-NODE = "node-1"
-BACKENDS = ["10.10.2.2", "10.10.2.3", "10.10.2.4"]
 CLIENT = "10.10.1.2"
-NODE_IP = "10.10.1.1"
-TARGET_PORT = 8080
 
 
-def service(name: str, cluster_ip: str, port: int = 80, proto: str = "TCP", **spec: Any) -> Any:
-    status = spec.pop("status", {})
-    cluster_ips = spec.pop("clusterIPs", [cluster_ip])
-    ports = [{"name": "p", "port": port, "protocol": proto, **spec.pop("port_extra", {})}]
-    body = {"clusterIP": cluster_ip, "clusterIPs": cluster_ips, "ports": ports, **spec}
-    return {
-        "kind": "Service",
-        "metadata": {"name": name, "namespace": "t"},
-        "spec": body,
-        "status": status,
-    }
+def loader(topo: Topology) -> Load:
+    """Loads the rendered iptables payload with iptables-nft-restore."""
 
+    def load(objs: list[Any], family: IPFamily, cluster_cidr: str) -> None:
+        topo.load_iptables(payload(objs, family, cluster_cidr=cluster_cidr), family=family)
 
-def slice_(
-    name: str,
-    ips: list[str],
-    *,
-    proto: str = "TCP",
-    local: tuple[str, ...] = (),
-    family: str = "IPv4",
-    **conditions: bool,
-) -> Any:
-    endpoints = []
-    for ip in ips:
-        ep: dict[str, Any] = {"addresses": [ip], "conditions": {"ready": True, **conditions}}
-        ep["nodeName"] = NODE if ip in local else "node-2"
-        endpoints.append(ep)
-    return {
-        "kind": "EndpointSlice",
-        "metadata": {
-            "name": f"{name}-{family.lower()}",
-            "namespace": "t",
-            "labels": {"kubernetes.io/service-name": name},
-        },
-        "addressType": family,
-        "endpoints": endpoints,
-        "ports": [{"name": "p", "port": TARGET_PORT, "protocol": proto}],
-    }
-
-
-NODE_OBJ = {
-    "kind": "Node",
-    "metadata": {"name": NODE},
-    "status": {
-        "addresses": [
-            {"type": "InternalIP", "address": NODE_IP},
-            {"type": "InternalIP", "address": "fd00:10:1::1"},
-        ]
-    },
-}
-
-
-def payload(objs: list[Any], family: IPFamily = IPV4, **config: Any) -> str:
-    cfg = ProxyConfig(hostname_override=NODE, **config)
-    sourced = [SourcedObject(o, "test") for o in [NODE_OBJ, *objs]]
-    result = render_objects(sourced, cfg, families=[family])
-    assert result.problems == []
-    return result.payloads[family]
-
-
-@pytest.fixture
-def topo(shared_topology: Topology) -> Topology:
-    shared_topology.serve_backends(TARGET_PORT, protos=("tcp", "udp"))
-    return shared_topology
-
-
-def landings(
-    topo: Topology, dst: str, port: int, count: int = 30, proto: Proto = "tcp"
-) -> Counter[str]:
-    results = topo.connect_many([Probe(dst, port, proto)] * count, timeout=2.0)
-    assert all(r.ok for r in results), [r.outcome for r in results if not r.ok]
-    return Counter(r.server_ip for r in results)
+    return load
 
 
 @pytest.mark.parametrize("backend", ["nft", "legacy"])
@@ -127,35 +67,10 @@ def test_cluster_ip_masquerades_only_off_cluster_clients(topo: Topology) -> None
     assert forced.ok and topo.masqueraded(forced)
 
 
-def test_udp_cluster_ip(topo: Topology) -> None:
-    objs = [
-        service("dns", "10.96.0.53", port=53, proto="UDP"),
-        slice_("dns", BACKENDS, proto="UDP"),
-    ]
-    topo.load_iptables(payload(objs, cluster_cidr="10.10.2.0/24"))
-    assert set(landings(topo, "10.96.0.53", 53, proto="udp")) <= set(BACKENDS)
-
-
-def test_nodeport_external_ip_and_load_balancer_ip(topo: Topology) -> None:
-    svc = service(
-        "shop",
-        "10.96.0.20",
-        type="LoadBalancer",
-        externalIPs=["203.0.113.10"],
-        port_extra={"nodePort": 30080},
-        status={"loadBalancer": {"ingress": [{"ip": "203.0.113.20"}]}},
-    )
-    topo.load_iptables(payload([svc, slice_("shop", BACKENDS)], cluster_cidr="10.10.2.0/24"))
-    for dst, port in (
-        ("10.96.0.20", 80),
-        (NODE_IP, 30080),
-        ("203.0.113.10", 80),
-        ("203.0.113.20", 80),
-    ):
-        result = topo.connect(dst, port)
-        assert result.ok, (dst, port, result)
-        assert result.server_ip in BACKENDS
-        assert topo.masqueraded(result), "external traffic with ETP=Cluster is masqueraded"
+@pytest.mark.parametrize("scenario", SHARED_SCENARIOS, ids=scenario_id)
+def test_shared_scenario(topo: Topology, scenario: Callable[[Topology, Load], None]) -> None:
+    """The scenarios every dataplane passes (traffic.py), with this module's loader."""
+    scenario(topo, loader(topo))
 
 
 def test_no_endpoints_rejects(topo: Topology) -> None:
@@ -163,25 +78,6 @@ def test_no_endpoints_rejects(topo: Topology) -> None:
     topo.load_iptables(payload([svc], cluster_cidr="10.10.2.0/24"))
     assert topo.connect("10.96.0.30", 80).outcome == "refused"
     assert topo.connect(NODE_IP, 30030).outcome == "refused"
-
-
-def test_external_policy_local(topo: Topology) -> None:
-    svc = service(
-        "local",
-        "10.96.0.40",
-        type="NodePort",
-        externalTrafficPolicy="Local",
-        port_extra={"nodePort": 30040},
-    )
-    # Only 10.10.2.3 runs on this node: NodePort traffic lands there, source preserved.
-    objs = [svc, slice_("local", BACKENDS, local=("10.10.2.3",))]
-    topo.load_iptables(payload(objs, cluster_cidr="10.10.2.0/24"))
-    seen = landings(topo, NODE_IP, 30040, count=15)
-    assert set(seen) == {"10.10.2.3"}
-    result = topo.connect(NODE_IP, 30040)
-    assert not topo.masqueraded(result)
-    # ClusterIP traffic still uses every endpoint.
-    assert set(landings(topo, "10.96.0.40", 80, count=40)) == set(BACKENDS)
 
 
 def test_external_policy_local_without_local_endpoints_drops(topo: Topology) -> None:
@@ -234,14 +130,6 @@ def test_terminating_endpoints_are_a_fallback(topo: Topology) -> None:
     draining = slice_("drain", ["10.10.2.4"], ready=False, serving=True, terminating=True)
     topo.load_iptables(payload([svc, draining], cluster_cidr="10.10.2.0/24"))
     assert set(landings(topo, "10.96.0.70", 80, count=5)) == {"10.10.2.4"}
-
-
-def test_ipv6_cluster_ip(topo: Topology) -> None:
-    v6 = ["fd00:10:2::2", "fd00:10:2::3"]
-    svc = service("dual", "10.96.0.80", clusterIPs=["10.96.0.80", "fd00:96::80"])
-    objs = [svc, slice_("dual", v6, family="IPv6"), slice_("dual", BACKENDS)]
-    topo.load_iptables(payload(objs, IPV6, cluster_cidr="fd00:10:2::/64"), family=IPV6)
-    assert set(landings(topo, "fd00:96::80", 80, count=20)) == set(v6)
 
 
 def test_localhost_nodeports(topo: Topology) -> None:

@@ -1,6 +1,6 @@
 """Real traffic through kube-proxy's nftables layout (``compile_nftables_kubeproxy``).
 
-Same topology and objects as test_iptables_traffic.py: client netns -> node netns (the
+Same topology and objects (traffic.py) as test_iptables_traffic.py: client netns -> node netns (the
 ``kube-proxy`` table loaded with ``nft -f``) -> backend netns. The service CIDR is
 10.96.0.0/16 (fd00:96::/112 for IPv6), routed to the node by the harness.
 """
@@ -8,6 +8,7 @@ Same topology and objects as test_iptables_traffic.py: client netns -> node netn
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -15,16 +16,19 @@ import pytest
 from minikproxy.changes import ClusterTracker
 from minikproxy.compile.nftables_kubeproxy import KubeProxyNftRuleset, compile_nftables_kubeproxy
 from minikproxy.config import ProxyConfig
-from minikproxy.model.names import IPV4, IPV6, IPFamily
+from minikproxy.model.names import IPV4, IPFamily
 from minikproxy.nodeopts import nftables_options
 from minikproxy.testing.netns import Topology
-from tests.kernel.test_iptables_traffic import (
+from tests.kernel.traffic import (
     BACKENDS,
     NODE,
     NODE_IP,
     NODE_OBJ,
-    TARGET_PORT,
+    SHARED_SCENARIOS,
+    Load,
+    check_ipv6_cluster_ip,
     landings,
+    scenario_id,
     service,
     slice_,
 )
@@ -55,10 +59,13 @@ def load_kubeproxy_nft(topo: Topology, script: str) -> None:
     topo.node_exec(["nft", "-f", "-"], input=script)
 
 
-@pytest.fixture
-def topo(shared_topology: Topology) -> Topology:
-    shared_topology.serve_backends(TARGET_PORT, protos=("tcp", "udp"))
-    return shared_topology
+def loader(topo: Topology) -> Load:
+    """Loads the kube-proxy-layout script with ``nft -f``."""
+
+    def load(objs: list[Any], family: IPFamily, cluster_cidr: str) -> None:
+        load_kubeproxy_nft(topo, nft_script(objs, family, cluster_cidr=cluster_cidr))
+
+    return load
 
 
 def test_cluster_ip_balances_and_masquerades_off_cluster_clients(topo: Topology) -> None:
@@ -80,36 +87,10 @@ def test_cluster_ip_balances_and_masquerades_off_cluster_clients(topo: Topology)
     assert forced.ok and topo.masqueraded(forced)
 
 
-def test_udp_cluster_ip(topo: Topology) -> None:
-    objs = [
-        service("dns", "10.96.0.53", port=53, proto="UDP"),
-        slice_("dns", BACKENDS, proto="UDP"),
-    ]
-    load_kubeproxy_nft(topo, nft_script(objs, cluster_cidr="10.10.2.0/24"))
-    assert set(landings(topo, "10.96.0.53", 53, proto="udp")) <= set(BACKENDS)
-
-
-def test_nodeport_external_ip_and_load_balancer_ip(topo: Topology) -> None:
-    svc = service(
-        "shop",
-        "10.96.0.20",
-        type="LoadBalancer",
-        externalIPs=["203.0.113.10"],
-        port_extra={"nodePort": 30080},
-        status={"loadBalancer": {"ingress": [{"ip": "203.0.113.20"}]}},
-    )
-    objs = [svc, slice_("shop", BACKENDS)]
-    load_kubeproxy_nft(topo, nft_script(objs, cluster_cidr="10.10.2.0/24"))
-    for dst, port in (
-        ("10.96.0.20", 80),
-        (NODE_IP, 30080),
-        ("203.0.113.10", 80),
-        ("203.0.113.20", 80),
-    ):
-        result = topo.connect(dst, port)
-        assert result.ok, (dst, port, result)
-        assert result.server_ip in BACKENDS
-        assert topo.masqueraded(result), "external traffic with ETP=Cluster is masqueraded"
+@pytest.mark.parametrize("scenario", SHARED_SCENARIOS, ids=scenario_id)
+def test_shared_scenario(topo: Topology, scenario: Callable[[Topology, Load], None]) -> None:
+    """The scenarios every dataplane passes (traffic.py), with this module's loader."""
+    scenario(topo, loader(topo))
 
 
 def test_no_endpoints_rejects_and_service_cidr_checks(topo: Topology) -> None:
@@ -122,18 +103,6 @@ def test_no_endpoints_rejects_and_service_cidr_checks(topo: Topology) -> None:
     assert topo.connect("10.96.0.31", 81).outcome == "refused"  # unknown port, active IP
     assert topo.connect("10.96.0.99", 80, timeout=0.5).outcome == "timeout"  # unallocated
     assert topo.connect("10.96.0.31", 80).ok
-
-
-def test_external_policy_local(topo: Topology) -> None:
-    svc = service(
-        "local", "10.96.0.40", type="NodePort", externalTrafficPolicy="Local",
-        port_extra={"nodePort": 30040},
-    )  # fmt: skip
-    objs = [svc, slice_("local", BACKENDS, local=("10.10.2.3",))]
-    load_kubeproxy_nft(topo, nft_script(objs, cluster_cidr="10.10.2.0/24"))
-    assert set(landings(topo, NODE_IP, 30040, count=15)) == {"10.10.2.3"}
-    assert not topo.masqueraded(topo.connect(NODE_IP, 30040))
-    assert set(landings(topo, "10.96.0.40", 80, count=40)) == set(BACKENDS)
 
 
 def test_local_policies_without_local_endpoints_drop(topo: Topology) -> None:
@@ -177,12 +146,9 @@ def test_load_balancer_source_ranges(topo: Topology) -> None:
     assert topo.connect("203.0.113.60", 80).ok
 
 
-def test_ipv6_cluster_ip(topo: Topology) -> None:
-    v6 = ["fd00:10:2::2", "fd00:10:2::3"]
-    svc = service("dual", "10.96.0.80", clusterIPs=["10.96.0.80", "fd00:96::80"])
-    objs = [svc, slice_("dual", v6, family="IPv6"), slice_("dual", BACKENDS)]
-    load_kubeproxy_nft(topo, nft_script(objs, IPV6, cluster_cidr="fd00:10:2::/64"))
-    assert set(landings(topo, "fd00:96::80", 80, count=20)) == set(v6)
+def test_ipv6_unknown_port_rejected(topo: Topology) -> None:
+    """Beyond the shared IPv6 scenario: an unknown port on an active cluster IP is rejected."""
+    check_ipv6_cluster_ip(topo, loader(topo))
     assert topo.connect("fd00:96::80", 81).outcome == "refused"
 
 

@@ -18,93 +18,30 @@ from minikproxy.config import ProxyConfig
 from minikproxy.model.names import IPV4, IPV6, IPFamily
 from minikproxy.render import render_objects
 from minikproxy.sources.manifests import SourcedObject
-from minikproxy.testing.netns import Probe, Proto, Topology
+from minikproxy.testing.netns import Proto, Topology
+
+from .traffic import BACKENDS, NODE, NODE_IP, NODE_OBJ, landings, payload, service, slice_
 
 pytestmark = pytest.mark.kernel
 
-NODE = "node-1"
-BACKENDS = ["10.10.2.2", "10.10.2.3", "10.10.2.4"]
 BACKENDS6 = ["fd00:10:2::2", "fd00:10:2::3", "fd00:10:2::4"]
-NODE_IP = "10.10.1.1"
-TARGET_PORT = 8080
 POD_CIDR = "10.10.2.0/24"
 SERVICE_CIDRS = ("10.96.0.0/16", "fd00:96::/112")
 
 
-def service(name: str, ips: list[str], proto: str = "TCP", **spec: Any) -> Any:
-    status = spec.pop("status", {})
-    ports = [{"name": "p", "port": 80, "protocol": proto, **spec.pop("port_extra", {})}]
-    body = {"clusterIP": ips[0], "clusterIPs": ips, "ports": ports, **spec}
-    meta = {"name": name, "namespace": "t"}
-    return {"kind": "Service", "metadata": meta, "spec": body, "status": status}
-
-
-def slice_(
-    name: str, ips: list[str], proto: str = "TCP", local: tuple[str, ...] = (), family: str = "IPv4"
-) -> Any:
-    endpoints = [
-        {
-            "addresses": [ip],
-            "conditions": {"ready": True},
-            "nodeName": NODE if ip in local else "node-2",
-        }
-        for ip in ips
-    ]
-    return {
-        "kind": "EndpointSlice",
-        "metadata": {
-            "name": f"{name}-{family.lower()}",
-            "namespace": "t",
-            "labels": {"kubernetes.io/service-name": name},
-        },
-        "addressType": family,
-        "endpoints": endpoints,
-        "ports": [{"name": "p", "port": TARGET_PORT, "protocol": proto}],
-    }
-
-
-NODE_OBJ = {
-    "kind": "Node",
-    "metadata": {"name": NODE},
-    "status": {
-        "addresses": [
-            {"type": "InternalIP", "address": NODE_IP},
-            {"type": "InternalIP", "address": "fd00:10:1::1"},
-        ]
-    },
-}
-
-
 def script(objs: list[Any], family: IPFamily = IPV4, **config: Any) -> str:
     config.setdefault("cluster_cidr", f"{POD_CIDR},fd00:10:2::/64")
-    cfg = ProxyConfig(
-        hostname_override=NODE, mode="nftables", service_cidrs=SERVICE_CIDRS, **config
-    )
-    sourced = [SourcedObject(o, "test") for o in [NODE_OBJ, *objs]]
-    result = render_objects(sourced, cfg, families=[family])
-    assert result.problems == []
-    return result.payloads[family]
-
-
-@pytest.fixture
-def topo(shared_topology: Topology) -> Topology:
-    shared_topology.serve_backends(TARGET_PORT, protos=("tcp", "udp"))
-    return shared_topology
-
-
-def landings(
-    topo: Topology, dst: str, port: int, count: int = 30, proto: Proto = "tcp"
-) -> Counter[str]:
-    results = topo.connect_many([Probe(dst, port, proto)] * count, timeout=2.0)
-    assert all(r.ok for r in results), [r.outcome for r in results if not r.ok]
-    return Counter(r.server_ip for r in results)
+    return payload(objs, family, mode="nftables", service_cidrs=SERVICE_CIDRS, **config)
 
 
 @pytest.mark.parametrize("proto", ["tcp", "udp"])
 def test_cluster_ip_balances_and_masquerades_off_cluster_clients(
     topo: Topology, proto: Proto
 ) -> None:
-    objs = [service("web", ["10.96.0.10"], proto.upper()), slice_("web", BACKENDS, proto.upper())]
+    objs = [
+        service("web", "10.96.0.10", proto=proto.upper()),
+        slice_("web", BACKENDS, proto=proto.upper()),
+    ]
     topo.load_nft(script(objs))
     assert set(landings(topo, "10.96.0.10", 80, 40, proto)) == set(BACKENDS)
     result = topo.connect("10.96.0.10", 80, proto)
@@ -116,7 +53,7 @@ def test_cluster_ip_balances_and_masquerades_off_cluster_clients(
 
 
 def test_masquerade_all(topo: Topology) -> None:
-    objs = [service("web", ["10.96.0.10"]), slice_("web", BACKENDS)]
+    objs = [service("web", "10.96.0.10"), slice_("web", BACKENDS)]
     topo.load_nft(script(objs, cluster_cidr="10.10.0.0/16", masquerade_all=True))
     result = topo.connect("10.96.0.10", 80)
     assert result.ok and topo.masqueraded(result)
@@ -126,7 +63,7 @@ def test_ipv6_cluster_ip_and_nodeport(topo: Topology) -> None:
     objs = [
         service(
             "web",
-            ["fd00:96::10"],
+            "fd00:96::10",
             type="NodePort",
             ipFamilies=["IPv6"],
             port_extra={"nodePort": 30080},
@@ -143,7 +80,7 @@ def test_nodeport_loadbalancer_and_external_ip(topo: Topology) -> None:
     objs = [
         service(
             "web",
-            ["10.96.0.10"],
+            "10.96.0.10",
             type="LoadBalancer",
             externalIPs=["203.0.113.7"],
             port_extra={"nodePort": 30080},
@@ -163,7 +100,7 @@ def test_load_balancer_ip_mode_proxy_is_not_programmed(topo: Topology) -> None:
     objs = [
         service(
             "web",
-            ["10.96.0.10"],
+            "10.96.0.10",
             type="LoadBalancer",
             port_extra={"nodePort": 30080},
             status={"loadBalancer": {"ingress": [ingress]}},
@@ -179,7 +116,7 @@ def test_external_traffic_policy_local(topo: Topology) -> None:
     objs = [
         service(
             "web",
-            ["10.96.0.10"],
+            "10.96.0.10",
             type="LoadBalancer",
             externalTrafficPolicy="Local",
             port_extra={"nodePort": 30080},
@@ -199,7 +136,7 @@ def test_external_traffic_policy_local(topo: Topology) -> None:
 
 def test_internal_traffic_policy_local(topo: Topology) -> None:
     objs = [
-        service("web", ["10.96.0.10"], internalTrafficPolicy="Local"),
+        service("web", "10.96.0.10", internalTrafficPolicy="Local"),
         slice_("web", BACKENDS, local=("10.10.2.4",)),
     ]
     topo.load_nft(script(objs))
@@ -210,10 +147,10 @@ def test_internal_traffic_policy_local(topo: Topology) -> None:
 
 def test_no_endpoints_reject_and_local_policy_drop(topo: Topology) -> None:
     objs = [
-        service("empty", ["10.96.0.20"], type="NodePort", port_extra={"nodePort": 30020}),
+        service("empty", "10.96.0.20", type="NodePort", port_extra={"nodePort": 30020}),
         service(
             "remote",
-            ["10.96.0.21"],
+            "10.96.0.21",
             type="NodePort",
             externalTrafficPolicy="Local",
             port_extra={"nodePort": 30021},
@@ -235,7 +172,7 @@ def test_client_ip_affinity_sticks(topo: Topology) -> None:
     objs = [
         service(
             "web",
-            ["10.96.0.10"],
+            "10.96.0.10",
             sessionAffinity="ClientIP",
             sessionAffinityConfig={"clientIP": {"timeoutSeconds": 600}},
         ),
@@ -257,7 +194,7 @@ def test_load_balancer_source_ranges(topo: Topology) -> None:
         return [
             service(
                 "web",
-                ["10.96.0.10"],
+                "10.96.0.10",
                 type="LoadBalancer",
                 loadBalancerSourceRanges=ranges,
                 port_extra={"nodePort": 30080},
@@ -277,11 +214,11 @@ def test_load_balancer_source_ranges(topo: Topology) -> None:
 def test_service_cidr_checks(topo: Topology, family: IPFamily) -> None:
     if family == IPV4:
         cip, unallocated = "10.96.0.10", "10.96.0.99"
-        objs = [service("web", [cip]), slice_("web", BACKENDS)]
+        objs = [service("web", cip), slice_("web", BACKENDS)]
     else:
         cip, unallocated = "fd00:96::10", "fd00:96::99"
         objs = [
-            service("web", [cip], ipFamilies=["IPv6"]),
+            service("web", cip, ipFamilies=["IPv6"]),
             slice_("web", BACKENDS6, family="IPv6"),
         ]
     topo.load_nft(script(objs, family))
@@ -291,15 +228,15 @@ def test_service_cidr_checks(topo: Topology, family: IPFamily) -> None:
 
 
 def test_sctp_loads_and_matches(topo: Topology) -> None:
-    objs = [service("web", ["10.96.0.10"], "SCTP"), slice_("web", BACKENDS, "SCTP")]
+    objs = [service("web", "10.96.0.10", proto="SCTP"), slice_("web", BACKENDS, proto="SCTP")]
     topo.load_nft(script(objs))
     listing = topo.node_exec(["nft", "list", "map", "ip", "minikproxy", "cluster-endpoints-sctp"])
     assert "10.96.0.10 . 80 . 2 : 10.10.2.4 . 8080" in listing.stdout
 
 
 def test_script_replaces_the_loaded_table(topo: Topology) -> None:
-    topo.load_nft(script([service("web", ["10.96.0.10"]), slice_("web", BACKENDS)]))
-    topo.load_nft(script([service("web", ["10.96.0.10"]), slice_("web", BACKENDS[:1])]))
+    topo.load_nft(script([service("web", "10.96.0.10"), slice_("web", BACKENDS)]))
+    topo.load_nft(script([service("web", "10.96.0.10"), slice_("web", BACKENDS[:1])]))
     assert landings(topo, "10.96.0.10", 80, 10) == Counter({BACKENDS[0]: 10})
 
 
@@ -331,7 +268,10 @@ def test_endpoint_shares_are_uniform(shared_topology: Topology) -> None:
     for i, n in enumerate(COUNTS):
         # Endpoints need not exist: the DNAT decision is recorded in conntrack either way.
         eps = [f"10.10.2.{100 + k}" for k in range(n)]
-        objs += [service(f"u{n}", [f"10.96.1.{i + 1}"], "UDP"), slice_(f"u{n}", eps, "UDP")]
+        objs += [
+            service(f"u{n}", f"10.96.1.{i + 1}", proto="UDP"),
+            slice_(f"u{n}", eps, proto="UDP"),
+        ]
     topo.load_nft(script(objs))
     for i, n in enumerate(COUNTS):
         flows = _flows(n)
@@ -364,7 +304,7 @@ def test_endpoint_change_applies_as_elements_only(topo: Topology) -> None:
 
     def ruleset(ips: list[str]) -> Any:
         cfg = ProxyConfig(hostname_override=NODE, mode="nftables", cluster_cidr=POD_CIDR)
-        objs = [NODE_OBJ, service("web", ["10.96.0.10"]), slice_("web", ips)]
+        objs = [NODE_OBJ, service("web", "10.96.0.10"), slice_("web", ips)]
         result = render_objects([SourcedObject(o, "t") for o in objs], cfg, families=[IPV4])
         return result.rulesets[IPV4]
 
@@ -382,9 +322,9 @@ def test_endpoint_change_applies_as_elements_only(topo: Topology) -> None:
 
 def test_ipv6_no_endpoints_rejected_and_udp(topo: Topology) -> None:
     objs = [
-        service("empty", ["fd00:96::20"], ipFamilies=["IPv6"]),
-        service("dns", ["fd00:96::53"], "UDP", ipFamilies=["IPv6"]),
-        slice_("dns", BACKENDS6, "UDP", family="IPv6"),
+        service("empty", "fd00:96::20", ipFamilies=["IPv6"]),
+        service("dns", "fd00:96::53", proto="UDP", ipFamilies=["IPv6"]),
+        slice_("dns", BACKENDS6, proto="UDP", family="IPv6"),
     ]
     topo.load_nft(script(objs, IPV6))
     assert topo.connect("fd00:96::20", 80).outcome == "refused"
@@ -393,7 +333,7 @@ def test_ipv6_no_endpoints_rejected_and_udp(topo: Topology) -> None:
 
 def test_interface_local_detection(topo: Topology) -> None:
     """Traffic entering via the node's client-side interface (cl0) counts as pod traffic."""
-    objs = [service("web", ["10.96.0.10"]), slice_("web", BACKENDS)]
+    objs = [service("web", "10.96.0.10"), slice_("web", BACKENDS)]
     topo.load_nft(script(objs, detect_local_mode="InterfaceNamePrefix", interface_name_prefix="cl"))
     result = topo.connect("10.96.0.10", 80)
     assert result.ok and not topo.masqueraded(result)
@@ -403,7 +343,7 @@ def test_interface_local_detection(topo: Topology) -> None:
 
 
 def test_hairpin_is_masqueraded(topo: Topology) -> None:
-    objs = [service("web", ["10.96.0.10"]), slice_("web", BACKENDS[:1])]
+    objs = [service("web", "10.96.0.10"), slice_("web", BACKENDS[:1])]
     topo.load_nft(script(objs))
     result = topo.connect("10.96.0.10", 80, from_ns="backend", src_ip=BACKENDS[0])
     assert result.ok and result.server_ip == BACKENDS[0]

@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import pytest
 
@@ -32,6 +32,7 @@ from minikproxy.cli import main
 from minikproxy.config import ProxyConfig
 from minikproxy.controller import node_name_from
 from minikproxy.testing.apiserver import FakeApiServer
+from tests.unit.api_objects import endpoint_slice, service
 
 NOBODY = 65534
 SRC = Path(minikproxy.__file__).resolve().parents[1]
@@ -43,34 +44,6 @@ NODE_OBJ = {
     "metadata": {"name": NODE},
     "status": {"addresses": [{"type": "InternalIP", "address": "192.168.5.1"}]},
 }
-SERVICE = {
-    "apiVersion": "v1",
-    "kind": "Service",
-    "metadata": {"name": "web", "namespace": "default"},
-    "spec": {
-        "clusterIP": "10.96.0.10",
-        "clusterIPs": ["10.96.0.10"],
-        "ports": [{"name": "p", "port": 80, "protocol": "TCP"}],
-    },
-}
-
-
-def endpoint_slice(*addresses: str) -> dict[str, Any]:
-    """The EndpointSlice of ``default/web`` with one ready endpoint per address."""
-    return {
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {
-            "name": "web-1",
-            "namespace": "default",
-            "labels": {"kubernetes.io/service-name": "web"},
-        },
-        "addressType": "IPv4",
-        "endpoints": [{"addresses": [a], "conditions": {"ready": True}} for a in addresses],
-        "ports": [{"name": "p", "port": 8080, "protocol": "TCP"}],
-    }
-
-
 # --- running minikproxy unprivileged ----------------------------------------------------------
 
 
@@ -215,8 +188,8 @@ def api(world_readable_dir: Path) -> Iterator[tuple[FakeApiServer, Path]]:
     for it that an unprivileged user can read."""
     with FakeApiServer() as server:
         server.create(NODE_OBJ)
-        server.create(SERVICE)
-        server.create(endpoint_slice("10.244.1.5"))
+        server.create(service("web", "10.96.0.10"))
+        server.create(endpoint_slice("web", "10.244.1.5"))
         kubeconfig = server.write_kubeconfig(world_readable_dir / f"kubeconfig-{server.url[-5:]}")
         kubeconfig.chmod(0o644)
         yield server, kubeconfig
@@ -267,7 +240,7 @@ def test_dry_run_prints_the_initial_sync_then_diffs_and_stops_on_sigterm(
     assert summary[-1].startswith("+ default/web:p (tcp): ") and "1 endpoints" in summary[-1]
     assert "KUBE-SVC-" in summary[-1]
 
-    server.update(endpoint_slice("10.244.2.9"))
+    server.update(endpoint_slice("web", "10.244.2.9"))
     header = proxy.read_until(lambda line: "default/web:p (tcp) changed" in line)
     assert header[-1].startswith("# IPv4: default/web:p (tcp) changed: +"), header
     n_added, n_removed = (int(n[1:]) for n in header[-1].rsplit(": ", 1)[1].split())

@@ -22,6 +22,7 @@ from minikproxy.compile.localdetect import make_local_detector
 from minikproxy.model.names import IPV4, IPV6, IPFamily
 from minikproxy.testing.strategies import NODE, clusters, service_with_slices
 
+from .api_objects import endpoint_slice
 from .test_iptables_golden import undefined_jumps
 
 Tables = dict[str, dict[str, list[str]]]
@@ -170,17 +171,7 @@ def _ten_endpoint_cluster(endpoints: int) -> list[dict[str, Any]]:
             "metadata": {"name": "web", "namespace": "default"},
             "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "p", "port": 80}]},
         },
-        {
-            "kind": "EndpointSlice",
-            "metadata": {
-                "name": "web-1",
-                "namespace": "default",
-                "labels": {"kubernetes.io/service-name": "web"},
-            },
-            "addressType": "IPv4",
-            "endpoints": [{"addresses": [ip], "conditions": {"ready": True}} for ip in ips],
-            "ports": [{"name": "p", "port": 8080}],
-        },
+        endpoint_slice("web", *ips),
     ]
 
 

@@ -19,6 +19,7 @@ from minikproxy.model.names import IPV4
 from minikproxy.sources.kubeclient import load_api_client
 from minikproxy.testing.apiserver import FakeApiServer
 from tests.helpers import wait_for
+from tests.unit.api_objects import endpoint_slice
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -35,18 +36,7 @@ SERVICE = {
         "ports": [{"name": "p", "port": 80, "nodePort": 30080, "protocol": "TCP"}],
     },
 }
-SLICE = {
-    "apiVersion": "discovery.k8s.io/v1",
-    "kind": "EndpointSlice",
-    "metadata": {
-        "name": "web-1",
-        "namespace": "default",
-        "labels": {"kubernetes.io/service-name": "web"},
-    },
-    "addressType": "IPv4",
-    "endpoints": [{"addresses": ["10.244.1.5"], "conditions": {"ready": True}}],
-    "ports": [{"name": "p", "port": 8080, "protocol": "TCP"}],
-}
+SLICE = endpoint_slice("web", "10.244.1.5")
 
 
 def node(pod_cidrs: list[str] | None = None) -> dict[str, Any]:

@@ -12,7 +12,6 @@ import io
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -24,6 +23,7 @@ from minikproxy.sources.kubeclient import load_api_client
 from minikproxy.testing.apiserver import FakeApiServer, RequestRecord
 
 from ..helpers import wait_for
+from .api_objects import endpoint_slice, service
 from .test_deploy import CONTROLLER_REQUESTS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,36 +59,6 @@ def permission(record: RequestRecord) -> Permission:
         "nonResourceURLs"
     )
     return (record.group, record.resource, record.verb)
-
-
-def service(name: str, ip: str, **labels: str) -> dict[str, Any]:
-    """A ClusterIP Service with one TCP port."""
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": name, "namespace": "default", "labels": labels},
-        "spec": {
-            "clusterIP": ip,
-            "clusterIPs": [ip],
-            "ports": [{"name": "p", "port": 80, "protocol": "TCP"}],
-        },
-    }
-
-
-def endpoint_slice(name: str, *addresses: str, **labels: str) -> dict[str, Any]:
-    """An IPv4 EndpointSlice of Service ``name`` with ready endpoints."""
-    return {
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {
-            "name": f"{name}-1",
-            "namespace": "default",
-            "labels": {"kubernetes.io/service-name": name, **labels},
-        },
-        "addressType": "IPv4",
-        "endpoints": [{"addresses": [a], "conditions": {"ready": True}} for a in addresses],
-        "ports": [{"name": "p", "port": 8080, "protocol": "TCP"}],
-    }
 
 
 def lists_of(api: FakeApiServer) -> list[RequestRecord]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -18,34 +17,11 @@ from minikproxy.model.names import IPV4
 from minikproxy.sources.kubeclient import load_api_client
 from minikproxy.testing.apiserver import FakeApiServer
 from tests.helpers import wait_for
+from tests.unit.api_objects import endpoint_slice, service
 
 pytestmark = pytest.mark.timeout(60)
 
 NODE = "node-1"
-
-
-def service(name: str, ip: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {"clusterIP": ip, "ports": [{"name": "p", "port": 80, "protocol": "TCP"}]},
-    }
-
-
-def endpoint_slice(name: str, address: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {
-            "name": f"{name}-1",
-            "namespace": "default",
-            "labels": {"kubernetes.io/service-name": name},
-        },
-        "addressType": "IPv4",
-        "endpoints": [{"addresses": [address], "conditions": {"ready": True}}],
-        "ports": [{"name": "p", "port": 8080, "protocol": "TCP"}],
-    }
 
 
 @pytest.fixture

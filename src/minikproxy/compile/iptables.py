@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple
 
+from minikproxy.compile.cidr import cidr_contains
 from minikproxy.compile.localdetect import NO_LOCAL_DETECTOR, LocalTrafficDetector
 from minikproxy.compile.names import (
     KUBE_EXTERNAL_SERVICES,
@@ -109,18 +110,11 @@ _DYNAMIC_CHAINS: tuple[tuple[str, str, str], ...] = (
 )
 _FIELD_INDEX = {f: ServiceRules._fields.index(f) for _, _, f in _DYNAMIC_CHAINS}
 
-RENDERED_FIELDS: tuple[str, ...] = (
-    "filter_services",
-    "filter_external",
-    "filter_nodeports",
-    "filter_firewall",
-    "nat_services",
-    "nat_nodeports",
-    "chains",
-    "chain_decls",
-    "rules",
-    "rule_count",
-)
+RULE_LINE_FIELDS: tuple[str, ...] = (*(f for _, _, f in _DYNAMIC_CHAINS), "rules")
+"""The :class:`ServiceRules` fields holding rule lines: the port's fragments of the top-level
+chains first, then the rules of its own chains."""
+
+RENDERED_FIELDS: tuple[str, ...] = (*RULE_LINE_FIELDS, "chains", "chain_decls", "rule_count")
 """The :class:`ServiceRules` fields that end up in the kernel: a partial sync rewrites a service
 port when one of them changed. Every other field is in :data:`SUMMARY_FIELDS`."""
 
@@ -422,7 +416,7 @@ def compile_service_port(
         node_ip = options.node_ip
         for cidr in port.load_balancer_source_ranges:
             rules.append(f"{fw_args} -s {cidr} -j {ext_chain}\n")
-            if node_ip and _cidr_contains(cidr, node_ip):
+            if node_ip and cidr_contains(cidr, node_ip):
                 allow_from_node = True
         if allow_from_node:
             for ip in port.load_balancer_vips:
@@ -518,16 +512,6 @@ def _endpoint_jumps(
                 )
             else:
                 rules.append(f"-A {chain} -j {sep}\n")
-
-
-@lru_cache(maxsize=4096)
-def _cidr_contains(cidr: str, ip: str) -> bool:
-    import ipaddress
-
-    try:
-        return ipaddress.ip_address(ip) in ipaddress.ip_network(cidr, strict=False)
-    except ValueError:
-        return False
 
 
 class IptablesRuleset:

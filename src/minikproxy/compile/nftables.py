@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from typing import NamedTuple
 
+from minikproxy.compile.cidr import cidr_contains
 from minikproxy.compile.nftables_options import NftablesOptions
 from minikproxy.gcutil import gc_paused
 from minikproxy.model.endpoint import Endpoint
@@ -111,14 +112,6 @@ def _is_loopback(ip: str) -> bool:
     return ipaddress.ip_address(ip).is_loopback
 
 
-@lru_cache(maxsize=4096)
-def _cidr_contains(cidr: str, ip: str) -> bool:
-    try:
-        return ipaddress.ip_address(ip) in ipaddress.ip_network(cidr, strict=False)
-    except ValueError:
-        return False
-
-
 def compile_service_port(
     port: ServicePort, categorized: CategorizedEndpoints, options: NftablesOptions
 ) -> ServiceElements:
@@ -173,7 +166,7 @@ def compile_service_port(
     firewall = bool(port.load_balancer_source_ranges) and has_endpoints
     node_ip = options.node_ip
     allow_node = firewall and any(
-        _cidr_contains(c, node_ip) for c in port.load_balancer_source_ranges if node_ip
+        cidr_contains(c, node_ip) for c in port.load_balancer_source_ranges if node_ip
     )
     for ip, fport, is_lb in frontends:
         key = f"{ip} . {proto} . {fport}"

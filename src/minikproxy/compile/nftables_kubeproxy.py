@@ -20,6 +20,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from minikproxy.compile.cidr import cidr_contains
 from minikproxy.compile.nftables_options import NftablesOptions
 from minikproxy.model.endpoint import Endpoint
 from minikproxy.model.names import IPV4, NamespacedName, ServicePortName
@@ -477,7 +478,7 @@ def _compile_port(state: ProxyState, port: ServicePort, opts: NftablesOptions) -
             ext.append(f"goto {external_policy_chain}")
     if uses_fw:
         sources = list(port.load_balancer_source_ranges)
-        if opts.node_ip and any(_contains(cidr, opts.node_ip) for cidr in sources):
+        if opts.node_ip and any(cidr_contains(cidr, opts.node_ip) for cidr in sources):
             sources += list(port.load_balancer_vips)
         chains[fw_chain].append(f"{ipx} saddr != {{ {' , '.join(sources)} }} drop")
 
@@ -542,10 +543,3 @@ def _element_key(body: str) -> str:
 def _set_name(line: str) -> str:
     """The set name of an ``add set <family> kube-proxy <name> { … }`` line."""
     return line.split(" ", 5)[4]
-
-
-def _contains(cidr: str, ip: str) -> bool:
-    try:
-        return ipaddress.ip_address(ip) in ipaddress.ip_network(cidr, strict=False)
-    except ValueError:
-        return False
