@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what minikproxy needs on a Debian 12 machine: the kernel userland (iptables with
 # both backends, nftables and libnftables1, ipset, conntrack, ipvsadm, iproute2) and a
-# virtualenv in .venv with the project and its development tools. Safe to run again; it only does what is missing.
+# virtualenv in .venv with the project and its development tools. Safe to run again; it only
+# does what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
