@@ -249,6 +249,14 @@ def test_tampering_is_detected_and_repaired_by_a_full_apply(
 ) -> None:
     ruleset = compile_nftables(tracker.snapshot(IPV4).state, OPTIONS)
     ns = netns()
+    # Another table with a filled chain of the canary's name must not count.
+    nft(
+        ns,
+        "-f",
+        "-",
+        stdin="add table ip other\nadd chain ip other nat-prerouting\n"
+        "add rule ip other nat-prerouting accept\n",
+    )
     with NftablesApplier(netns=ns) as applier:
         assert not applier.table_intact(ruleset)  # nothing installed yet
         applier.apply_full(ruleset)

@@ -1,0 +1,103 @@
+"""The nftables applier through one long-lived libnftables context, flat layout, at 1k and 10k
+Services x 10 endpoints: one endpoint change (``apply_changes``: diff + one transaction of
+element deletes and adds), and the canary check (``table_intact``).
+
+The table is loaded once per size into a fresh network namespace; rounds alternate between two
+rulesets that differ in one endpoint of one Service, so every round is a real change.
+
+Run: .venv/bin/python -m pytest bench/bench_nftables_apply.py --benchmark-only
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import secrets
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from minikproxy.changes import ClusterTracker
+from minikproxy.compile.nftables import NftablesRuleset, compile_nftables
+from minikproxy.dataplane.nftables import NftablesApplier
+from minikproxy.model.names import IPV4, ServicePortName
+from minikproxy.testing.synthetic import synthetic_cluster, synthetic_slice
+
+from .bench_nftables import nft_options
+from .conftest import ENDPOINTS_PER_SERVICE
+
+
+@dataclass
+class Loaded:
+    """An applier whose namespace holds ``rulesets[0]``; ``rulesets[1]`` moves one endpoint."""
+
+    applier: NftablesApplier
+    rulesets: tuple[NftablesRuleset, NftablesRuleset]
+    changed: list[ServicePortName]
+    full_load_seconds: float
+    current: int = 0
+
+    def flip(self) -> None:
+        """Apply the other ruleset (one endpoint change)."""
+        nxt = 1 - self.current
+        full = self.applier.apply_changes(
+            self.rulesets[self.current], self.rulesets[nxt], self.changed
+        )
+        assert not full
+        self.current = nxt
+
+
+@pytest.fixture(scope="module", params=[1000, 10000])
+def loaded(request: pytest.FixtureRequest) -> Iterator[Loaded]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (network namespaces)")
+    services: int = request.param
+    tracker = ClusterTracker("node-0")
+    tracker.add_objects(synthetic_cluster(services, ENDPOINTS_PER_SERVICE))
+    options = nft_options()
+    first = compile_nftables(tracker.snapshot(IPV4).state, options)
+    victim = services // 2
+    obj = copy.deepcopy(synthetic_slice(victim, ENDPOINTS_PER_SERVICE))
+    obj["endpoints"][0]["addresses"] = ["10.255.255.1"]
+    obj["metadata"]["resourceVersion"] = "2"
+    tracker.upsert_endpoint_slice(obj)
+    snap = tracker.snapshot(IPV4)
+    assert snap.changed is not None
+    second = compile_nftables(snap.state, options)
+    changed = [name for name in snap.state.services if name.service in snap.changed]
+    # Warm both rulesets' cached reference counts (a compile-side cost paid once per ruleset).
+    assert second.incremental_script(first, changed)
+    assert first.incremental_script(second, changed)
+    netns = f"mkpbench{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    applier = NftablesApplier(netns=netns)
+    try:
+        start = time.perf_counter()
+        applier.apply_full(first)
+        elapsed = time.perf_counter() - start
+        yield Loaded(applier, (first, second), changed, elapsed)
+    finally:
+        applier.close()
+        subprocess.run(["ip", "netns", "del", netns], check=False)
+
+
+def test_nftables_apply_endpoint_change(benchmark, loaded: Loaded) -> None:  # type: ignore[no-untyped-def]
+    """One endpoint of one Service changes: ``apply_changes`` (diff + kernel transaction)."""
+    script = loaded.rulesets[1].incremental_script(loaded.rulesets[0], loaded.changed)
+    assert script
+    benchmark.extra_info["services"] = len(loaded.rulesets[0].services)
+    benchmark.extra_info["script_lines"] = script.count("\n")
+    benchmark.extra_info["full_load_s"] = round(loaded.full_load_seconds, 3)
+    benchmark.pedantic(loaded.flip, rounds=40, iterations=1, warmup_rounds=2)
+    assert loaded.applier.table_intact(loaded.rulesets[loaded.current])
+
+
+def test_nftables_table_intact(benchmark, loaded: Loaded) -> None:  # type: ignore[no-untyped-def]
+    """The canary check: list one small base chain, never the table's sets and maps."""
+    ruleset = loaded.rulesets[loaded.current]
+    assert benchmark.pedantic(
+        lambda: loaded.applier.table_intact(ruleset), rounds=40, iterations=1, warmup_rounds=2
+    )
