@@ -22,12 +22,22 @@ import pytest
 
 from minikproxy.changes import ClusterTracker
 from minikproxy.compile.nftables import NftablesRuleset, compile_nftables
+from minikproxy.compile.nftables_options import LocalMatch, NftablesOptions
 from minikproxy.dataplane.nftables import NftablesApplier
 from minikproxy.model.names import IPV4, ServicePortName
 from minikproxy.testing.synthetic import synthetic_cluster, synthetic_slice
 
-from .bench_nftables import nft_options
 from .conftest import ENDPOINTS_PER_SERVICE
+
+
+def nft_options() -> NftablesOptions:
+    """Options like a real node's (the same as bench_nftables')."""
+    return NftablesOptions(
+        local=LocalMatch("saddr", "10.128.0.0/9"),
+        node_ip="192.168.0.10",
+        nodeport_addresses=("192.168.0.10",),
+        service_cidrs=("172.16.0.0/12",),
+    )
 
 
 @dataclass
