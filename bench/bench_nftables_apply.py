@@ -10,8 +10,8 @@ rulesets that differ in one endpoint of one Service, so every round is a real ch
 One run on the shared 2-core box (medians of 40): flat layout, one endpoint change 0.50-0.56 ms
 at 1k and 10k (the transaction alone 0.50 ms), canary 10 us at both; kube-proxy's layout 39 ms
 at 1k, and at 10k (run once by adding ``("kube-proxy", 10000)`` to the params) 1.2 s per
-change after a 178 s full load: its update re-creates chains, which makes libnftables fill its
-cache with the whole table first.
+change after a 178 s full load (its update re-creates the Service's chains; presumably
+libnftables first reads the table's 110k chains into its cache, not profiled).
 
 Run: .venv/bin/python -m pytest bench/bench_nftables_apply.py --benchmark-only
 """
