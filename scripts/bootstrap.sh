@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what minikproxy needs on a Debian 12 machine: the kernel userland (iptables with
-# both backends, nftables, ipset, conntrack, ipvsadm, iproute2) and a virtualenv in .venv with
-# the project and its development tools. Safe to run again; it only does what is missing.
+# both backends, nftables and libnftables1, ipset, conntrack, ipvsadm, iproute2) and a
+# virtualenv in .venv with the project and its development tools. Safe to run again; it only
+# does what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,10 @@ for spec in iptables:iptables-restore nftables:nft ipset:ipset conntrack:conntra
     pkg=${spec%%:*} bin=${spec##*:}
     command -v "$bin" >/dev/null 2>&1 || [ -x "/usr/sbin/$bin" ] || [ -x "/sbin/$bin" ] || need_pkgs+=("$pkg")
 done
+# The nftables applier loads the library nft is built on, through ctypes.
+if ! python3 -c 'import ctypes; ctypes.CDLL("libnftables.so.1")' >/dev/null 2>&1; then
+    need_pkgs+=(libnftables1)
+fi
 if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
     need_pkgs+=(python3-venv)
 fi

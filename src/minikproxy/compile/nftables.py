@@ -242,6 +242,17 @@ class NftablesRuleset:
         """``ip minikproxy`` or ``ip6 minikproxy``: what every command names."""
         return f"{self.options.nft_family} {TABLE}"
 
+    @property
+    def nft_table(self) -> tuple[str, str]:
+        """``(family, table)`` of the table this ruleset owns: ``("ip", "minikproxy")``."""
+        return self.options.nft_family, TABLE
+
+    def incremental_script(
+        self, previous: NftablesRuleset, changed: Iterable[ServicePortName]
+    ) -> str | None:
+        """The dataplane's name for :meth:`update_script` (shared with the kube-proxy layout)."""
+        return self.update_script(previous, changed)
+
     def elements_by_set(
         self, names: Iterable[ServicePortName] | None = None
     ) -> dict[str, list[str]]:

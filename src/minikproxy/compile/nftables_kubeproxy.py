@@ -157,6 +157,22 @@ class KubeProxyNftRuleset:
         """The nftables family, ``ip`` or ``ip6``."""
         return self.options.nft_family
 
+    @property
+    def nft_table(self) -> tuple[str, str]:
+        """``(family, table)`` of the table this ruleset owns: ``("ip", "kube-proxy")``."""
+        return self.family, TABLE
+
+    def incremental_script(
+        self, previous: KubeProxyNftRuleset, changed: Iterable[ServicePortName]
+    ) -> str | None:
+        """:meth:`render_update` from ``previous`` (which finds the changed ports itself, so
+        ``changed`` is ignored); None when the node options differ and the table must be
+        replaced whole."""
+        del changed
+        if previous.options != self.options:
+            return None
+        return self.render_update(previous)
+
     def _prefix(self, kind: str) -> str:
         return f"add {kind} {self.family} {TABLE} "
 

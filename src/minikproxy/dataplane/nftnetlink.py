@@ -1,0 +1,118 @@
+"""Counting the rules of one nftables chain over nfnetlink, without libnftables' cache.
+
+Any ``nft list`` command that touches rules (``list chain``, even ``list chains``) first fills
+libnftables' cache with the table's sets *and their elements*: 0.3-1.7 s at 10k Services. The
+canary check only needs to know whether one small chain still has its rules, so
+:class:`RuleCounter` asks the kernel directly: one ``NFT_MSG_GETRULE`` dump filtered by the
+kernel to that table and chain, whose cost does not depend on the table's size.
+
+How to use::
+
+    with RuleCounter(netns="test-ns") as counter:      # netns None: the caller's namespace
+        n = counter.count("ip", "minikproxy", "nat-prerouting")  # 0 if missing or flushed
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+from types import TracebackType
+
+from minikproxy.dataplane.nsenter import run_in_netns
+
+NETLINK_NETFILTER = 12
+NLM_F_REQUEST = 0x1
+NLM_F_DUMP = 0x300
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+NFNL_SUBSYS_NFTABLES = 10
+NFT_MSG_NEWRULE = 6
+NFT_MSG_GETRULE = 7
+NFTA_RULE_TABLE = 1
+NFTA_RULE_CHAIN = 2
+
+#: nftables family names -> ``NFPROTO_*``.
+FAMILIES = {"inet": 1, "ip": 2, "arp": 3, "netdev": 5, "bridge": 7, "ip6": 10}
+
+_HEADER = struct.Struct("=IHHII")
+
+
+def _attr(kind: int, payload: bytes) -> bytes:
+    size = 4 + len(payload)
+    return struct.pack("=HH", size, kind) + payload + b"\0" * (-size % 4)
+
+
+def rule_dump_request(family: str, table: str, chain: str, seq: int) -> bytes:
+    """The ``NFT_MSG_GETRULE`` dump request for ``family table chain``."""
+    body = struct.pack("=BBH", FAMILIES[family], 0, 0)
+    body += _attr(NFTA_RULE_TABLE, table.encode() + b"\0")
+    body += _attr(NFTA_RULE_CHAIN, chain.encode() + b"\0")
+    kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETRULE
+    return _HEADER.pack(_HEADER.size + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
+
+
+class RuleCounter:
+    """A netfilter netlink socket of one network namespace that counts a chain's rules."""
+
+    def __init__(self, netns: str | None = None) -> None:
+        if netns is None:
+            self._sock = self._open()
+        else:
+            self._sock = run_in_netns(netns, self._open)
+        self._seq = 0
+
+    @staticmethod
+    def _open() -> socket.socket:
+        sock = socket.socket(
+            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER
+        )
+        sock.bind((0, 0))
+        return sock
+
+    def count(self, family: str, table: str, chain: str) -> int:
+        """The number of rules in ``family table chain``: 0 when the table or chain is missing
+        (or the chain flushed)."""
+        self._seq += 1
+        seq = self._seq
+        self._sock.send(rule_dump_request(family, table, chain, seq))
+        rules = 0
+        while True:
+            data = self._sock.recv(65536)
+            offset = 0
+            while offset + _HEADER.size <= len(data):
+                length, kind, _flags, msg_seq, _pid = _HEADER.unpack_from(data, offset)
+                if length < _HEADER.size:
+                    raise OSError(errno.EPROTO, "malformed netlink message")
+                if msg_seq == seq:
+                    if kind == NLMSG_DONE:
+                        return rules
+                    if kind == NLMSG_ERROR:
+                        (code,) = struct.unpack_from("=i", data, offset + _HEADER.size)
+                        if code == 0:
+                            return rules
+                        if -code == errno.ENOENT:
+                            return 0
+                        raise OSError(-code, f"nft rule dump: {os.strerror(-code)}")
+                    if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE:
+                        rules += 1
+                offset += (length + 3) & ~3
+
+    def close(self) -> None:
+        """Close the socket; idempotent."""
+        self._sock.close()
+
+    def __enter__(self) -> RuleCounter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+__all__ = ["RuleCounter", "rule_dump_request"]
