@@ -35,6 +35,7 @@ import struct
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
+from minikproxy.dataplane.closing import Closing
 from minikproxy.dataplane.netinfo import netlink_addresses
 from minikproxy.dataplane.nsenter import run_in_netns
 from minikproxy.model.names import IPFamily
@@ -406,7 +407,7 @@ def _errors(data: bytes) -> Iterator[tuple[int, int]]:
         pos = (pos + length + 3) & ~3
 
 
-class CtNetlink:
+class CtNetlink(Closing):
     """A ctnetlink socket of the network namespace it was created in.
 
     Not thread-safe: one request at a time. Close it (or use it as a context manager).
@@ -432,12 +433,6 @@ class CtNetlink:
         sock.settimeout(_TIMEOUT)
         self._seq = 0
         self.kernel_filter = True
-
-    def __enter__(self) -> CtNetlink:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def close(self) -> None:
         """Close the socket."""

@@ -33,9 +33,9 @@ import os
 import re
 import threading
 from collections.abc import Callable
-from types import TracebackType
 from typing import TypeVar
 
+from minikproxy.dataplane.closing import Closing
 from minikproxy.dataplane.nsenter import NetnsThread
 
 LIBRARY = "libnftables.so.1"
@@ -118,7 +118,7 @@ def _library() -> _Lib:
     return _Lib()
 
 
-class NftContext:
+class NftContext(Closing):
     """One long-lived libnftables context, optionally bound to network namespace ``netns``."""
 
     def __init__(self, netns: str | None = None) -> None:
@@ -189,17 +189,6 @@ class NftContext:
             self._call(lambda: self._lib.nft_ctx_free(ctx))
         if self._thread is not None:
             self._thread.close()
-
-    def __enter__(self) -> NftContext:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 __all__ = ["NftContext", "NftablesError", "parse_error"]

@@ -41,9 +41,9 @@ import json
 import logging
 import threading
 from collections.abc import Iterable
-from types import TracebackType
 from typing import Any, Protocol, Self, TypeVar
 
+from minikproxy.dataplane.closing import Closing
 from minikproxy.dataplane.libnftables import NftablesError, NftContext
 from minikproxy.dataplane.nftnetlink import RuleCounter
 from minikproxy.model.names import ServicePortName
@@ -83,7 +83,7 @@ class NftRuleset(Protocol):
 R = TypeVar("R", bound=NftRuleset)
 
 
-class NftablesApplier:
+class NftablesApplier(Closing):
     """Installs :class:`NftRuleset` s into one network namespace's kernel.
 
     Owns one :class:`~minikproxy.dataplane.libnftables.NftContext` (bound to ``netns`` if
@@ -164,17 +164,6 @@ class NftablesApplier:
         """Free the libnftables context and the netlink socket; idempotent."""
         self.context.close()
         self._counter.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 __all__ = ["CANARY_CHAIN", "OWNED_TABLES", "NftRuleset", "NftablesApplier", "NftablesError"]

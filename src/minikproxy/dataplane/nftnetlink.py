@@ -18,8 +18,8 @@ import errno
 import os
 import socket
 import struct
-from types import TracebackType
 
+from minikproxy.dataplane.closing import Closing
 from minikproxy.dataplane.nsenter import run_in_netns
 
 NETLINK_NETFILTER = 12
@@ -53,7 +53,7 @@ def rule_dump_request(family: str, table: str, chain: str, seq: int) -> bytes:
     return _HEADER.pack(_HEADER.size + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
 
 
-class RuleCounter:
+class RuleCounter(Closing):
     """A netfilter netlink socket of one network namespace that counts a chain's rules."""
 
     def __init__(self, netns: str | None = None) -> None:
@@ -102,17 +102,6 @@ class RuleCounter:
     def close(self) -> None:
         """Close the socket; idempotent."""
         self._sock.close()
-
-    def __enter__(self) -> RuleCounter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 __all__ = ["RuleCounter", "rule_dump_request"]
