@@ -32,23 +32,13 @@ import pytest
 from minikproxy.changes import ClusterTracker
 from minikproxy.compile.nftables import compile_nftables
 from minikproxy.compile.nftables_kubeproxy import compile_nftables_kubeproxy
-from minikproxy.compile.nftables_options import LocalMatch, NftablesOptions
+from minikproxy.compile.nftables_options import NftablesOptions
 from minikproxy.dataplane.nftables import NftablesApplier
 from minikproxy.model.names import IPV4, ServicePortName
 from minikproxy.model.state import ProxyState
 from minikproxy.testing.synthetic import synthetic_cluster, synthetic_slice
 
-from .conftest import ENDPOINTS_PER_SERVICE
-
-
-def nft_options() -> NftablesOptions:
-    """Options like a real node's (the same as bench_nftables')."""
-    return NftablesOptions(
-        local=LocalMatch("saddr", "10.128.0.0/9"),
-        node_ip="192.168.0.10",
-        nodeport_addresses=("192.168.0.10",),
-        service_cidrs=("172.16.0.0/12",),
-    )
+from .conftest import ENDPOINTS_PER_SERVICE, bench_nft_options
 
 
 @dataclass
@@ -91,7 +81,7 @@ def loaded(request: pytest.FixtureRequest) -> Iterator[Loaded]:
     compile_fn = COMPILERS[layout]
     tracker = ClusterTracker("node-0")
     tracker.add_objects(synthetic_cluster(services, ENDPOINTS_PER_SERVICE))
-    options = nft_options()
+    options = bench_nft_options()
     first = compile_fn(tracker.snapshot(IPV4).state, options)
     victim = services // 2
     obj = copy.deepcopy(synthetic_slice(victim, ENDPOINTS_PER_SERVICE))
