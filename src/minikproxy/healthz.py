@@ -413,6 +413,8 @@ class _AppServer:
         self._waiting: dict[socket.socket, _Request] = {}  # oldest first
         self._lock = threading.Lock()
         self._answering = 0
+        self._accept_backoff = 0.0  # seconds; > 0 while accept() keeps failing
+        self._accept_resume: float | None = None  # when to watch the listening socket again
         self._pool = ThreadPoolExecutor(
             max_workers=max(1, limits.workers), thread_name_prefix=label
         )
@@ -438,13 +440,17 @@ class _AppServer:
                         else:
                             self._read(selector, key.data)
                     self._expire(selector)
+                    self._resume_accepting(selector)
             finally:
                 for request in list(self._waiting.values()):
                     self._drop(selector, request)
 
     def _select_timeout(self) -> float | None:
         oldest = next(iter(self._waiting.values()), None)
-        return None if oldest is None else max(0.0, oldest.deadline - time.monotonic())
+        wake_at = [] if oldest is None else [oldest.deadline]
+        if self._accept_resume is not None:
+            wake_at.append(self._accept_resume)
+        return max(0.0, min(wake_at) - time.monotonic()) if wake_at else None
 
     def _accept(self, selector: selectors.BaseSelector) -> None:
         for _ in range(64):  # a burst, then give the waiting connections a turn
@@ -453,9 +459,10 @@ class _AppServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as err:  # e.g. out of file descriptors: make room
-                logger.warning("%s: cannot accept a connection: %s", self.label, err)
-                self._evict_oldest(selector)
+                if not self._evict_oldest(selector):
+                    self._pause_accepting(selector, err)
                 return
+            self._accept_backoff = 0.0
             sock.setblocking(False)
             if self.open_connections >= self.max_connections and not self._evict_oldest(selector):
                 sock.close()  # every slot is being answered
@@ -464,6 +471,26 @@ class _AppServer:
             with self._lock:
                 self._waiting[sock] = request
             selector.register(sock, selectors.EVENT_READ, request)
+
+    def _pause_accepting(self, selector: selectors.BaseSelector, err: OSError) -> None:
+        """Stop watching the listening socket for a while (5 ms, doubling to 1 s while accept
+        keeps failing, as Go's net/http does): it stays readable, so retrying at once would
+        spin a core and flood the log."""
+        self._accept_backoff = min(1.0, max(0.005, 2 * self._accept_backoff))
+        if self._accept_backoff >= 1.0 or self._accept_backoff == 0.005:
+            logger.warning(
+                "%s: cannot accept a connection (%s); retrying in %.3f s",
+                self.label,
+                err,
+                self._accept_backoff,
+            )
+        selector.unregister(self.socket)
+        self._accept_resume = time.monotonic() + self._accept_backoff
+
+    def _resume_accepting(self, selector: selectors.BaseSelector) -> None:
+        if self._accept_resume is not None and time.monotonic() >= self._accept_resume:
+            self._accept_resume = None
+            selector.register(self.socket, selectors.EVENT_READ)
 
     def _evict_oldest(self, selector: selectors.BaseSelector) -> bool:
         oldest = next(iter(self._waiting.values()), None)
@@ -789,9 +816,10 @@ class ServiceHealthServer:
                 ", ".join(a or "every address" for a in addresses) or "no address",
             )
             self.bind_addresses = list(addresses)
-            for check in self._services.values():
-                _stop_all(check.servers)
+            closing = [server for check in self._services.values() for server in check.servers]
             self._services.clear()
+        # Outside the lock: stopping waits for answers in flight, and answering takes it.
+        _stop_all(closing)
 
     def sync_services(self, services: Mapping[ServiceKey, int]) -> None:
         """Make exactly ``services`` (name -> health check node port) listened on.
@@ -800,12 +828,17 @@ class ServiceHealthServer:
         port that cannot be bound is logged and tried again on the next call.
         """
         wanted = {_service_name(key): port for key, port in services.items()}
+        closing: list[BackgroundHTTPServer] = []
         with self._lock:
             for name, check in list(self._services.items()):
                 if wanted.get(name) != check.port:
                     logger.info("closing healthcheck for %s on port %d", name, check.port)
-                    _stop_all(check.servers)
+                    closing += check.servers
                     del self._services[name]
+        # Outside the lock (stopping waits for answers in flight, and answering takes it), and
+        # before opening: a changed port may be taken by the new listener of another service.
+        _stop_all(closing)
+        with self._lock:
             for name, port in sorted(wanted.items()):
                 if name in self._services:
                     continue
@@ -868,9 +901,9 @@ class ServiceHealthServer:
     def stop(self) -> None:
         """Close every listener."""
         with self._lock:
-            for check in self._services.values():
-                _stop_all(check.servers)
+            closing = [server for check in self._services.values() for server in check.servers]
             self._services.clear()
+        _stop_all(closing)
 
 
 def _stop_all(servers: Iterable[BackgroundHTTPServer]) -> None:

@@ -8,6 +8,7 @@ import select
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -18,6 +19,7 @@ import pytest
 
 from minikproxy.healthz import (
     WORKERS,
+    BackgroundHTTPServer,
     HealthzServer,
     ProxierHealth,
     ServerLimits,
@@ -462,3 +464,70 @@ def test_changed_port_reopens_listener(services: ServiceHealthServer) -> None:
     services.sync_services({name: new})
     assert services.listening() == {name: [new]}
     assert refused(old)
+
+
+def test_health_check_listeners_are_stopped_outside_the_lock(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Stopping a listener waits for the answers in flight, and answering takes the server's
+    lock: stopping under it deadlocked the sync thread against a probe (found by review)."""
+    server = ServiceHealthServer(["127.0.0.1"])
+    held: list[bool] = []
+    real_stop = BackgroundHTTPServer.stop
+
+    def stop(self: BackgroundHTTPServer) -> None:
+        held.append(server._lock.locked())
+        real_stop(self)
+
+    monkeypatch.setattr(BackgroundHTTPServer, "stop", stop)
+    try:
+        server.sync_services({"ns/a": 0, "ns/b": 0})
+        server.sync_services({"ns/b": 0})  # a Service gone
+        server.set_bind_addresses(["127.0.0.2"])  # every listener moves
+        server.sync_services({"ns/b": 0})
+    finally:
+        server.stop()
+    assert held == [False, False, False]
+
+
+EMFILE_SCRIPT = """
+import logging, os, resource, socket, sys, time
+from minikproxy.healthz import HealthzServer, ProxierHealth
+warnings = []
+class Count(logging.Handler):
+    def emit(self, record):
+        if "cannot accept" in record.getMessage():
+            warnings.append(record)
+logging.getLogger("minikproxy.healthz").addHandler(Count())
+logging.getLogger("minikproxy.healthz").setLevel(logging.INFO)
+server = HealthzServer("127.0.0.1:0", ProxierHealth())
+server.start()
+client = socket.socket()
+client.setblocking(False)
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+fds = []
+try:
+    while True:
+        fds.append(os.open("/dev/null", os.O_RDONLY))
+except OSError:
+    pass
+client.connect_ex(("127.0.0.1", server.port))  # waits in the backlog: no descriptor to take it
+deadline = time.monotonic() + 1.5
+while time.monotonic() < deadline and len(warnings) < 1000:
+    time.sleep(0.05)
+for fd in fds:
+    os.close(fd)
+print(len(warnings))
+server.stop()
+"""
+
+
+def test_accept_failures_back_off_instead_of_spinning() -> None:
+    """Out of file descriptors with a connection waiting and none to evict: the listening
+    socket stays readable, so retrying at once spun a core and logged ~70k warnings a second
+    (found by review). Backing off (5 ms doubling to 1 s) logs a handful."""
+    result = subprocess.run(
+        [sys.executable, "-c", EMFILE_SCRIPT], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout.strip()) <= 5
