@@ -151,6 +151,10 @@ class Controller:
             self._threads.append(reflector.start(self.stop_event))
         if self.record_events:
             self._spawn("event-recorder", self._record_starting)
+        # As kube-proxy's SyncLoop: start the health clock now, so that a first sync that never
+        # succeeds makes /healthz and /livez fail instead of leaving them unjudged (healthy).
+        for family in self.families:
+            self.health.updated(family)
         self._spawn("sync-loop", lambda: self.runner.loop(self.stop_event))
         if self.proxier.node_dependency():
             self._spawn("node-wait", self._log_node_wait)

@@ -176,3 +176,27 @@ def test_a_missing_node_is_reported_even_when_nothing_depends_on_it(
         ),
         what="the deletion warning",
     )
+
+
+def test_health_is_judged_from_the_start(tmp_path: Path) -> None:
+    """kube-proxy marks every family updated when its sync loop starts: a first sync that
+    never comes (here the API server is down) turns /healthz unhealthy after the timeout
+    instead of leaving the families unjudged, which reads as healthy."""
+    with FakeApiServer() as server, server.outage():
+        config = ProxyConfig().with_overrides(hostname_override=NODE, sync_period=30.0)
+        ctl = Controller(
+            config,
+            NODE,
+            load_api_client(str(server.write_kubeconfig(tmp_path / "kubeconfig"))),
+            execer=None,
+            families=[IPV4],
+            out=io.StringIO(),
+            record_events=False,
+        )
+        ctl.start()
+        try:
+            _, body = ctl.health.health()
+            assert body["status"] == {IPV4: {"lastUpdated": body["lastUpdated"], "healthy": True}}
+            assert ctl.proxier.last_sync is None  # nothing synced: the clock started anyway
+        finally:
+            ctl.stop()
