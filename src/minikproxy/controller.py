@@ -338,7 +338,12 @@ def main_run(args: argparse.Namespace) -> int:
             return 0
         logger.error("%s", err)
         return 1
-    controller.start()
+    try:
+        controller.start()
+    except OSError as err:  # a server could not bind its address, say
+        logger.error("cannot start: %s", err)
+        controller.stop()
+        return 1
     stop.wait()
     controller.stop()
     return 0

@@ -15,6 +15,7 @@ import os
 import queue
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -324,6 +325,21 @@ def test_without_dry_run_a_non_root_user_is_refused(
     )
     assert proxy.stdout.empty()
     assert not api[0].request_log, "refused before contacting the API server"
+
+
+def test_a_port_already_taken_is_one_line_not_a_traceback(
+    api: tuple[FakeApiServer, Path], start_proxy: Callable[[Sequence[str]], Proxy]
+) -> None:
+    _, kubeconfig = api
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proxy = start_proxy(dry_run_args(kubeconfig, "--healthz-bind-address", f"127.0.0.1:{port}"))
+        assert proxy.wait(30) == 1
+    errors = [line for line in proxy.stderr if " ERROR " in line]
+    assert len(errors) == 1 and "cannot start: " in errors[0], proxy.stderr
+    assert not any("Traceback" in line for line in proxy.stderr), proxy.stderr
 
 
 # --- bad flags and configuration --------------------------------------------------------------
