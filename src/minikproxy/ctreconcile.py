@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from minikproxy.compile.iptables import IptablesOptions
 from minikproxy.dataplane.ctnetlink import DeleteResult, FlowRow, pack_port
+from minikproxy.dataplane.netinfo import NetInfoError
 from minikproxy.model.endpoint import Endpoint
 from minikproxy.model.names import IPFamily, ServicePortName
 from minikproxy.model.serviceport import ServicePort
@@ -269,7 +270,7 @@ class ConntrackReconciler:
                 if needs_node_ips
                 else []
             )
-        except OSError as err:
+        except (OSError, NetInfoError) as err:
             raise ReconcileError(f"cannot list the node's {family} addresses: {err}") from err
         current = wanted_flows(state, node_ips, cache=memory.serving)
         now_frontends = frozenset(current)

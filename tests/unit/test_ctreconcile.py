@@ -20,8 +20,9 @@ from minikproxy.ctreconcile import (
     wanted_flows,
 )
 from minikproxy.dataplane.ctnetlink import DeleteResult
+from minikproxy.dataplane.netinfo import NetInfoError
 from minikproxy.model.endpoint import Endpoint, make_endpoint
-from minikproxy.model.names import IPV4, IPV6, ServicePortName
+from minikproxy.model.names import IPV4, IPV6, IPFamily, ServicePortName
 from minikproxy.model.parse import NodeInfo
 from minikproxy.model.serviceport import ServicePort
 from minikproxy.model.state import ProxyState
@@ -162,6 +163,18 @@ def test_failed_deletions_raise_and_are_retried() -> None:
     table.add(udp_flow("10.0.0.1", 1000, "10.96.0.10", 53, reply_src="10.244.1.9"))
     with pytest.raises(ReconcileError, match="1 of 1 deletions failed: Operation not permitted"):
         ConntrackReconciler(table).reconcile(state((DNS, ())), IptablesOptions())
+
+
+def test_node_address_failures_are_reconcile_errors() -> None:
+    """rtnetlink failing (NetInfoError) is a logged ReconcileError like any other, not an
+    unexpected exception with a traceback on every sync (found by review)."""
+
+    class NoAddresses(FakeFlowTable):
+        def local_addresses(self, family: IPFamily) -> set[bytes]:
+            raise NetInfoError("rtnetlink dump failed")
+
+    with pytest.raises(ReconcileError, match="cannot list the node's IPv4 addresses"):
+        ConntrackReconciler(NoAddresses()).reconcile(state((DNS, ())), IptablesOptions())
 
 
 def test_udp_frontends_are_read_from_saved_rules_in_either_spelling() -> None:
