@@ -318,9 +318,12 @@ class Proxier:
             # Cleared when the decision is taken, under the lock: a force_full_sync() that
             # comes while this sync runs (the canary monitor) is kept for the next one.
             self._needs_full = False
-            versions = dict(self._resource_versions)
+        versions: dict[str, str] = {}
         try:
             with self._lock:
+                # Under the snapshot's own lock: an event between the two would be in the
+                # rules but not in the versions this sync reports.
+                versions = dict(self._resource_versions)
                 snapshots = {f: self.tracker.snapshot(f) for f in self.families}
                 node = self.tracker.node
                 self.tracker.checkout_pending()
