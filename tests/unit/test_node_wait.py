@@ -5,7 +5,6 @@ API server, through the official client."""
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,13 +12,12 @@ from typing import Any
 
 import pytest
 
-from minikproxy.config import ProxyConfig
 from minikproxy.controller import Controller
 from minikproxy.model.names import IPV4
-from minikproxy.sources.kubeclient import load_api_client
 from minikproxy.testing.apiserver import FakeApiServer
 from tests.helpers import wait_for
 from tests.unit.api_objects import endpoint_slice
+from tests.unit.dry_run import dry_run_controller
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -64,20 +62,8 @@ def start(api: tuple[FakeApiServer, Path]) -> Iterator[Any]:
     controllers: list[Controller] = []
 
     def start(**settings: Any) -> Controller:
-        config = ProxyConfig().with_overrides(
-            hostname_override=NODE, min_sync_period=0.0, sync_period=30.0, **settings
-        )
-        controller = Controller(
-            config,
-            NODE,
-            load_api_client(str(api[1])),
-            execer=None,
-            families=[IPV4],
-            out=io.StringIO(),
-            record_events=False,
-            reflector_options={"backoff_initial": 0.05, "backoff_max": 0.2},
-            node_wait_log_interval=0.05,
-        )
+        controller = dry_run_controller(api[1], NODE, **settings)
+        controller.node_wait_log_interval = 0.05
         controller.start()
         controllers.append(controller)
         return controller
@@ -183,16 +169,7 @@ def test_health_is_judged_from_the_start(tmp_path: Path) -> None:
     never comes (here the API server is down) turns /healthz unhealthy after the timeout
     instead of leaving the families unjudged, which reads as healthy."""
     with FakeApiServer() as server, server.outage():
-        config = ProxyConfig().with_overrides(hostname_override=NODE, sync_period=30.0)
-        ctl = Controller(
-            config,
-            NODE,
-            load_api_client(str(server.write_kubeconfig(tmp_path / "kubeconfig"))),
-            execer=None,
-            families=[IPV4],
-            out=io.StringIO(),
-            record_events=False,
-        )
+        ctl = dry_run_controller(server.write_kubeconfig(tmp_path / "kubeconfig"), NODE)
         ctl.start()
         try:
             _, body = ctl.health.health()

@@ -5,19 +5,17 @@ disappears from the rules and a Service created afterwards appears."""
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from minikproxy.config import ProxyConfig
 from minikproxy.controller import Controller
 from minikproxy.model.names import IPV4
-from minikproxy.sources.kubeclient import load_api_client
 from minikproxy.testing.apiserver import FakeApiServer
 from tests.helpers import wait_for
 from tests.unit.api_objects import endpoint_slice, service
+from tests.unit.dry_run import dry_run_controller
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -33,19 +31,7 @@ def server() -> Iterator[FakeApiServer]:
 
 @pytest.fixture
 def controller(server: FakeApiServer, tmp_path: Path) -> Iterator[Controller]:
-    config = ProxyConfig().with_overrides(
-        hostname_override=NODE, min_sync_period=0.0, sync_period=30.0
-    )
-    ctl = Controller(
-        config,
-        NODE,
-        load_api_client(str(server.write_kubeconfig(tmp_path / "kubeconfig"))),
-        execer=None,
-        families=[IPV4],
-        out=io.StringIO(),
-        record_events=False,
-        reflector_options={"backoff_initial": 0.05, "backoff_max": 0.2},
-    )
+    ctl = dry_run_controller(server.write_kubeconfig(tmp_path / "kubeconfig"), NODE)
     ctl.start()
     yield ctl
     ctl.stop()
