@@ -16,6 +16,7 @@ from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
 from minikproxy.testing.apiserver import ApiError, FakeApiServer, parse_label_selector
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -639,66 +640,65 @@ def _incluster_client(server: FakeApiServer, tmp_path: Path, token: str, ca: Pat
     return client.CoreV1Api(client.ApiClient(cfg))
 
 
-def test_https_with_token_serves_the_incluster_client(pki: dict[str, Path], tmp_path: Path) -> None:
+@pytest.fixture
+def secure(pki: dict[str, Path]) -> Iterator[FakeApiServer]:
+    """The fake API server as the in-cluster path meets it: HTTPS and a bearer token."""
     with FakeApiServer(
         host="localhost", tls_cert=pki["cert"], tls_key=pki["key"], token="s3cret"
     ) as srv:
-        srv.create(service("web"))
-        assert srv.url.startswith("https://localhost:")
-        api = _incluster_client(srv, tmp_path, "s3cret", pki["ca"])
-        items = api.list_service_for_all_namespaces().items
-        assert [s.metadata.name for s in items] == ["web"]
-        assert srv.unauthorized_count == 0
+        yield srv
 
 
-def test_wrong_token_gets_401_with_a_status_body(pki: dict[str, Path], tmp_path: Path) -> None:
-    with FakeApiServer(
-        host="localhost", tls_cert=pki["cert"], tls_key=pki["key"], token="s3cret"
-    ) as srv:
-        api = _incluster_client(srv, tmp_path, "wrong", pki["ca"])
-        with pytest.raises(ApiException) as info:
-            api.list_service_for_all_namespaces()
-        assert info.value.status == 401
-        assert json.loads(info.value.body) == {
-            "kind": "Status",
-            "apiVersion": "v1",
-            "metadata": {},
-            "status": "Failure",
-            "message": "Unauthorized",
-            "reason": "Unauthorized",
-            "code": 401,
-        }
-        assert srv.unauthorized_count == 1
+def test_https_with_token_serves_the_incluster_client(
+    secure: FakeApiServer, pki: dict[str, Path], tmp_path: Path
+) -> None:
+    secure.create(service("web"))
+    assert secure.url.startswith("https://localhost:")
+    api = _incluster_client(secure, tmp_path, "s3cret", pki["ca"])
+    items = api.list_service_for_all_namespaces().items
+    assert [s.metadata.name for s in items] == ["web"]
+    assert secure.unauthorized_count == 0
 
 
-def test_a_certificate_from_another_ca_is_rejected(pki: dict[str, Path], tmp_path: Path) -> None:
-    with FakeApiServer(
-        host="localhost", tls_cert=pki["cert"], tls_key=pki["key"], token="s3cret"
-    ) as srv:
-        api = _incluster_client(srv, tmp_path, "s3cret", pki["other"])
-        # kubernetes >= 35 wraps the SSL error in an ApiException with status 0
-        with pytest.raises(
-            (urllib3.exceptions.MaxRetryError, ApiException), match="CERTIFICATE_VERIFY_FAILED"
-        ):
-            api.list_service_for_all_namespaces()
-        deadline = time.monotonic() + 10
-        while srv.tls_failure_count == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert srv.tls_failure_count >= 1
+def test_wrong_token_gets_401_with_a_status_body(
+    secure: FakeApiServer, pki: dict[str, Path], tmp_path: Path
+) -> None:
+    api = _incluster_client(secure, tmp_path, "wrong", pki["ca"])
+    with pytest.raises(ApiException) as info:
+        api.list_service_for_all_namespaces()
+    assert info.value.status == 401
+    assert json.loads(info.value.body) == {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": "Unauthorized",
+        "reason": "Unauthorized",
+        "code": 401,
+    }
+    assert secure.unauthorized_count == 1
 
 
-def test_https_watch_ends_when_the_client_goes(pki: dict[str, Path], tmp_path: Path) -> None:
-    with FakeApiServer(
-        host="localhost", tls_cert=pki["cert"], tls_key=pki["key"], token="s3cret"
-    ) as srv:
-        api = _incluster_client(srv, tmp_path, "s3cret", pki["ca"])
-        resp = api.list_service_for_all_namespaces(watch=True, _preload_content=False)
-        assert srv.wait_for_watches(1)
-        srv.create(service("web"))
-        line = resp.readline() if hasattr(resp, "readline") else next(resp.stream())
-        assert json.loads(line)["type"] == "ADDED"
-        resp.close()  # not released to the pool: the connection closes
-        deadline = time.monotonic() + 10
-        while srv.watch_count and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert srv.watch_count == 0
+def test_a_certificate_from_another_ca_is_rejected(
+    secure: FakeApiServer, pki: dict[str, Path], tmp_path: Path
+) -> None:
+    api = _incluster_client(secure, tmp_path, "s3cret", pki["other"])
+    # kubernetes >= 35 wraps the SSL error in an ApiException with status 0
+    with pytest.raises(
+        (urllib3.exceptions.MaxRetryError, ApiException), match="CERTIFICATE_VERIFY_FAILED"
+    ):
+        api.list_service_for_all_namespaces()
+    wait_for(lambda: secure.tls_failure_count >= 1, timeout=10, what="the TLS failure")
+
+
+def test_https_watch_ends_when_the_client_goes(
+    secure: FakeApiServer, pki: dict[str, Path], tmp_path: Path
+) -> None:
+    api = _incluster_client(secure, tmp_path, "s3cret", pki["ca"])
+    resp = api.list_service_for_all_namespaces(watch=True, _preload_content=False)
+    assert secure.wait_for_watches(1)
+    secure.create(service("web"))
+    line = resp.readline() if hasattr(resp, "readline") else next(resp.stream())
+    assert json.loads(line)["type"] == "ADDED"
+    resp.close()  # not released to the pool: the connection closes
+    wait_for(lambda: secure.watch_count == 0, timeout=10, what="the watch to end")
