@@ -24,9 +24,7 @@ def options(family: IPFamily) -> NftablesOptions:
 
 def element_table(ruleset: NftablesRuleset) -> set[tuple[str, str]]:
     """The elements a table holds after loading ``ruleset`` (keyed as nft keys them)."""
-    return {
-        (name, text) for name, texts in ruleset.elements_by_set().items() for text in texts
-    }
+    return {(name, text) for name, texts in ruleset.elements_by_set().items() for text in texts}
 
 
 def apply_update(table: set[tuple[str, str]], script: str) -> None:
