@@ -38,10 +38,12 @@ def apply_update(table: set[tuple[str, str]], script: str) -> None:
                 assert matches, f"deleting a missing element: {line}"
                 table -= matches
             else:
+                # nft accepts adding an identical element again, not a key with other data.
                 key = item.partition(" : ")[0]
                 assert not any(
-                    e[0] == setname and e[1].partition(" : ")[0] == key for e in table
-                ), f"adding an element that exists: {setname} {item}"
+                    e[0] == setname and e[1].partition(" : ")[0] == key and e[1] != item
+                    for e in table
+                ), f"adding a key that maps to something else: {setname} {item}"
                 table.add((setname, item))
 
 
