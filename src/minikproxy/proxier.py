@@ -31,7 +31,7 @@ from minikproxy.model.problems import ObjectProblem
 from minikproxy.model.state import ProxyState
 from minikproxy.modes.base import Plan, ProxyMode, no_local_endpoints
 from minikproxy.modes.iptables import NFT_FULL_SYNC_BATCH, IptablesMode
-from minikproxy.nodeopts import PRIMARY, primary_family
+from minikproxy.nodeopts import PRIMARY, nodeport_address_setting, primary_family
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ class Proxier:
         """What in the configuration needs this node's Node object ("" if nothing does)."""
         if self.config.detect_local_mode == "NodeCIDR":
             return "detectLocalMode NodeCIDR (the Node's spec.podCIDRs)"
-        if PRIMARY in self.config.nodeport_addresses and not self.config.node_ips:
+        if PRIMARY in nodeport_address_setting(self.config) and not self.config.node_ips:
             return "nodePortAddresses: [primary] (the Node's addresses)"
         return ""
 
