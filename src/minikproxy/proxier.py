@@ -29,7 +29,7 @@ from minikproxy.model.names import IPV6, IPFamily, NamespacedName
 from minikproxy.model.parse import NodeInfo
 from minikproxy.model.problems import ObjectProblem
 from minikproxy.model.state import ProxyState
-from minikproxy.modes.base import Plan, ProxyMode, no_local_endpoints
+from minikproxy.modes.base import NoLocalCounter, Plan, ProxyMode
 from minikproxy.modes.iptables import NFT_FULL_SYNC_BATCH, IptablesMode
 from minikproxy.nodeopts import PRIMARY, nodeport_address_setting, primary_family
 
@@ -82,6 +82,7 @@ class _FamilyState:
     applied: Any = None  # the mode's Plan the kernel holds
     applied_state: ProxyState | None = None
     compiled: Any = None  # the last Plan compiled (dry-run: the one printed)
+    changed: frozenset[NamespacedName] | None = None  # Services the last sync changed
 
 
 @dataclass
@@ -130,6 +131,7 @@ class Proxier:
         self._last_full = -float("inf")
         self._failures = 0
         self._families: dict[IPFamily, _FamilyState] = {f: _FamilyState() for f in self.families}
+        self._no_local = {f: NoLocalCounter() for f in self.families}
         self._logged_node_addresses: list[Any] | None = None
         self._node_exists = False
         self._started = False  # the first sync was queued
@@ -408,6 +410,7 @@ class Proxier:
         else:
             mode.apply(plan, state.applied, full)
         state.applied, state.applied_state, state.compiled = plan, snapshot.state, plan
+        state.changed = None if full else snapshot.changed
 
     # --- after a successful sync -----------------------------------------------------------
 
@@ -435,19 +438,20 @@ class Proxier:
         applied: dict[IPFamily, Plan] = {
             f: s.applied for f, s in self._families.items() if s.applied is not None
         }
-        # Recounted over every family when any changed: a partial sync of one family must
-        # not drop the other family's services from the sum.
-        if full or any(mode.changed_ports(plan) for plan in applied.values()):
-            no_local = {"internal": 0, "external": 0}
-            for family, plan in applied.items():
-                state = self._families[family].applied_state
-                assert state is not None
-                for policy, count in no_local_endpoints(state, mode.categorized(plan)).items():
-                    no_local[policy] += count
-            for policy, total in no_local.items():
-                metrics.sync_proxy_rules_no_local_endpoints_total.labels(traffic_policy=policy).set(
-                    total
-                )
+        no_local = {"internal": 0, "external": 0}
+        for family, plan in applied.items():
+            state = self._families[family].applied_state
+            assert state is not None
+            counter = self._no_local[family]
+            counter.recount(
+                state, mode.categorized(plan), None if full else mode.changed_ports(plan)
+            )
+            for policy, count in counter.counts.items():
+                no_local[policy] += count
+        for policy, total in no_local.items():
+            metrics.sync_proxy_rules_no_local_endpoints_total.labels(traffic_policy=policy).set(
+                total
+            )
         mode.record_metrics(metrics, applied)
         for family in self.families:
             self.health.updated(family)
@@ -493,7 +497,9 @@ class Proxier:
             if fam.applied is None or fam.applied_state is None:
                 continue
             try:
-                result = self.conntrack.reconcile(fam.applied_state, fam.applied.options)
+                result = self.conntrack.reconcile(
+                    fam.applied_state, fam.applied.options, fam.changed
+                )
             except Exception as err:
                 if isinstance(err, ReconcileError):
                     logger.warning("%s", err)
