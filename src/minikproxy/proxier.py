@@ -147,6 +147,8 @@ class Proxier:
         self._random_fully = {
             f: ipt.has_random_fully() for f, ipt in (self.dataplanes or {}).items()
         }
+        # --service-cidr, else the API's ServiceCIDR objects (set_service_cidrs).
+        self._service_cidrs: tuple[str, ...] = tuple(self.config.service_cidrs)
 
     # --- handlers --------------------------------------------------------------------------
 
@@ -284,6 +286,21 @@ class Proxier:
         with self._lock:
             self._needs_full = True
         self.sync()
+
+    @property
+    def service_cidrs(self) -> tuple[str, ...]:
+        """The cluster's service CIDRs, both families (nftables mode's service-CIDR checks)."""
+        return self._service_cidrs
+
+    def set_service_cidrs(self, cidrs: Sequence[str]) -> None:
+        """Replace the service CIDRs; a change forces a full sync (they are in the ruleset's
+        skeleton), once the first sync has been queued (that one is full anyway). Modes that
+        do not use them (iptables, as kube-proxy's) are not resynced."""
+        new = tuple(cidrs)
+        with self._lock:
+            changed, self._service_cidrs = new != self._service_cidrs, new
+        if changed and self._started and self.config.mode == "nftables":
+            self.force_full_sync(f"service CIDRs changed to {', '.join(new) or 'none'}")
 
     def check_canaries(self) -> bool:
         """Check the KUBE-PROXY-CANARY chains; if someone flushed them, force a full sync.
