@@ -108,7 +108,8 @@ def add_node_flags(parser: argparse.ArgumentParser) -> None:
         type=_cidr_list,
         default=None,
         metavar="CIDR[,CIDR]",
-        help="the cluster's service CIDR(s), for nftables mode's checks of unallocated IPs",
+        help="the cluster's service CIDR(s), for nftables mode's checks of unallocated IPs "
+        "(run: instead of the API's ServiceCIDR objects)",
     )
 
 
