@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from minikproxy.controller import Controller
+from minikproxy.model.names import IPV4
 from minikproxy.proxier import SyncResult
 from minikproxy.testing.apiserver import FakeApiServer
 from tests.helpers import wait_for
@@ -52,6 +53,13 @@ class Syncs:
 Start = Callable[..., tuple[Controller, Syncs]]
 
 
+def drop_rule(controller: Controller) -> list[str]:
+    """The IPv4 table's "drop traffic to unallocated ClusterIPs" rule, as last compiled."""
+    compiled = controller.proxier._families[IPV4].compiled
+    assert compiled is not None
+    return [line for line in compiled.render().splitlines() if line.endswith("} drop")]
+
+
 def serve(server: FakeApiServer, tmp_path: Path) -> Path:
     server.create(NODE_OBJECT)
     server.create(service("web", "10.96.0.10"))
@@ -87,6 +95,13 @@ def test_servicecidr_objects_reach_the_proxier_and_force_full_syncs(
         wait_for(lambda: proxier.service_cidrs == ("10.96.0.0/16",), what="the first list")
         assert server.wait_for_watches(4)
         wait_for(lambda: syncs.since(0)[-1].ok, what="the syncs settled")
+        wait_for(
+            lambda: (
+                drop_rule(controller)
+                == ["add rule ip minikproxy cluster-ips-check ip daddr { 10.96.0.0/16 } drop"]
+            ),
+            what="the drop rule compiled",
+        )
 
         def changed_to(cidrs: tuple[str, ...], act: Callable[[], Any]) -> None:
             """``act``, then wait for the CIDRs and for a full sync after them."""
@@ -104,6 +119,9 @@ def test_servicecidr_objects_reach_the_proxier_and_force_full_syncs(
             lambda: server.create(service_cidr("extra", "10.100.0.0/24")),
         )
         changed_to(("10.100.0.0/24",), lambda: server.delete("servicecidrs", "", "kubernetes"))
+        assert drop_rule(controller) == [
+            "add rule ip minikproxy cluster-ips-check ip daddr { 10.100.0.0/24 } drop"
+        ]
         # an endpoint change alone is a partial sync: the full ones above were the CIDRs'
         before = len(syncs)
         server.update(endpoint_slice("web", "10.244.1.6"))
@@ -148,6 +166,9 @@ def test_the_flag_overrides_and_servicecidrs_are_never_requested(
         wait_for(lambda: len(syncs) >= 2, what="the endpoint's sync")
         controller.stop()
         assert controller.proxier.service_cidrs == ("10.0.0.0/16", "fd00::/108")
+        assert drop_rule(controller) == [
+            "add rule ip minikproxy cluster-ips-check ip daddr { 10.0.0.0/16 } drop"
+        ]
         seen = {(r.path, r.resource) for r in server.request_log}
         assert not [p for p, resource in seen if "networking.k8s.io" in p], seen
         assert {resource for _, resource in seen} == {"services", "endpointslices", "nodes"}
