@@ -284,13 +284,15 @@ class Proxier:
 
     def set_service_cidrs(self, cidrs: Sequence[str]) -> None:
         """Take the cluster's service CIDRs (``--service-cidr`` or the ServiceCIDR objects);
-        a change makes the next sync full (the nftables mode's service-CIDR checks use them)."""
+        a change makes the next sync full in nftables mode (its service-CIDR checks are in the
+        table's skeleton) once the first sync has been queued (that one is full anyway). The
+        other modes do not use them (as kube-proxy's): no resync there."""
         new = tuple(cidrs)
         with self._lock:
             if new == self.service_cidrs:
                 return
             self.service_cidrs = new
-        if self._started:
+        if self._started and self._mode.name == "nftables":
             self.force_full_sync(f"service CIDRs now {', '.join(new) or 'none'}")
 
     def check_canaries(self) -> bool:
