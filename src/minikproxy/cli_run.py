@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from typing import Any
 
 from minikproxy.dataplane.execer import DEFAULT_TIMEOUT
+from minikproxy.flags import add_node_flags, duration
 
 
-def add_subcommands(
-    sub: Any,
-    add_node_flags: Callable[[argparse.ArgumentParser], None],
-    duration: Callable[[str], float],
-) -> None:
+def add_subcommands(sub: Any) -> None:
     """Register ``run`` and ``cleanup`` on the top-level subparsers."""
     run = sub.add_parser(
         "run",
         help="watch the API server and keep this node's rules in sync (kube-proxy's job)",
-        description="Watch Services, EndpointSlices and this Node and keep the node's "
-        "iptables rules in sync, with partial syncs, metrics and health endpoints.",
+        description="Watch Services, EndpointSlices, ServiceCIDRs and this Node and keep the "
+        "node's iptables rules in sync, with partial syncs, metrics and health endpoints.",
     )
     add_node_flags(run)
     run.add_argument("--kubeconfig", default=None, help="default: in-cluster, then $KUBECONFIG")
@@ -56,7 +52,7 @@ def add_subcommands(
 
 def dispatch(args: argparse.Namespace) -> int:
     """Run the ``run`` or ``cleanup`` subcommand."""
-    from minikproxy.controller import main_cleanup, main_run
+    from minikproxy.controller import main_cleanup, main_run  # heavy: only when running
 
     if args.command == "run":
         return main_run(args)

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import ipaddress
 from collections import Counter
-from collections.abc import Collection, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from minikproxy.compile.cidr import cidr_contains
 from minikproxy.compile.nftables_options import NftablesOptions
@@ -236,6 +236,12 @@ class NftablesRuleset:
     services: dict[ServicePortName, ServiceElements]
     order: tuple[ServicePortName, ...]
     notes: tuple[str, ...] = ()
+    #: Ports recompiled from the previous ruleset (None: compiled from scratch).
+    changed: frozenset[ServicePortName] | None = None
+    #: The port names of each Service (the compiled state's ``ports_by_service``).
+    port_index: Mapping[NamespacedName, tuple[ServicePortName, ...]] = field(
+        default_factory=dict, repr=False
+    )
 
     @property
     def family_prefix(self) -> str:
@@ -287,11 +293,19 @@ class NftablesRuleset:
         return "".join(self.render_parts())
 
     @cached_property
+    def skeleton_refs(self) -> Counter[tuple[str, int]]:
+        """How many ports use each count-class and affinity chain of the skeleton."""
+        refs: Counter[tuple[str, int]] = Counter()
+        for svc in self.services.values():
+            refs.update(_skeleton_refs(svc))
+        return refs
+
+    @cached_property
     def shared_refs(self) -> Counter[tuple[str, str]]:
         """How many ports hold each element of the :data:`SHARED_SETS`."""
         refs: Counter[tuple[str, str]] = Counter()
         for svc in self.services.values():
-            refs.update(item for item in svc.elements if item[0] in SHARED_SETS)
+            refs.update(_shared_items(svc))
         return refs
 
     def update_script(
@@ -333,6 +347,10 @@ class NftablesRuleset:
     def render_service(self, name: NamespacedName) -> str:
         """:meth:`render_services` for one Service."""
         return self.render_services({name})
+
+
+def _shared_items(svc: ServiceElements) -> Iterator[tuple[str, str]]:
+    return (item for item in svc.elements if item[0] in SHARED_SETS)
 
 
 def _in_set_order(elements: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -502,35 +520,125 @@ def _skeleton(
     return tuple(out)
 
 
-def compile_nftables(state: ProxyState, options: NftablesOptions) -> NftablesRuleset:
-    """Compile ``state`` into the flat-layout :class:`NftablesRuleset` for its family."""
+def compile_nftables(
+    state: ProxyState,
+    options: NftablesOptions,
+    previous: NftablesRuleset | None = None,
+    changed_services: Collection[NamespacedName] | None = None,
+) -> NftablesRuleset:
+    """Compile ``state`` into the flat-layout :class:`NftablesRuleset` for its family.
+
+    With ``previous`` (compiled with the same options) and ``changed_services``, only the
+    ports of those Services are recompiled and everything else is reused; the result's
+    ``changed`` names the ports recompiled. The output equals a from-scratch compile.
+    """
     if options.family != state.family:
         raise ValueError(f"options are for {options.family}, state is {state.family}")
+    if previous is None or changed_services is None or previous.options != options:
+        return _compile_all(state, options)
+    changed = frozenset(changed_services)
+    services = dict(previous.services)
+    old_index, new_index = previous.port_index, state.ports_by_service
+    dropped = [services.pop(name) for key in changed for name in old_index.get(key, ())]
+    recompiled = [name for key in changed for name in new_index.get(key, ())]
+    for name in recompiled:
+        port = state.services[name]
+        services[name] = compile_service_port(port, state.categorize(port), options)
+    ports = frozenset(recompiled).union(svc.name for svc in dropped)
+    if not ports:
+        return NftablesRuleset(
+            options, previous.skeleton, services, previous.order, previous.notes, frozenset(),
+            new_index,
+        )  # fmt: skip
+    added = [services[name] for name in recompiled]
+    same_ports = len(services) == len(previous.services) and all(
+        name in previous.services for name in recompiled
+    )
+    order = previous.order if same_ports else tuple(sorted(services))
+    # The reference counts move from the previous ruleset to this one (updated for the ports
+    # recompiled: a copy would cost a pass over every port); the previous one recounts its
+    # own if it is ever asked again.
+    had_skeleton_refs = set(previous.skeleton_refs)
+    refs = previous.__dict__.pop("skeleton_refs")
+    _move_refs(refs, map(_skeleton_refs, dropped), map(_skeleton_refs, added))
+    skeleton = previous.skeleton
+    if refs.keys() != had_skeleton_refs:
+        skeleton = _skeleton_of(options, services.values())
+    notes = _notes(state, options, order) if previous.notes or options.family != IPV4 else ()
+    ruleset = NftablesRuleset(options, skeleton, services, order, notes, ports, new_index)
+    ruleset.__dict__["skeleton_refs"] = refs
+    if "shared_refs" in previous.__dict__:
+        shared = previous.__dict__.pop("shared_refs")
+        _move_refs(shared, map(_shared_items, dropped), map(_shared_items, added))
+        ruleset.__dict__["shared_refs"] = shared
+    return ruleset
+
+
+def _move_refs(
+    refs: Counter[Any], removed: Iterable[Iterable[Any]], added: Iterable[Iterable[Any]]
+) -> None:
+    """Update reference counts in place: drop ``removed``'s references, take ``added``'s, and
+    forget what nothing refers to any more."""
+    touched: list[Any] = []
+    for items in removed:
+        for item in items:
+            refs[item] -= 1
+            touched.append(item)
+    for items in added:
+        refs.update(items)
+    for item in touched:
+        if refs.get(item, 0) <= 0:
+            refs.pop(item, None)
+
+
+def _skeleton_refs(svc: ServiceElements) -> Iterator[tuple[str, int]]:
+    """The skeleton parts (count-class and affinity chains) ``svc``'s elements refer to."""
+    yield from (("pick", n) for n in svc.pick_counts)
+    yield from (("local-pick", n) for n in svc.local_pick_counts)
+    yield from (("affinity", t) for t in svc.affinity_timeouts)
+
+
+def _skeleton_of(options: NftablesOptions, services: Iterable[ServiceElements]) -> tuple[str, ...]:
+    picks: set[int] = set()
+    local_picks: set[int] = set()
+    timeouts: set[int] = set()
+    for svc in services:
+        picks |= svc.pick_counts
+        local_picks |= svc.local_pick_counts
+        timeouts |= svc.affinity_timeouts
+    return _skeleton(options, picks, local_picks, timeouts)
+
+
+def _notes(
+    state: ProxyState, options: NftablesOptions, order: Sequence[ServicePortName]
+) -> tuple[str, ...]:
+    if options.family == IPV4:
+        return ()
+    return tuple(
+        f"{name} ({name.protocol}): ClientIP session affinity is not supported for IPv6 "
+        "in the flat nftables layout (nft 1.0.6); connections are balanced without it"
+        for name in order
+        if state.services[name].session_affinity_client_ip
+    )
+
+
+def _compile_all(state: ProxyState, options: NftablesOptions) -> NftablesRuleset:
     with gc_paused():
         services = {
             name: compile_service_port(port, state.categorize(port), options)
             for name, port in state.services.items()
         }
-    picks: set[int] = set()
-    local_picks: set[int] = set()
-    timeouts: set[int] = set()
-    for svc in services.values():
-        picks |= svc.pick_counts
-        local_picks |= svc.local_pick_counts
-        timeouts |= svc.affinity_timeouts
     order = tuple(sorted(services))
-    notes: tuple[str, ...] = ()
-    if options.family != IPV4:
-        notes = tuple(
-            f"{name} ({name.protocol}): ClientIP session affinity is not supported for IPv6 "
-            "in the flat nftables layout (nft 1.0.6); connections are balanced without it"
-            for name in order
-            if state.services[name].session_affinity_client_ip
-        )
-    return NftablesRuleset(
+    ruleset = NftablesRuleset(
         options=options,
-        skeleton=_skeleton(options, picks, local_picks, timeouts),
+        skeleton=_skeleton_of(options, services.values()),
         services=services,
         order=order,
-        notes=notes,
+        notes=_notes(state, options, order),
+        port_index=state.ports_by_service,
     )
+    # Counted now, with the full compile, not by the first incremental one (which then
+    # carries them forward): an endpoint change must not pay a pass over every port.
+    ruleset.shared_refs  # noqa: B018
+    ruleset.skeleton_refs  # noqa: B018
+    return ruleset
