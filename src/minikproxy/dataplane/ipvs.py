@@ -36,7 +36,8 @@ from minikproxy.compile.ipvs import (
     VirtualServer,
     ipset_name,
 )
-from minikproxy.dataplane.iptables import IptablesRunner
+from minikproxy.dataplane.execer import Execer
+from minikproxy.dataplane.iptables import IptablesRunner, RealIptables
 from minikproxy.dataplane.nsenter import enter_netns
 from minikproxy.model.names import IPV4, IPV6, IPFamily
 
@@ -163,7 +164,11 @@ class NetlinkIpvsKernel:
     def __init__(self, netns: str | None = None) -> None:
         self._thread: threading.Thread | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ipvs-netlink")
-        self._pool.submit(self._start, netns).result()
+        try:
+            self._pool.submit(self._start, netns).result()
+        except BaseException:
+            self._pool.shutdown()
+            raise
         self.writes = 0
         self._dummy_index: int | None = None
 
@@ -723,3 +728,29 @@ class IpvsApplier:
 def delete_dummy(kernel: IpvsKernel) -> list[str]:
     """Delete ``kube-ipvs0`` if present (after every family's :meth:`IpvsApplier.cleanup`)."""
     return [f"link {DUMMY_DEVICE}"] if kernel.delete_dummy() else []
+
+
+def ipvs_unavailable(err: BaseException) -> bool:
+    """Whether ``err`` (from opening :class:`NetlinkIpvsKernel`) means this kernel has no
+    IPVS (the generic netlink family is unknown)."""
+    return getattr(err, "code", None) == 2
+
+
+def remove_ipvs_state(execer: Execer) -> list[str]:
+    """Remove every IPVS mode's state (ours and kube-proxy's) in the execer's namespace: all
+    virtual servers, ``kube-ipvs0``, the IPVS chains and jumps (nf_tables backend) and the
+    ipsets, both families. Nothing to do on a kernel without IPVS."""
+    try:
+        kernel = NetlinkIpvsKernel(getattr(execer, "netns", None))
+    except Exception as err:
+        if ipvs_unavailable(err):
+            return []
+        raise
+    try:
+        removed: list[str] = []
+        for family in (IPV4, IPV6):
+            ipt = RealIptables(execer, family, "nft")
+            removed += [f"{line} ({family})" for line in IpvsApplier(kernel, ipt, family).cleanup()]
+        return removed + delete_dummy(kernel)
+    finally:
+        kernel.close()

@@ -62,10 +62,23 @@ def remove_nftables_state(execer: Execer) -> list[str]:
         raise CleanupError(f"nftables: {err}") from err
 
 
+def remove_ipvs_leftovers(execer: Execer) -> list[str]:
+    """:func:`~minikproxy.dataplane.ipvs.remove_ipvs_state`, its failures as CleanupError."""
+    from minikproxy.dataplane.ipvs import remove_ipvs_state
+
+    try:
+        return remove_ipvs_state(execer)
+    except (OSError, IptablesError) as err:
+        raise CleanupError(f"ipvs: {err}") from err
+    except Exception as err:  # pyroute2's NetlinkError and friends
+        raise CleanupError(f"ipvs: {type(err).__name__}: {err}") from err
+
+
 #: Every mode's remover, by ``--proxy-mode``.
 REMOVERS: dict[str, Callable[[Execer], list[str]]] = {
     "iptables": remove_iptables_state,
     "nftables": remove_nftables_state,
+    "ipvs": remove_ipvs_leftovers,
 }
 
 
