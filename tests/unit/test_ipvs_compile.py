@@ -14,7 +14,6 @@ from minikproxy.compile.ipvs import (
     IPSETS,
     IpvsOptions,
     IpvsPlan,
-    RealServer,
     compile_ipvs,
     ipset_name,
 )
@@ -103,7 +102,7 @@ def test_load_balancer_source_ranges() -> None:
     plan = plan_of((port, (make_endpoint("10.180.0.1", 80),)))
     assert len(plan.virtual_servers) == 2
     lb = plan.virtual_servers[("TCP", "1.2.3.4", 80)]
-    assert lb.real_servers == (RealServer("10.180.0.1", 80),)
+    assert lb.real_servers == (("10.180.0.1", 80),)
     sets = plan.ipset_entries
     assert sets["KUBE-LOAD-BALANCER"] == {"1.2.3.4,tcp:80"}
     assert sets["KUBE-LOAD-BALANCER-FW"] == {"1.2.3.4,tcp:80"}
@@ -163,7 +162,7 @@ def test_only_local_nodeports() -> None:
     )
     plan = plan_of((port, endpoints), options=options)
     nodeport = plan.virtual_servers[("TCP", "100.101.102.103", 3001)]
-    assert nodeport.real_servers == (RealServer("10.180.2.1", 80),)
+    assert nodeport.real_servers == (("10.180.2.1", 80),)
     # ClusterIP traffic keeps the cluster-wide endpoints.
     assert len(plan.virtual_servers[("TCP", "10.20.30.41", 80)].real_servers) == 2
     assert plan.ipset_entries["KUBE-NODE-PORT-TCP"] == {"3001"}
@@ -190,9 +189,7 @@ def test_local_policy_without_local_endpoints_falls_back_to_cluster() -> None:
 def test_internal_policy_local() -> None:
     port = ServicePort(spn("web"), IPV4, "10.96.0.1", 80, internal_policy_local=True)
     plan = plan_of((port, eps(3, local=1)))
-    assert plan.virtual_servers[("TCP", "10.96.0.1", 80)].real_servers == (
-        RealServer("10.244.1.1", 8080),
-    )
+    assert plan.virtual_servers[("TCP", "10.96.0.1", 80)].real_servers == (("10.244.1.1", 8080),)
 
 
 def test_terminating_fallback() -> None:
@@ -202,9 +199,7 @@ def test_terminating_fallback() -> None:
         make_endpoint("10.244.1.2", 8080, ready=False, serving=False, terminating=True),
     )
     plan = plan_of((port, endpoints))
-    assert plan.virtual_servers[("TCP", "10.96.0.1", 80)].real_servers == (
-        RealServer("10.244.1.1", 8080),
-    )
+    assert plan.virtual_servers[("TCP", "10.96.0.1", 80)].real_servers == (("10.244.1.1", 8080),)
 
 
 def test_session_affinity_and_mh() -> None:

@@ -10,7 +10,9 @@ recompiles only those, and the result knows which service ports changed.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
+import operator
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -294,7 +296,7 @@ def _ip_key(ip: str) -> tuple[int, int]:
 
 
 class RealServer(NamedTuple):
-    """An IPVS destination (masquerading forward, as kube-proxy uses)."""
+    """An IPVS destination with its weight (masquerading forward, as kube-proxy uses)."""
 
     address: str
     port: int
@@ -306,8 +308,15 @@ class RealServer(NamedTuple):
         return join_host_port(self.address, self.port)
 
 
+WEIGHT = 1
+"""Every real server's weight, as kube-proxy sets it."""
+
+_ip_port = operator.attrgetter("ip", "port")
+
+
 class VirtualServer(NamedTuple):
-    """An IPVS virtual service with its destinations."""
+    """An IPVS virtual service with its destinations: (IP, port) pairs, each of weight
+    :data:`WEIGHT`, forwarded by masquerading."""
 
     protocol: str  # TCP, UDP, SCTP
     address: str
@@ -315,7 +324,7 @@ class VirtualServer(NamedTuple):
     scheduler: str
     flags: int
     timeout: int
-    real_servers: tuple[RealServer, ...]
+    real_servers: tuple[tuple[str, int], ...]
 
     @property
     def key(self) -> tuple[str, str, int]:
@@ -350,8 +359,8 @@ class ServiceIpvs(NamedTuple):
     no_local_external: bool
 
 
-def _real_servers(endpoints: Iterable[Endpoint]) -> tuple[RealServer, ...]:
-    return tuple(RealServer(ep.ip, ep.port) for ep in endpoints)
+def _real_servers(endpoints: Iterable[Endpoint]) -> tuple[tuple[str, int], ...]:
+    return tuple(map(_ip_port, endpoints))
 
 
 def compile_service_port(
@@ -643,8 +652,8 @@ def ipvsadm_lines(vs: VirtualServer) -> Iterator[str]:
     if vs.flags & FLAG_SOURCE_HASH:
         line += f" -b {vs.scheduler}-port"
     yield line + "\n"
-    for rs in vs.real_servers:
-        yield f"-a {service} -r {rs.hostport} -m -w {rs.weight}\n"
+    for address, port in vs.real_servers:
+        yield f"-a {service} -r {join_host_port(address, port)} -m -w {WEIGHT}\n"
 
 
 def _iptables_rules(plan: IpvsPlan) -> dict[str, list[str]]:
@@ -800,6 +809,7 @@ def compile_ipvs(
     port_index = dict(previous.port_index)
     changed: set[ServicePortName] = set()
     replaced: dict[ServicePortName, ServiceIpvs] = {}
+    order_list: list[ServicePortName] | None = None  # copied on the first add or removal
     for svc in changed_services:
         new_names = state.ports_by_service.get(svc, ())
         old_names = port_index.pop(svc, ())
@@ -809,6 +819,9 @@ def compile_ipvs(
             if name not in new_names:
                 replaced[name] = services.pop(name)
                 changed.add(name)
+                if order_list is None:
+                    order_list = list(previous.order)
+                del order_list[bisect.bisect_left(order_list, name)]
         for name in new_names:
             port = state.services[name]
             fresh = compile_service_port(
@@ -816,15 +829,18 @@ def compile_ipvs(
             )
             old = services.get(name)
             services[name] = fresh
-            if old is None or _rendered(old) != _rendered(fresh):
+            if old is None:
+                if order_list is None:
+                    order_list = list(previous.order)
+                bisect.insort(order_list, name)
                 changed.add(name)
-                if old is not None:
-                    replaced[name] = old
-    order = sorted(services) if changed else previous.order
+            elif _rendered(old) != _rendered(fresh):
+                changed.add(name)
+                replaced[name] = old
     return IpvsPlan(
         options=options,
         services=services,
-        order=order,
+        order=previous.order if order_list is None else order_list,
         port_index=port_index,
         changed=frozenset(changed),
         replaced=replaced,

@@ -30,6 +30,7 @@ from minikproxy.compile.ipvs import (
     IPSETS,
     JUMPS,
     NAT_CHAINS,
+    WEIGHT,
     IpsetInfo,
     IpvsPlan,
     RealServer,
@@ -634,7 +635,7 @@ class IpvsApplier:
             if current != ServiceState(*vs.settings()):
                 kernel.update_service(vs)
             have = kernel.dests(key)
-        wanted = {(rs.address, rs.port): rs for rs in vs.real_servers}
+        wanted = {dest: RealServer(dest[0], dest[1], WEIGHT) for dest in vs.real_servers}
         for dest, rs in wanted.items():
             state = have.get(dest)
             if state is None:
