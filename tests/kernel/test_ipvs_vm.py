@@ -49,6 +49,7 @@ def test_ipvs_marked_tests_pass_in_an_ipvs_kernel() -> None:
     )
     argv = [
         "bash", str(SCRIPT), "run", str(VM_DIR), "--",
+        "env", "MINIKPROXY_TIME_SCALE=10",
         sys.executable, "-m", "pytest", "-q", "-m", "ipvs", "-p", "no:cacheprovider",
         "-o", "addopts=-ra --strict-markers", *files,
     ]  # fmt: skip
