@@ -7,7 +7,8 @@ times meaningless but the ratio holds::
     scripts/ipvs-vm.sh run /var/cache/minikproxy/ipvs-vm -- \\
         .venv/bin/python -m pytest bench/bench_ipvs_kernel.py --benchmark-only -p no:cacheprovider
 
-``MINIKPROXY_IPVS_BENCH_SERVICES`` sets the size (default 1000 Services x 10 endpoints).
+``MINIKPROXY_IPVS_BENCH_SERVICES`` sets the size (default 1000 Services x 10 endpoints);
+``MINIKPROXY_IPVS_BULK=0`` makes the applier add everything over netlink, one operation each.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import pytest
 from minikproxy.compile.ipvs import compile_ipvs
 from minikproxy.dataplane.execer import RealExecer
 from minikproxy.dataplane.iptables import RealIptables
-from minikproxy.dataplane.ipvs import IpvsApplier, NetlinkIpvsKernel
+from minikproxy.dataplane.ipvs import ExecBulkLoader, IpvsApplier, NetlinkIpvsKernel
 from minikproxy.model.names import IPV4
 from minikproxy.testing.ipvsload import kernel_has_ipvs, split_sections
 
@@ -61,7 +62,11 @@ def test_initial_load_applier(benchmark, sections) -> None:  # type: ignore[no-u
         netns = _fresh()
         created.append(netns)
         kernel = NetlinkIpvsKernel(netns)
-        applier = IpvsApplier(kernel, RealIptables(RealExecer(netns), IPV4, "nft"), IPV4)
+        execer = RealExecer(netns)
+        bulk = (
+            ExecBulkLoader(execer) if os.environ.get("MINIKPROXY_IPVS_BULK", "1") == "1" else None
+        )
+        applier = IpvsApplier(kernel, RealIptables(execer, IPV4, "nft"), IPV4, bulk)
         return (applier,), {}
 
     try:

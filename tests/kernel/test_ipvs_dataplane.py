@@ -14,7 +14,12 @@ from minikproxy.compile.ipvs import IpvsPlan, compile_ipvs
 from minikproxy.config import ProxyConfig
 from minikproxy.dataplane.execer import RealExecer
 from minikproxy.dataplane.iptables import RealIptables
-from minikproxy.dataplane.ipvs import IpvsApplier, NetlinkIpvsKernel, delete_dummy
+from minikproxy.dataplane.ipvs import (
+    ExecBulkLoader,
+    IpvsApplier,
+    NetlinkIpvsKernel,
+    delete_dummy,
+)
 from minikproxy.dataplane.nsenter import run_in_netns
 from minikproxy.model.names import IPV4, NamespacedName
 from minikproxy.render import render_objects
@@ -84,6 +89,31 @@ def test_apply_programs_what_render_prints(node: Any) -> None:
         assert topo.connect(dst, port).ok, dst
     assert set(landings(topo, "10.96.0.53", 53, 10, "udp")) <= set(BACKENDS)
     # nothing to do the second time, even for a full apply
+    kernel.writes = 0
+    applier.apply(plan, full=True)
+    assert kernel.writes == 0
+
+
+def test_initial_load_in_bulk_gives_the_same_state(node: Any) -> None:
+    topo, _, kernel = node
+    netns = topo.namespaces["node"]
+    bulk = ExecBulkLoader(RealExecer(netns))
+    applier = IpvsApplier(kernel, RealIptables(RealExecer(netns), IPV4, "nft"), IPV4, bulk)
+    objs: list[Any] = []
+    for k in range(1, 40):
+        objs.append(
+            service(f"s{k}", f"10.96.1.{k}", type="NodePort", port_extra={"nodePort": 30000 + k})
+        )
+        objs.append(slice_(f"s{k}", BACKENDS))
+    plan = plan_for(objs)
+    kernel.writes = 0
+    applier.apply(plan)
+    assert kernel.writes < 20  # the sets; everything else in bulk
+    sections = split_sections(plan.render())
+    assert sorted(ipvsadm_save(netns).splitlines()) == sorted(sections["ipvs"].splitlines())
+    saved = topo.node_exec(["ipset", "save"]).stdout
+    assert all(line in saved for line in sections["ipset"].splitlines() if line.startswith("add"))
+    assert topo.connect("10.96.1.7", 80).ok
     kernel.writes = 0
     applier.apply(plan, full=True)
     assert kernel.writes == 0

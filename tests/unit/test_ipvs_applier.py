@@ -207,3 +207,34 @@ def test_entry_netlink_round_trip() -> None:
                 attrs["IPSET_ATTR_IP2"], attrs["IPSET_ATTR_CIDR2"] = net, int(cidr)
         assert entry_from_netlink(info, attrs) == entry
     assert ipset_name("KUBE-CLUSTER-IP", "IPv6") == "KUBE-6-CLUSTER-IP"
+
+
+class RecordingBulk:
+    def __init__(self) -> None:
+        self.texts: dict[str, str] = {}
+
+    def ipvsadm_restore(self, text: str) -> None:
+        self.texts["ipvsadm"] = text
+
+    def ipset_restore(self, text: str) -> None:
+        self.texts["ipset"] = text
+
+    def ip_batch(self, text: str) -> None:
+        self.texts["ip"] = text
+
+
+def test_initial_load_goes_in_bulk_and_small_changes_do_not() -> None:
+    services = [(port(f"s{k}", f"10.96.{k // 200}.{k % 200 + 1}"), eps(1, 2)) for k in range(300)]
+    kernel, bulk = FakeIpvsKernel(), RecordingBulk()
+    applier = IpvsApplier(kernel, FakeIptables(), IPV4, bulk)
+    plan = compile_ipvs(state(*services), OPTIONS)
+    applier.apply(plan)
+    assert bulk.texts["ipvsadm"].count("\n-A ") + 1 == 300  # every service, none by netlink
+    assert bulk.texts["ipvsadm"].count("-m -w 1\n") == 600
+    assert bulk.texts["ip"].count("address add ") == 300
+    assert bulk.texts["ipset"].count("add KUBE-CLUSTER-IP ") == 300
+    assert not any(line.startswith(("add-service", "add-dest", "add-entry")) for line in kernel.log)
+    small = RecordingBulk()
+    other = IpvsApplier(FakeIpvsKernel(), FakeIptables(), IPV4, small)
+    other.apply(compile_ipvs(state(*services[:3]), OPTIONS))
+    assert small.texts == {}

@@ -36,6 +36,7 @@ from minikproxy.compile.ipvs import (
     RealServer,
     VirtualServer,
     ipset_name,
+    ipvsadm_lines,
 )
 from minikproxy.dataplane.execer import Execer
 from minikproxy.dataplane.iptables import IptablesRunner, RealIptables
@@ -448,12 +449,60 @@ class GracefulTermination:
         return len(self.pending)
 
 
-class IpvsApplier:
-    """Applies one family's :class:`IpvsPlan`: IPVS, ipsets and addresses through ``kernel``,
-    the iptables rules through ``iptables``. Raises on failure (the next apply should be full)."""
+BULK_THRESHOLD = 256
+"""A full apply adding at least this many virtual servers, addresses and set entries (an
+initial load) hands the additions to :class:`BulkLoader` (one process per tool instead of
+one netlink round trip each: ~15x faster through pyroute2, measured in the IPVS VM)."""
 
-    def __init__(self, kernel: IpvsKernel, iptables: IptablesRunner, family: IPFamily) -> None:
+
+class BulkLoader(Protocol):
+    """Loads many additions at once with the stock tools (each raises on failure)."""
+
+    def ipvsadm_restore(self, text: str) -> None: ...
+    def ipset_restore(self, text: str) -> None: ...
+    def ip_batch(self, text: str) -> None: ...
+
+
+class ExecBulkLoader:
+    """:class:`BulkLoader` running ``ipvsadm -R``, ``ipset restore -exist`` and ``ip -batch``
+    through an execer (in its network namespace)."""
+
+    def __init__(self, execer: Execer, timeout: float | None = 300.0) -> None:
+        self.execer = execer
+        self.timeout = timeout
+
+    def _run(self, argv: list[str], text: str) -> None:
+        if not text:
+            return
+        result = self.execer.run(argv, stdin=text.encode(), timeout=self.timeout)
+        if result.returncode != 0:
+            stderr = result.stderr.decode(errors="replace").strip()
+            raise OSError(f"{' '.join(argv)} exited {result.returncode}: {stderr}")
+
+    def ipvsadm_restore(self, text: str) -> None:
+        self._run(["ipvsadm", "-R"], text)
+
+    def ipset_restore(self, text: str) -> None:
+        self._run(["ipset", "restore", "-exist"], text)
+
+    def ip_batch(self, text: str) -> None:
+        self._run(["ip", "-batch", "-"], text)
+
+
+class IpvsApplier:
+    """Applies one family's :class:`IpvsPlan`: IPVS, ipsets and addresses through ``kernel``
+    (large initial additions through ``bulk`` when given), the iptables rules through
+    ``iptables``. Raises on failure (the next apply should be full)."""
+
+    def __init__(
+        self,
+        kernel: IpvsKernel,
+        iptables: IptablesRunner,
+        family: IPFamily,
+        bulk: BulkLoader | None = None,
+    ) -> None:
         self.kernel = kernel
+        self.bulk = bulk
         self.iptables = iptables
         self.family = family
         self.terminating = GracefulTermination()
@@ -498,20 +547,45 @@ class IpvsApplier:
                 kernel.create_set(name, info, self.family)
         current = {k: s for k, s in kernel.services().items() if _family_of(k[1]) == self.family}
         wanted = plan.virtual_servers
-        for key, vs in wanted.items():
-            self._sync_service(vs, current.get(key))
         bound = kernel.addresses(self.family)
-        for address in plan.bind_addresses:
-            if address not in bound:
-                kernel.add_address(address)
+        entries: list[tuple[IpsetInfo, str, set[str], frozenset[str]]] = []
         for info in IPSETS:
             name = ipset_name(info.name, self.family)
-            have = kernel.set_entries(name, info)
-            want = plan.ipset_entries[info.name]
+            entries.append(
+                (info, name, kernel.set_entries(name, info), plan.ipset_entries[info.name])
+            )
+        new_services = [vs for key, vs in wanted.items() if key not in current]
+        new_addresses = [a for a in plan.bind_addresses if a not in bound]
+        new_entries = sum(len(want - have) for _, _, have, want in entries)
+        bulk = self.bulk
+        if bulk is None or len(new_services) + len(new_addresses) + new_entries < BULK_THRESHOLD:
+            bulk = None
+        if bulk is not None:
+            # An initial load (or a kernel emptied by someone): what is missing goes in with
+            # one ipvsadm -R, one ip -batch and one ipset restore, as kube-proxy's users would.
+            bulk.ipvsadm_restore("".join(line for vs in new_services for line in ipvsadm_lines(vs)))
+            prefix = 128 if self.family == IPV6 else 32
+            bulk.ip_batch(
+                "".join(f"address add {a}/{prefix} dev {DUMMY_DEVICE}\n" for a in new_addresses)
+            )
+        for key, vs in wanted.items():
+            if bulk is None or key in current:
+                self._sync_service(vs, current.get(key))
+        if bulk is None:
+            for address in new_addresses:
+                kernel.add_address(address)
+        restore: list[str] = []
+        for info, name, have, want in entries:
             for entry in sorted(have - want):
                 kernel.delete_entry(name, info, entry, self.family)
-            for entry in sorted(want - have):
+            missing = sorted(want - have)
+            if bulk is not None:
+                restore.extend(f"add {name} {entry}\n" for entry in missing)
+                continue
+            for entry in missing:
                 kernel.add_entry(name, info, entry, self.family)
+        if bulk is not None and restore:
+            bulk.ipset_restore("".join(restore))
         self._queue_removals(bound - set(plan.bind_addresses), set(current) - set(wanted))
         self._rebuild_refs(plan)
 

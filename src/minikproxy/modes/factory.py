@@ -45,7 +45,7 @@ def _ipvs_mode(
     logging.getLogger("minikproxy.modes.ipvs").warning(DEPRECATION)
     if execer is None:
         return IpvsMode()
-    from minikproxy.dataplane.ipvs import NetlinkIpvsKernel
+    from minikproxy.dataplane.ipvs import ExecBulkLoader, NetlinkIpvsKernel
     from minikproxy.dataplane.netinfo import local_addresses
 
     def addresses(family: IPFamily) -> list[str]:
@@ -53,6 +53,6 @@ def _ipvs_mode(
 
     kernel = NetlinkIpvsKernel(getattr(execer, "netns", None))
     dataplanes = {f: RealIptables(execer, f, backend) for f in families}
-    mode = IpvsMode(kernel, dataplanes, local_addresses=addresses)
+    mode = IpvsMode(kernel, dataplanes, local_addresses=addresses, bulk=ExecBulkLoader(execer))
     mode.prepare(execer, config)
     return mode

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from minikproxy.compile.ipvs import KUBE_SERVICES, IpvsOptions, IpvsPlan, compile_ipvs
 from minikproxy.dataplane.execer import Execer
 from minikproxy.dataplane.iptables import IptablesError, IptablesRunner
-from minikproxy.dataplane.ipvs import IpvsApplier, IpvsKernel, delete_dummy
+from minikproxy.dataplane.ipvs import BulkLoader, IpvsApplier, IpvsKernel, delete_dummy
 from minikproxy.dataplane.sysctl import SysctlError, ensure_sysctl
 from minikproxy.model.names import IPFamily, NamespacedName, ServicePortName
 from minikproxy.model.parse import NodeInfo
@@ -56,7 +56,7 @@ class IpvsMode(ProxyMode[IpvsPlan]):
 
     ``local_addresses`` lists this node's addresses of a family (NodePort virtual servers go
     on those outside ``kube-ipvs0`` when ``--nodeport-addresses`` is empty, as in kube-proxy);
-    without it the Node's addresses are used.
+    without it the Node's addresses are used. ``bulk`` loads large initial additions.
     """
 
     name = "ipvs"
@@ -67,11 +67,12 @@ class IpvsMode(ProxyMode[IpvsPlan]):
         dataplanes: Mapping[IPFamily, IptablesRunner] | None = None,
         *,
         local_addresses: Callable[[IPFamily], Sequence[str]] | None = None,
+        bulk: BulkLoader | None = None,
     ) -> None:
         self.kernel = kernel
         self.appliers: dict[IPFamily, IpvsApplier] | None = None
         if kernel is not None and dataplanes is not None:
-            self.appliers = {f: IpvsApplier(kernel, ipt, f) for f, ipt in dataplanes.items()}
+            self.appliers = {f: IpvsApplier(kernel, ipt, f, bulk) for f, ipt in dataplanes.items()}
         self.local_addresses = local_addresses
         self._random_fully = {f: ipt.has_random_fully() for f, ipt in (dataplanes or {}).items()}
         # Addresses on kube-ipvs0 per family: never NodePort addresses.
@@ -201,7 +202,8 @@ class IpvsMode(ProxyMode[IpvsPlan]):
                 missing = [k for k in plan.virtual_servers if k not in services]
                 if missing:
                     return f"{family} IPVS virtual server {missing[0]} gone"
-                gone = [a for a in plan.bind_addresses if a not in self.kernel.addresses(family)]
+                bound = self.kernel.addresses(family)
+                gone = [a for a in plan.bind_addresses if a not in bound]
                 if gone:
                     return f"{family} address {gone[0]} gone from kube-ipvs0"
                 want = {plan.set_name(n) for n in plan.ipset_entries}
@@ -209,7 +211,7 @@ class IpvsMode(ProxyMode[IpvsPlan]):
                     return f"{family} ipset {sorted(want - sets)[0]} gone"
                 if not self.appliers[family].iptables.chain_exists("nat", KUBE_SERVICES):
                     return f"{family} chain {KUBE_SERVICES} gone from table nat"
-        except (OSError, IptablesError) as err:
+        except Exception as err:  # OSError, IptablesError, pyroute2's NetlinkError
             logger.warning("cannot check the IPVS state: %s", err)
         return None
 
@@ -220,7 +222,9 @@ class IpvsMode(ProxyMode[IpvsPlan]):
 
     def expected_error(self, err: Exception) -> str | None:
         """An iptables-restore rejection or a netlink error."""
-        if isinstance(err, IptablesError):
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        if isinstance(err, IptablesError | NetlinkError):
             return str(err)
         return super().expected_error(err)
 
