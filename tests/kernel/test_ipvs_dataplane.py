@@ -100,7 +100,7 @@ def test_initial_load_in_bulk_gives_the_same_state(node: Any) -> None:
     bulk = ExecBulkLoader(RealExecer(netns))
     applier = IpvsApplier(kernel, RealIptables(RealExecer(netns), IPV4, "nft"), IPV4, bulk)
     objs: list[Any] = []
-    for k in range(1, 40):
+    for k in range(1, 121):  # past BULK_THRESHOLD additions
         objs.append(
             service(f"s{k}", f"10.96.1.{k}", type="NodePort", port_extra={"nodePort": 30000 + k})
         )
