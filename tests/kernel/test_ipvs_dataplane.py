@@ -98,9 +98,10 @@ def test_initial_load_in_bulk_gives_the_same_state(node: Any) -> None:
     topo, _, kernel = node
     netns = topo.namespaces["node"]
     bulk = ExecBulkLoader(RealExecer(netns))
-    applier = IpvsApplier(kernel, RealIptables(RealExecer(netns), IPV4, "nft"), IPV4, bulk)
+    ipt = RealIptables(RealExecer(netns), IPV4, "nft")
+    applier = IpvsApplier(kernel, ipt, IPV4, bulk, bulk_threshold=20)
     objs: list[Any] = []
-    for k in range(1, 121):  # past BULK_THRESHOLD additions
+    for k in range(1, 13):  # past the bulk threshold (20 additions)
         objs.append(
             service(f"s{k}", f"10.96.1.{k}", type="NodePort", port_extra={"nodePort": 30000 + k})
         )

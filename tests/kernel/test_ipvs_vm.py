@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "ipvs-vm.sh"
 VM_DIR = Path(os.environ.get("MINIKPROXY_IPVS_VM", "/var/cache/minikproxy/ipvs-vm"))
-VM_TIMEOUT = 900
+VM_TIMEOUT = 1200
 
 
 def _ensure_vm() -> None:

@@ -500,9 +500,12 @@ class IpvsApplier:
         iptables: IptablesRunner,
         family: IPFamily,
         bulk: BulkLoader | None = None,
+        *,
+        bulk_threshold: int = BULK_THRESHOLD,
     ) -> None:
         self.kernel = kernel
         self.bulk = bulk
+        self.bulk_threshold = bulk_threshold
         self.iptables = iptables
         self.family = family
         self.terminating = GracefulTermination()
@@ -558,7 +561,10 @@ class IpvsApplier:
         new_addresses = [a for a in plan.bind_addresses if a not in bound]
         new_entries = sum(len(want - have) for _, _, have, want in entries)
         bulk = self.bulk
-        if bulk is None or len(new_services) + len(new_addresses) + new_entries < BULK_THRESHOLD:
+        if (
+            bulk is None
+            or len(new_services) + len(new_addresses) + new_entries < self.bulk_threshold
+        ):
             bulk = None
         if bulk is not None:
             # An initial load (or a kernel emptied by someone): what is missing goes in with
