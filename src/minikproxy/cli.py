@@ -199,9 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--strict", action="store_true", help="exit 2 if any object is invalid, printing nothing"
     )
 
-    from minikproxy import cli_run  # the controller's flags live with the controller
+    from minikproxy import cli_explain, cli_run  # each subcommand's flags live with it
 
     cli_run.add_subcommands(sub, add_node_flags, _duration)
+    cli_explain.add_subcommands(sub, add_node_flags)
     return parser
 
 
@@ -261,6 +262,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A one-shot run building ~10^6 acyclic objects: collections would only rescan them.
         with gc_paused():
             return _render(args)
+    if args.command in ("explain", "diff"):
+        from minikproxy import cli_explain
+
+        with gc_paused():
+            return cli_explain.dispatch(args, config_from_args)
     from minikproxy import cli_run
 
     return cli_run.dispatch(args)
