@@ -5,18 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from minikproxy.config import NFTABLES_LAYOUTS, ConfigError, ProxyConfig
 from minikproxy.explain.packet import ORIGINS, PROTOS
+from minikproxy.flags import add_node_flags, config_from_args
 from minikproxy.model.names import IPV4, IPV6, IPFamily
 from minikproxy.nodeopts import split_list
 
 EXIT_USAGE = 2
 
 
-def add_subcommands(sub: Any, add_node_flags: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_subcommands(sub: Any) -> None:
     """Register ``explain`` and ``diff`` on the top-level subparsers."""
     explain = sub.add_parser(
         "explain",
@@ -26,7 +27,7 @@ def add_subcommands(sub: Any, add_node_flags: Callable[[argparse.ArgumentParser]
         "the verdict, the endpoints with their shares, masquerading, affinity, the Kubernetes "
         "reasons and the path rule by rule.",
     )
-    _add_inputs(explain, add_node_flags, required=False)
+    _add_inputs(explain, required=False)
     explain.add_argument("--kubeconfig", default=None, help="read a live cluster (without -f)")
     explain.add_argument("--src", required=True, metavar="IP", help="the packet's source")
     explain.add_argument("--from", dest="origin", choices=ORIGINS, default="external")
@@ -43,7 +44,7 @@ def add_subcommands(sub: Any, add_node_flags: Callable[[argparse.ArgumentParser]
         "list what differs: verdict, endpoints and weights, masquerading, affinity, "
         "reachability.",
     )
-    _add_inputs(diff, add_node_flags, required=True)
+    _add_inputs(diff, required=True)
     diff.add_argument(
         "--against", action="append", default=[], metavar="PATH",
         help="the new snapshot (default: the same files, for --to-proxy-mode)",
@@ -62,12 +63,7 @@ def add_subcommands(sub: Any, add_node_flags: Callable[[argparse.ArgumentParser]
     diff.add_argument("--exit-code", action="store_true", help="exit 1 when something differs")
 
 
-def _add_inputs(
-    parser: argparse.ArgumentParser,
-    add_node_flags: Callable[[argparse.ArgumentParser], None],
-    *,
-    required: bool,
-) -> None:
+def _add_inputs(parser: argparse.ArgumentParser, *, required: bool) -> None:
     parser.add_argument(
         "-f", "--filename", dest="files", action="append", required=required, default=[],
         metavar="PATH", help="a file, a directory or - for stdin; repeatable",
@@ -77,7 +73,7 @@ def _add_inputs(
     parser.add_argument("--nftables-layout", choices=NFTABLES_LAYOUTS, default=None)
 
 
-def dispatch(args: argparse.Namespace, config_from_args: Callable[..., ProxyConfig]) -> int:
+def dispatch(args: argparse.Namespace) -> int:
     """Run ``explain`` or ``diff``."""
     from minikproxy.explain.engine import ExplainError
     from minikproxy.sources.kubeclient import KubeConfigError

@@ -252,7 +252,7 @@ def _close_when(stop: threading.Event, execer: RealExecer) -> None:
 
 def main_run(args: argparse.Namespace) -> int:
     """``minikproxy run``."""
-    from minikproxy.cli import config_from_args
+    from minikproxy.flags import config_from_args
     from minikproxy.sources.kubeclient import KubeConfigError, load_api_client
 
     _setup_logging()
