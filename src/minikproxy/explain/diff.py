@@ -183,7 +183,10 @@ def diff_views(old: ModeView, new: ModeView) -> list[Change]:
             port = view.state.services.get(name)
             if port is not None:
                 for probe in probes(view, port):
-                    found[probe.key] = (probe, Outcome.of(explain_packet(view, probe.packet)))
+                    found[probe.key] = (
+                        probe,
+                        Outcome.of(explain_packet(view, probe.packet, detail=False)),
+                    )
             sides.append(found)
         before, after = sides
         for key in sorted(set(before) | set(after), key=_sort_key):
@@ -191,9 +194,9 @@ def diff_views(old: ModeView, new: ModeView) -> list[Change]:
             a = before[key][1] if key in before else Outcome.of(None)
             b = after[key][1] if key in after else Outcome.of(None)
             if key not in before and key in after and old.state.services.get(name):
-                a = Outcome.of(explain_packet(old, probe.packet))
+                a = Outcome.of(explain_packet(old, probe.packet, detail=False))
             if key in before and key not in after and new.state.services.get(name):
-                b = Outcome.of(explain_packet(new, probe.packet))
+                b = Outcome.of(explain_packet(new, probe.packet, detail=False))
             what = compare(a, b)
             if what:
                 changes.append(Change(probe, a, b, what, known_difference(old, new, probe)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from minikproxy.changes import ClusterTracker
@@ -17,7 +18,12 @@ from minikproxy.explain.engine import RuleEvaluator, endpoint_shares, merged_pat
 from minikproxy.explain.iptables import IptablesRules
 from minikproxy.explain.nft import NftRules
 from minikproxy.explain.packet import Packet
-from minikproxy.explain.reasons import find_targets, no_target_reasons, service_reasons
+from minikproxy.explain.reasons import (
+    FrontendIndex,
+    find_targets,
+    no_target_reasons,
+    service_reasons,
+)
 from minikproxy.explain.result import Explanation
 from minikproxy.model.names import IPV4, IPV6, IPFamily
 from minikproxy.model.parse import NodeInfo, canonical_ip
@@ -47,6 +53,11 @@ class ModeView:
     local_detection: str
     masquerade_all: bool
     notes: tuple[str, ...] = ()
+
+    @cached_property
+    def frontends(self) -> FrontendIndex:
+        """The service ports by frontend (built on first use)."""
+        return FrontendIndex.build(self.state)
 
 
 def mode_name(config: ProxyConfig) -> str:
@@ -169,14 +180,17 @@ def _detection(config: ProxyConfig, family: IPFamily, node: NodeInfo) -> tuple[s
     )
 
 
-def explain_packet(view: ModeView, packet: Packet) -> Explanation:
-    """What ``view``'s rules do to ``packet``, with the Kubernetes reasons."""
+def explain_packet(view: ModeView, packet: Packet, *, detail: bool = True) -> Explanation:
+    """What ``view``'s rules do to ``packet``, with the Kubernetes reasons; without
+    ``detail`` (diff), only the verdict, endpoints, masquerading and affinity."""
     if packet.family != view.family:
         raise ValueError(f"the packet is {packet.family}, the rules are {view.family}")
-    walked = walk(view.rules, packet, view.local, view.pod_interface)
+    walked = walk(view.rules, packet, view.local, view.pod_interface, trace=detail)
     verdict, endpoints, masquerade, masq_rules = endpoint_shares(walked)
     affinity = next((f.affinity for _, f in walked.flows if f.affinity), "")
-    targets = find_targets(view.state, packet, view.nodeport_addresses, view.local)
+    if not detail:
+        return Explanation(packet, view.mode, verdict, endpoints, masquerade, affinity=affinity)
+    targets = find_targets(view.frontends, packet, view.nodeport_addresses, view.local)
     reasons: list[str] = []
     if view.local_cidr:
         pod_source = cidr_contains(view.local_cidr, packet.src)
@@ -194,13 +208,13 @@ def explain_packet(view: ModeView, packet: Packet) -> Explanation:
             )
         )
     if not targets:
-        reasons.extend(no_target_reasons(view.state, packet))
+        reasons.extend(no_target_reasons(view.frontends, packet))
     notes = list(view.notes)
     if (
         view.mode.startswith("nftables")
         and packet.dst in ("127.0.0.1", "::1")
-        and any(t.frontend == "NodePort" for t in targets) is False
-        and any(p.node_port == packet.dport for p in view.state.services.values())
+        and not any(t.frontend == "NodePort" for t in targets)
+        and any(port == packet.dport for port, _ in view.frontends.by_node_port)
     ):
         notes.append("localhost NodePorts are not supported in nftables mode (as in kube-proxy)")
     return Explanation(

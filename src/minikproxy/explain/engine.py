@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Literal, Protocol
 
 from minikproxy.explain.packet import Packet
@@ -46,6 +47,7 @@ class Flow:
     accepted: bool = False
     affinity: str = ""
     path: list[Step] = field(default_factory=list)
+    trace: bool = True
 
     @property
     def dst_local(self) -> bool:
@@ -54,11 +56,25 @@ class Flow:
 
     def fork(self, share: float) -> Flow:
         """A copy carrying ``share`` of this flow's connections."""
-        return replace(
-            self,
-            prob=self.prob * share,
-            masq_rules=list(self.masq_rules),
-            path=list(self.path),
+        return Flow(
+            self.prob * share,
+            self.src,
+            self.dst,
+            self.dport,
+            self.proto,
+            self.iif,
+            self.src_local,
+            self.local,
+            self.orig_dst,
+            self.orig_dport,
+            self.mark,
+            self.dnat_to,
+            self.masquerade,
+            list(self.masq_rules),
+            self.accepted,
+            self.affinity,
+            list(self.path),
+            self.trace,
         )
 
 
@@ -86,6 +102,8 @@ def walk(
     packet: Packet,
     local_addresses: Collection[str],
     pod_interface: str,
+    *,
+    trace: bool = True,
 ) -> Walk:
     """Follow ``packet`` through PREROUTING (or OUTPUT), routing, FORWARD/INPUT, POSTROUTING."""
     local = set(local_addresses)
@@ -103,6 +121,7 @@ def walk(
         local=frozenset(local),
         orig_dst=packet.dst,
         orig_dport=packet.dport,
+        trace=trace,
     )
     first = "output" if packet.locally_generated else "prerouting"
     alive = _run_hook(evaluator, first, [start])
@@ -155,7 +174,12 @@ def _run_hook(
 
 
 def _is_local(ip: str, local: Collection[str]) -> bool:
-    return ip in local or ipaddress.ip_address(ip).is_loopback
+    return ip in local or _loopback(ip)
+
+
+@lru_cache(maxsize=65536)
+def _loopback(ip: str) -> bool:
+    return ipaddress.ip_address(ip).is_loopback
 
 
 def endpoint_shares(walked: Walk) -> tuple[Verdict, tuple[EndpointShare, ...], bool, list[str]]:

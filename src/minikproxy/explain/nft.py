@@ -114,6 +114,7 @@ class NftRules:
     def __init__(self, family: str, table: str) -> None:
         self.family = family
         self.table = table
+        self.label = f"{family} {table}"
         self.mode = "nftables" if table != "kube-proxy" else "nftables/kube-proxy"
         self.chains: dict[str, list[NftRule]] = {}
         self.hooks: dict[str, list[tuple[int, str, str]]] = {}
@@ -267,6 +268,8 @@ class NftRules:
         lookups: list[str] = []
 
         def step(f: Flow) -> None:
+            if not f.trace:
+                return
             f.path.append(
                 Step(
                     hook,
@@ -307,7 +310,7 @@ class NftRules:
                 i += 3
                 continue
             if t == "dnat":
-                return self._dnat(toks, i + 1, flow, rule, step, lookups)
+                return self._dnat(toks, i + 1, flow, rule, (hook, chain), lookups)
             if t == "numgen":
                 if toks[i + 1 : i + 3] != ["random", "mod"] or toks[i + 4 : i + 5] != ["vmap"]:
                     raise ExplainError(f"numgen not understood in rule {rule.text!r}")
@@ -413,21 +416,25 @@ class NftRules:
         i: int,
         flow: Flow,
         rule: NftRule,
-        step: object,
+        where: tuple[str, str],
         lookups: list[str],
     ) -> list[tuple[str, str, Flow]]:
+        """``dnat to ADDR`` or ``dnat ip to KEY map @endpoints`` (with ``numgen``: one branch
+        per endpoint index); ``where`` is (hook, chain) for the path."""
+        hook, chain = where
         if toks[i] in ("ip", "ip6"):
             i += 1
         if toks[i] != "to":
             raise ExplainError(f"dnat not understood in rule {rule.text!r}")
         i += 1
-        record = step  # the closure appending this rule to a flow's path
         if "map" not in toks[i:]:
             address = toks[i]
             host, _, port = address.rpartition(":")
             if not port.isdigit():
                 raise ExplainError(f"dnat address not understood in rule {rule.text!r}")
-            record(flow)  # type: ignore[operator]
+            if flow.trace:
+                lookup = "; ".join(lookups)
+                flow.path.append(Step(hook, self.label, chain, rule.text, flow.prob, lookup))
             _set_dnat(flow, host.strip("[]"), int(port))
             return [("dnat", "", flow)]
         exprs, j = _parse_concat(toks, i, rule.text, numgen=True)
@@ -459,17 +466,11 @@ class NftRules:
             data = _split_key(found[1])
             if len(data) != 2:
                 raise ExplainError(f"dnat data {found[1]!r} not understood (@{table.name})")
-            lookups_here = [*lookups, f"@{table.name}: {' . '.join(found[0])} : {found[1]}"]
-            branch.path.append(
-                Step(
-                    branch.path[-1].hook if branch.path else "",
-                    f"{self.family} {self.table}",
-                    _chain_of(self, rule),
-                    rule.text,
-                    branch.prob,
-                    "; ".join(lookups_here),
+            if branch.trace:
+                lookup = "; ".join(
+                    [*lookups, f"@{table.name}: {' . '.join(found[0])} : {found[1]}"]
                 )
-            )
+                branch.path.append(Step(hook, self.label, chain, rule.text, branch.prob, lookup))
             _set_dnat(branch, data[0], int(data[1]))
             out.append(("dnat", "", branch))
         return out
@@ -478,13 +479,6 @@ class NftRules:
 _AFFINITY = (
     "ClientIP (nftables affinity set): a client seen before sticks to the endpoint it got first"
 )
-
-
-def _chain_of(rules: NftRules, rule: NftRule) -> str:
-    for name, chain_rules in rules.chains.items():
-        if any(r is rule for r in chain_rules):
-            return name
-    return ""
 
 
 def _set_dnat(flow: Flow, ip: str, port: int) -> None:

@@ -22,29 +22,49 @@ class Target:
     frontend: Frontend
 
 
+@dataclass(frozen=True, slots=True)
+class FrontendIndex:
+    """Service ports by frontend: ``(ip, port, PROTO)`` and ``(nodePort, PROTO)``, and by IP."""
+
+    by_address: dict[tuple[str, int, str], list[Target]]
+    by_node_port: dict[tuple[int, str], list[ServicePort]]
+    by_ip: dict[str, list[ServicePort]]
+
+    @classmethod
+    def build(cls, state: ProxyState) -> FrontendIndex:
+        """Index every service port of ``state`` (one pass)."""
+        by_address: dict[tuple[str, int, str], list[Target]] = {}
+        by_node_port: dict[tuple[int, str], list[ServicePort]] = {}
+        by_ip: dict[str, list[ServicePort]] = {}
+        for port in state.services.values():
+            proto = port.protocol
+            for frontend, ips in (
+                ("ClusterIP", (port.cluster_ip,)),
+                ("externalIP", port.external_ips),
+                ("LoadBalancer IP", port.load_balancer_vips),
+            ):
+                for ip in ips:
+                    by_address.setdefault((ip, port.port, proto), []).append(Target(port, frontend))
+                    by_ip.setdefault(ip, []).append(port)
+            if port.node_port:
+                by_node_port.setdefault((port.node_port, proto), []).append(port)
+        return cls(by_address, by_node_port, by_ip)
+
+
 def find_targets(
-    state: ProxyState,
+    index: FrontendIndex,
     packet: Packet,
     nodeport_addresses: tuple[str, ...] | None,
     local: frozenset[str],
 ) -> list[Target]:
     """Every service port whose frontend is ``packet``'s destination (usually one)."""
     proto = packet.proto.upper()
-    out: list[Target] = []
-    for port in state.services.values():
-        if port.protocol != proto:
-            continue
-        if packet.dport == port.port:
-            if packet.dst == port.cluster_ip:
-                out.append(Target(port, "ClusterIP"))
-            elif packet.dst in port.external_ips:
-                out.append(Target(port, "externalIP"))
-            elif packet.dst in port.load_balancer_vips:
-                out.append(Target(port, "LoadBalancer IP"))
-        if port.node_port and packet.dport == port.node_port:
-            addresses = local if nodeport_addresses is None else set(nodeport_addresses)
-            if packet.dst in addresses or (nodeport_addresses is None and _loopback(packet.dst)):
-                out.append(Target(port, "NodePort"))
+    out = list(index.by_address.get((packet.dst, packet.dport, proto), ()))
+    ports = index.by_node_port.get((packet.dport, proto), ())
+    if ports:
+        addresses = local if nodeport_addresses is None else set(nodeport_addresses)
+        if packet.dst in addresses or (nodeport_addresses is None and _loopback(packet.dst)):
+            out.extend(Target(port, "NodePort") for port in ports)
     return out
 
 
@@ -126,15 +146,9 @@ def service_reasons(
         yield f"ClusterIP traffic from {packet.src}: {local_detection}; the source is {verdict}"
 
 
-def no_target_reasons(state: ProxyState, packet: Packet) -> Iterator[str]:
+def no_target_reasons(index: FrontendIndex, packet: Packet) -> Iterator[str]:
     """Why no Service answers ``packet``'s destination."""
-    others = sorted(
-        {
-            f"{p.port}/{p.protocol}"
-            for p in state.services.values()
-            if packet.dst in (p.cluster_ip, *p.external_ips, *p.load_balancer_vips)
-        }
-    )
+    others = sorted({f"{p.port}/{p.protocol}" for p in index.by_ip.get(packet.dst, ())})
     if others:
         yield (
             f"{packet.dst} is a Service IP, but no port {packet.dport}/{packet.proto.upper()} "
