@@ -126,7 +126,7 @@ def _explain(args: argparse.Namespace, config: ProxyConfig) -> int:
 
 def _diff(args: argparse.Namespace, config: ProxyConfig) -> int:
     from minikproxy.explain.diff import diff_views, mode_notes
-    from minikproxy.explain.driver import build_view, mode_name, track, with_mode
+    from minikproxy.explain.driver import Feed, build_view, mode_name, with_mode
 
     old_config = config
     new_config = config
@@ -138,25 +138,33 @@ def _diff(args: argparse.Namespace, config: ProxyConfig) -> int:
     if args.against_live and (args.against or args.to_proxy_mode):
         raise ConfigError("--against-live compares with the kernel: no --against/--to-proxy-mode")
     node_addresses = split_list(args.node_addresses or "")
-    old_tracker, problems = track(_objects(args.files, None, config), config)
-    new_tracker = old_tracker
-    if args.against:
-        new_tracker, more = track(_objects(args.against, None, config), config)
-        problems += more
-    for problem in problems:
-        print(f"warning: {problem} (skipped)", file=sys.stderr)
+    old_objects = _objects(args.files, None, config)
+    fed = Feed(old_objects, config)
     families: tuple[IPFamily, ...] = (args.ip_family,) if args.ip_family else (IPV4, IPV6)
+    old_snaps = {family: fed.tracker.snapshot(family) for family in families}
+    new_snaps = old_snaps
+    if args.against:
+        fed.replace(old_objects, _objects(args.against, None, config))
+        new_snaps = {family: fed.tracker.snapshot(family) for family in families}
+    for problem in fed.problems:
+        print(f"warning: {problem} (skipped)", file=sys.stderr)
     old_mode, new_mode = mode_name(old_config), mode_name(new_config)
     notes = list(mode_notes(old_mode, new_mode))
     changes = []
     for family in families:
-        old = build_view(old_tracker, old_config, family, node_addresses=node_addresses)
+        old = build_view(
+            fed.tracker, old_config, family, node_addresses=node_addresses,
+            snapshot=old_snaps[family],
+        )  # fmt: skip
         if args.against_live:
             from minikproxy.explain.live import live_view
 
             new = live_view(old)
         else:
-            new = build_view(new_tracker, new_config, family, node_addresses=node_addresses)
+            new = build_view(
+                fed.tracker, new_config, family, node_addresses=node_addresses,
+                snapshot=new_snaps[family], previous=old if args.against else None,
+            )  # fmt: skip
         changes.extend(diff_views(old, new))
     new_label = "live kernel" if args.against_live else new_mode
     if args.json:

@@ -236,3 +236,27 @@ def test_explain_reads_a_live_cluster_once(
         ]
         verbs = {(r.resource, r.verb) for r in server.request_log if r.resource}
         assert verbs == {("services", "list"), ("endpointslices", "list"), ("nodes", "list")}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_diff_with_incremental_compile_equals_full_compiles(mode: str) -> None:
+    from minikproxy.explain.driver import Feed
+
+    cfg = with_mode(ProxyConfig(hostname_override=NODE, cluster_cidr="10.10.2.0/24"), mode)
+    old_objs = [NODE_OBJ, LB, slice_("shop", BACKENDS), service("a", "10.96.0.1"),
+                slice_("a", BACKENDS)]  # fmt: skip
+    new_objs = [NODE_OBJ, LB, slice_("shop", BACKENDS[:1]), service("b", "10.96.0.2"),
+                slice_("b", BACKENDS)]  # fmt: skip
+    old = [SourcedObject(o, "old") for o in old_objs]
+    new = [SourcedObject(o, "new") for o in new_objs]
+    fed = Feed(old, cfg)
+    first = build_view(fed.tracker, cfg, IPV4)
+    fed.replace(old, new)
+    second = build_view(fed.tracker, cfg, IPV4, previous=first)
+    full_old = build_view(track(old, cfg)[0], cfg, IPV4)
+    full_new = build_view(track(new, cfg)[0], cfg, IPV4)
+    if mode != "nftables/kube-proxy":
+        assert second.ruleset.render() == full_new.ruleset.render()
+    got = [(c.probe.key, c.what) for c in diff_views(first, second)]
+    assert got == [(c.probe.key, c.what) for c in diff_views(full_old, full_new)]
+    assert {str(c.probe.port) for c in diff_views(first, second)} == {"t/a:p", "t/b:p", "t/shop:p"}

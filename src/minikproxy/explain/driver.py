@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from minikproxy.changes import ClusterTracker
+from minikproxy.changes import ClusterTracker, Snapshot
 from minikproxy.compile.cidr import cidr_contains
 from minikproxy.compile.iptables import compile_iptables
 from minikproxy.compile.nftables import compile_nftables
@@ -80,26 +80,57 @@ def with_mode(config: ProxyConfig, mode: str) -> ProxyConfig:
     raise ConfigError(f"unknown mode {mode!r} (one of {', '.join(MODES)})")
 
 
+class Feed:
+    """A tracker for this node (chosen as ``render`` chooses it) fed with sourced objects,
+    collecting the problems found, each naming its file."""
+
+    def __init__(self, objects: Sequence[SourcedObject], config: ProxyConfig) -> None:
+        self.problems: list[ObjectProblem] = []
+        self._source = ""
+        self.tracker = ClusterTracker(
+            choose_node_name(objects, config.hostname_override), report=self._report
+        )
+        self.feed(objects)
+
+    def _report(self, problem: ObjectProblem) -> None:
+        self.problems.append(dataclasses.replace(problem, source=self._source))
+
+    def _stream(self, objects: Iterable[SourcedObject]) -> Iterator[Mapping[str, Any]]:
+        for item in objects:
+            self._source = item.source
+            yield item.obj
+
+    def feed(self, objects: Iterable[SourcedObject]) -> None:
+        """Add or update ``objects``."""
+        self.tracker.add_objects(self._stream(objects))
+
+    def replace(self, old: Sequence[SourcedObject], new: Sequence[SourcedObject]) -> None:
+        """Go from the objects ``old`` to ``new``: only the objects that differ are parsed
+        again, and those gone are deleted (so the next snapshots name what changed)."""
+        before = {_object_key(o.obj): o.obj for o in old}
+        after = {_object_key(o.obj): o for o in new}
+        self.feed(o for key, o in after.items() if before.get(key) != o.obj)
+        deleters = {
+            "Service": self.tracker.delete_service,
+            "EndpointSlice": self.tracker.delete_endpoint_slice,
+            "Endpoints": self.tracker.delete_endpoints,
+        }
+        for key, obj in before.items():
+            if key not in after and key[0] in deleters:
+                self.tracker.guarded(deleters[key[0]], obj)
+
+
+def _object_key(obj: Mapping[str, Any]) -> tuple[str, str, str]:
+    meta = obj.get("metadata") or {}
+    return str(obj.get("kind")), str(meta.get("namespace") or ""), str(meta.get("name") or "")
+
+
 def track(
     objects: Iterable[SourcedObject], config: ProxyConfig
 ) -> tuple[ClusterTracker, list[ObjectProblem]]:
     """Feed ``objects`` to a tracker for this node (chosen as ``render`` chooses it)."""
-    objects = list(objects)
-    problems: list[ObjectProblem] = []
-    source = ""
-
-    def report(problem: ObjectProblem) -> None:
-        problems.append(dataclasses.replace(problem, source=source))
-
-    def stream() -> Iterator[Mapping[str, Any]]:
-        nonlocal source
-        for item in objects:
-            source = item.source
-            yield item.obj
-
-    tracker = ClusterTracker(choose_node_name(objects, config.hostname_override), report=report)
-    tracker.add_objects(stream())
-    return tracker, problems
+    fed = Feed(list(objects), config)
+    return fed.tracker, fed.problems
 
 
 def build_view(
@@ -108,18 +139,33 @@ def build_view(
     family: IPFamily,
     *,
     node_addresses: Sequence[str] = (),
+    snapshot: Snapshot | None = None,
+    previous: ModeView | None = None,
 ) -> ModeView:
-    """Compile ``tracker``'s state of ``family`` in ``config``'s mode, as ``render`` does."""
+    """Compile ``tracker``'s state of ``family`` in ``config``'s mode, as ``render`` does.
+
+    ``snapshot`` is the state to compile (default: the tracker's next snapshot). With
+    ``previous`` (the view of an earlier snapshot of the same tracker, same mode and options)
+    only the Services ``snapshot`` names as changed are recompiled: the result is identical
+    to a full compile.
+    """
     mode = mode_name(config)
     node = tracker.node
-    state = tracker.snapshot(family).state
+    snap = snapshot or tracker.snapshot(family)
+    state = snap.state
+    changed = snap.changed if previous is not None and previous.mode == mode else None
     local = _local_addresses(config, node, family, node_addresses)
     detection, local_cidr, pod_interface = _detection(config, family, node)
     notes: tuple[str, ...] = ()
     rules: RuleEvaluator
     if mode == "iptables":
         ipt = iptables_options(config, node, family, node_addresses=node_addresses)
-        ruleset: Any = compile_iptables(state, ipt)
+        if changed is not None and previous is not None:
+            ruleset: Any = compile_iptables(
+                state, ipt, previous=previous.ruleset, changed_services=changed
+            )
+        else:
+            ruleset = compile_iptables(state, ipt)
         rules = IptablesRules.from_ruleset(ruleset)
         nodeports = ipt.nodeport_addresses
     else:
@@ -127,7 +173,10 @@ def build_view(
             config, node, family, node_addresses=node_addresses, service_cidrs=config.service_cidrs
         )
         if mode == "nftables":
-            ruleset = compile_nftables(state, nft)
+            if changed is not None and previous is not None and previous.ruleset.options == nft:
+                ruleset = compile_nftables(state, nft, previous.ruleset, changed)
+            else:
+                ruleset = compile_nftables(state, nft)
             notes = ruleset.notes
         else:
             ruleset = compile_nftables_kubeproxy(state, nft)
