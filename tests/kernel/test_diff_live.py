@@ -1,0 +1,61 @@
+"""``minikproxy diff --against-live``: the rules in the node's kernel against what the
+manifests compile to, in a network namespace, before and after someone tampers with them."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from minikproxy.testing.netns import Topology
+
+from .traffic import BACKENDS, NODE, NODE_IP, NODE_OBJ, payload, service, slice_
+
+pytestmark = pytest.mark.kernel
+
+OBJECTS = [
+    NODE_OBJ,
+    service("web", "10.96.0.10", type="NodePort", port_extra={"nodePort": 30080}),
+    slice_("web", BACKENDS),
+]
+
+
+def live_diff(topo: Topology, manifest: Path) -> dict[str, Any]:
+    """``diff --against-live --json`` run inside the node's namespace."""
+    argv = ["ip", "netns", "exec", topo.namespaces["node"], sys.executable, "-m", "minikproxy",
+            "diff", "-f", str(manifest), "--hostname-override", NODE, "--cluster-cidr",
+            "10.10.2.0/24", "--ip-family", "IPv4", "--against-live", "--json",
+            "--exit-code"]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert proc.returncode in (0, 1), proc.stderr
+    out: dict[str, Any] = json.loads(proc.stdout)
+    assert (proc.returncode == 1) == bool(out["changes"])
+    return out
+
+
+def test_live_rules_match_then_drift_is_reported(topo: Topology, tmp_path: Path) -> None:
+    manifest = tmp_path / "cluster.json"
+    manifest.write_text(json.dumps({"kind": "List", "items": OBJECTS}))
+    topo.load_iptables(payload(OBJECTS[1:], cluster_cidr="10.10.2.0/24"))
+    assert live_diff(topo, manifest)["changes"] == []
+
+    # Someone deletes the jump to the first endpoint from the service chain.
+    saved = topo.iptables_save()
+    (jump,) = [line for line in saved.splitlines() if "-> 10.10.2.2:8080" in line]
+    topo.node_exec(["iptables", "-t", "nat", "-D", *shlex.split(jump)[1:]])
+    changes = live_diff(topo, manifest)["changes"]
+    assert changes and all(c["changed"] == ["endpoint set"] for c in changes)
+    assert all("10.10.2.2:8080" not in c["new"] for c in changes)
+    assert {(c["frontend"], c["from"]) for c in changes} >= {("ClusterIP", "pod"),
+                                                            ("NodePort", "external")}  # fmt: skip
+
+    # ... and flushes the NodePorts: they become unreachable (the kernel agrees).
+    topo.node_exec(["iptables", "-t", "nat", "-F", "KUBE-NODEPORTS"])
+    nodeport = [c for c in live_diff(topo, manifest)["changes"] if c["frontend"] == "NodePort"]
+    assert nodeport and all("reachability" in c["changed"] for c in nodeport)
+    assert topo.connect(NODE_IP, 30080).outcome == "refused"
