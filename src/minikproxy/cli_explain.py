@@ -56,7 +56,7 @@ def add_subcommands(sub: Any) -> None:
     diff.add_argument(
         "--against-live",
         action="store_true",
-        help="compare with the rules in this node's kernel (iptables mode: iptables-save)",
+        help="compare with the rules in this node's kernel (iptables-save, or nft list table)",
     )
     diff.add_argument("--ip-family", choices=(IPV4, IPV6), default=None)
     diff.add_argument("--json", action="store_true", help="one JSON object")

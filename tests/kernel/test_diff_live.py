@@ -25,12 +25,12 @@ OBJECTS = [
 ]
 
 
-def live_diff(topo: Topology, manifest: Path) -> dict[str, Any]:
-    """``diff --against-live --json`` run inside the node's namespace."""
+def live_diff(topo: Topology, manifest: Path, *mode: str) -> dict[str, Any]:
+    """``diff --against-live --json`` (``mode``: extra flags) run inside the node's namespace."""
     argv = ["ip", "netns", "exec", topo.namespaces["node"], sys.executable, "-m", "minikproxy",
             "diff", "-f", str(manifest), "--hostname-override", NODE, "--cluster-cidr",
             "10.10.2.0/24", "--ip-family", "IPv4", "--against-live", "--json",
-            "--exit-code"]  # fmt: skip
+            "--exit-code", "--node-ip", NODE_IP, *mode]  # fmt: skip
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     assert proc.returncode in (0, 1), proc.stderr
     out: dict[str, Any] = json.loads(proc.stdout)
@@ -59,3 +59,33 @@ def test_live_rules_match_then_drift_is_reported(topo: Topology, tmp_path: Path)
     nodeport = [c for c in live_diff(topo, manifest)["changes"] if c["frontend"] == "NodePort"]
     assert nodeport and all("reachability" in c["changed"] for c in nodeport)
     assert topo.connect(NODE_IP, 30080).outcome == "refused"
+
+
+@pytest.mark.parametrize(
+    ("layout", "table", "element"),
+    [
+        ("flat", "minikproxy", ("service-dispatch", "10.96.0.10 . tcp . 80")),
+        ("kube-proxy", "kube-proxy", ("service-ips", "10.96.0.10 . tcp . 80")),
+    ],
+)
+def test_nftables_drift_is_reported(
+    topo: Topology, tmp_path: Path, layout: str, table: str, element: tuple[str, str]
+) -> None:
+    manifest = tmp_path / "cluster.json"
+    manifest.write_text(json.dumps({"kind": "List", "items": OBJECTS}))
+    flags = ["--proxy-mode", "nftables", "--nftables-layout", layout]
+    topo.load_nft(
+        payload(OBJECTS[1:], cluster_cidr="10.10.2.0/24", mode="nftables", nftables_layout=layout)
+    )
+    assert live_diff(topo, manifest, *flags)["changes"] == []
+    assert topo.connect("10.96.0.10", 80).ok
+
+    # Someone deletes the cluster IP's dispatch element: no DNAT, the cluster-IP check rejects.
+    name, key = element
+    topo.node_exec(["nft", "delete", "element", "ip", table, name, "{", key, "}"])
+    changes = live_diff(topo, manifest, *flags)["changes"]
+    cluster_ip = [c for c in changes if c["frontend"] == "ClusterIP"]
+    assert cluster_ip and all(c["new"] == "reject" for c in cluster_ip), changes
+    assert all("reachability" in c["changed"] for c in cluster_ip)
+    assert not [c for c in changes if c["frontend"] == "NodePort"]
+    assert topo.connect("10.96.0.10", 80).outcome == "refused"

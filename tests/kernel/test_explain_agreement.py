@@ -11,6 +11,7 @@ import pytest
 
 from minikproxy.config import ProxyConfig
 from minikproxy.explain.driver import ModeView, build_view, explain_packet, track, with_mode
+from minikproxy.explain.live import live_view
 from minikproxy.explain.packet import make_packet
 from minikproxy.explain.result import Explanation
 from minikproxy.model.names import IPFamily
@@ -90,10 +91,22 @@ def check_agreement(topo: Topology, view: ModeView, send: Send) -> Explanation:
     return exp
 
 
+def _shares(exp: Explanation) -> list[tuple[str, float, bool]]:
+    """Endpoints with shares to 6 places (iptables-save prints 0.33333333349 for 0.3333333333)."""
+    return [(e.address, round(e.probability, 6), e.masquerade) for e in exp.endpoints]
+
+
 @pytest.mark.parametrize(("case", "mode"), PARAMS)
 def test_explain_agrees_with_the_kernel(topo: Topology, case: Case, mode: str) -> None:
     if case.name == "localhost-nodeport":
         topo.node_exec(["sysctl", "-qw", "net.ipv4.conf.all.route_localnet=1"])
     view = load_case(topo, case, mode)
+    live = live_view(view, topo.namespaces["node"])  # the rules read back from the kernel
     for send in case.sends:
-        check_agreement(topo, view, send)
+        exp = check_agreement(topo, view, send)
+        again = explain_packet(live, exp.packet)
+        assert (again.verdict, _shares(again), again.masquerade) == (
+            exp.verdict,
+            _shares(exp),
+            exp.masquerade,
+        ), (mode, exp.packet)

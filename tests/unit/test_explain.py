@@ -260,3 +260,36 @@ def test_diff_with_incremental_compile_equals_full_compiles(mode: str) -> None:
     got = [(c.probe.key, c.what) for c in diff_views(first, second)]
     assert got == [(c.probe.key, c.what) for c in diff_views(full_old, full_new)]
     assert {str(c.probe.port) for c in diff_views(first, second)} == {"t/a:p", "t/b:p", "t/shop:p"}
+
+
+def test_nft_list_output_is_read_back() -> None:
+    from minikproxy.explain.nftlist import list_to_commands
+
+    listing = """table ip t {
+	set ips {
+		type ipv4_addr
+		elements = { 10.0.0.1,
+			     10.0.0.2 }
+	}
+	set sticky {
+		type ipv4_addr
+		flags dynamic,timeout
+		elements = { 10.9.9.9 timeout 3h expires 2h }
+	}
+	chain pre {
+		type filter hook prerouting priority dstnat - 10; policy accept;
+		comment "a chain comment"
+		ip daddr @ips drop comment "x"
+	}
+}
+"""
+    assert list_to_commands(listing) == [
+        "add table ip t",
+        "add set ip t ips",
+        "add element ip t ips { 10.0.0.1, 10.0.0.2 }",
+        "add set ip t sticky",
+        "add chain ip t pre { type filter hook prerouting priority -110 ; }",
+        'add rule ip t pre ip daddr @ips drop comment "x"',
+    ]
+    with pytest.raises(ExplainError, match="priority"):
+        list_to_commands("table ip t {\n chain c {\n type filter hook input priority odd; }\n}\n")

@@ -10,6 +10,8 @@ from typing import Any
 from minikproxy.explain.driver import ModeView
 from minikproxy.explain.engine import ExplainError
 from minikproxy.explain.iptables import IptablesRules
+from minikproxy.explain.nft import NftRules
+from minikproxy.explain.nftlist import list_to_commands
 from minikproxy.model.names import IPV6
 from minikproxy.sources.manifests import SourcedObject
 
@@ -50,16 +52,24 @@ def list_cluster(kubeconfig: str | None, node_name: str) -> list[SourcedObject]:
 
 
 def live_view(view: ModeView, netns: str = "") -> ModeView:
-    """``view`` with the rules this node's kernel holds instead of the compiled ones."""
-    if view.mode != "iptables":
-        raise ExplainError(f"--against-live: not implemented for {view.mode} mode (iptables only)")
-    binary = "ip6tables-save" if view.family == IPV6 else "iptables-save"
-    argv = [binary]
+    """``view`` with the rules this node's kernel holds (``iptables-save``, or ``nft list
+    table`` of the mode's table) instead of the compiled ones; ``netns`` runs the tool in
+    that network namespace."""
+    if view.mode == "iptables":
+        binary = "ip6tables-save" if view.family == IPV6 else "iptables-save"
+        text = _run([binary], netns)
+        return dataclasses.replace(view, rules=IptablesRules.from_text(text), ruleset=None)
+    family = "ip6" if view.family == IPV6 else "ip"
+    table = "kube-proxy" if view.mode == "nftables/kube-proxy" else "minikproxy"
+    text = _run(["nft", "list", "table", family, table], netns)
+    rules = NftRules.from_lines(list_to_commands(text))
+    return dataclasses.replace(view, rules=rules, ruleset=None)
+
+
+def _run(argv: list[str], netns: str) -> str:
     if netns:
         argv = ["ip", "netns", "exec", netns, *argv]
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        raise ExplainError(f"{binary} failed: {proc.stderr.strip()}")
-    return dataclasses.replace(
-        view, rules=IptablesRules.from_text(proc.stdout), ruleset=None, mode="iptables"
-    )
+        raise ExplainError(f"{' '.join(argv)} failed: {proc.stderr.strip()}")
+    return proc.stdout

@@ -260,6 +260,14 @@ class NftRules:
     def _eval(
         self, hook: str, chain: str, rule: NftRule, flow: Flow
     ) -> list[tuple[str, str, Flow]]:
+        try:
+            return self._eval_rule(hook, chain, rule, flow)
+        except _NoMatch:
+            return [("next", "", flow)]
+
+    def _eval_rule(
+        self, hook: str, chain: str, rule: NftRule, flow: Flow
+    ) -> list[tuple[str, str, Flow]]:
         """One rule on ``flow``: ``(action, target, flow)`` per branch; action is ``next``
         (no match or no verdict: go on), ``jump``/``goto`` (target), or an outcome."""
         toks = rule.tokens
@@ -518,6 +526,8 @@ def _value(expr: tuple[str, ...], flow: Flow) -> str:
     if expr == ("meta", "l4proto"):
         return flow.proto
     if expr[-1] == "dport":
+        if head != "th" and head != flow.proto:
+            raise _NoMatch  # a tcp/udp/sctp header field: the rule needs that protocol
         return str(flow.dport)
     if expr in (("meta", "mark"), ("mark",)):
         return hex(flow.mark)
@@ -534,6 +544,10 @@ def _value(expr: tuple[str, ...], flow: Flow) -> str:
     if head == "ct" and expr[1] == "original":
         return str(flow.orig_dport) if expr[2] == "proto-dst" else flow.orig_dst
     raise ExplainError(f"expression {' '.join(expr)} has no value")
+
+
+class _NoMatch(Exception):
+    """The rule cannot match this flow (a header of another protocol)."""
 
 
 def _scalar_matches(rhs: str, value: str) -> bool:
