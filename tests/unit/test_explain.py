@@ -269,7 +269,7 @@ def test_nft_list_output_is_read_back() -> None:
 	set ips {
 		type ipv4_addr
 		elements = { 10.0.0.1,
-			     10.0.0.2 }
+			10.0.0.2 }
 	}
 	set sticky {
 		type ipv4_addr
