@@ -13,14 +13,13 @@ per-service updates the way kube-proxy's partial syncs do.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import ipaddress
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 from minikproxy.compile.cidr import cidr_contains
+from minikproxy.compile.names import hash8
 from minikproxy.compile.nftables_options import NftablesOptions
 from minikproxy.model.endpoint import Endpoint
 from minikproxy.model.names import IPV4, NamespacedName, ServicePortName
@@ -106,8 +105,7 @@ def hash_and_truncate(name: str) -> str:
 
     HASH8 is the first 8 characters of base32(SHA-256(name)), standard alphabet.
     """
-    digest = hashlib.sha256(name.encode()).digest()
-    result = base64.b32encode(digest)[:8].decode() + "-" + name
+    result = hash8(name) + "-" + name
     if len(result) > CHAIN_NAME_BASE_LENGTH_MAX:
         result = result[: CHAIN_NAME_BASE_LENGTH_MAX - 3] + "..."
     return result

@@ -100,12 +100,21 @@ class NftSet:
         return None
 
 
-@dataclass
 class NftRule:
-    """A rule's text and tokens (interpreted at evaluation)."""
+    """A rule's text, split into tokens on first use (interpreted at evaluation)."""
 
-    text: str
-    tokens: list[str]
+    __slots__ = ("_tokens", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self._tokens: list[str] | None = None
+
+    @property
+    def tokens(self) -> list[str]:
+        """The rule's words, with ``{ ... }`` groups and quoted strings as one token."""
+        if self._tokens is None:
+            self._tokens = _TOKEN.findall(self.text)
+        return self._tokens
 
 
 class NftRules:
@@ -183,7 +192,25 @@ class NftRules:
                 for text in texts:
                     target.add(text)
             return rules
-        return cls.from_lines(ruleset.lines())  # type: ignore[attr-defined]
+        from minikproxy.compile.nftables_kubeproxy import KubeProxyNftRuleset
+
+        if not isinstance(ruleset, KubeProxyNftRuleset):
+            raise ExplainError(f"not an nftables ruleset: {type(ruleset).__name__}")
+        rules = cls.from_lines(ruleset.base_lines())
+        frags = [ruleset.services[name] for name in sorted(ruleset.services)]
+        for frag in frags:  # every chain and set first: rules and elements refer to them
+            for line in frag.sets:
+                name = line.split(" ", 5)[4]
+                rules.sets.setdefault(name, NftSet(name, is_map=False))
+            for chain, _ in frag.chains:
+                rules.add_chain(chain, "")
+        for frag in frags:
+            for chain, body in frag.chains:
+                for text in body:
+                    rules.add_rule(chain, text)
+            for container, element in frag.elements:
+                rules.sets[container].add(element)
+        return rules
 
     def add_chain(self, name: str, spec: str) -> None:
         """Declare a chain (a base chain when ``spec`` names a hook)."""
@@ -198,7 +225,7 @@ class NftRules:
         """Append a rule to ``chain``."""
         if chain not in self.chains:
             raise ExplainError(f"rule for an undeclared chain {chain}: {text!r}")
-        self.chains[chain].append(NftRule(text, _TOKEN.findall(text)))
+        self.chains[chain].append(NftRule(text))
 
     def add_elements(self, name: str, text: str) -> None:
         """``{ a, b : c, ... }`` into set ``name``."""
