@@ -244,6 +244,132 @@ CASES: list[Case] = [
         modes=("iptables",),
     ),
     Case(
+        "source-ranges-from-the-node",  # the node's IP is in the range: it may use its LB
+        [
+            _lb(
+                "fromnode",
+                "10.96.0.63",
+                "203.0.113.63",
+                30063,
+                loadBalancerSourceRanges=["10.10.1.0/24"],
+            ),
+            slice_("fromnode", BACKENDS),
+            _lb(
+                "notnode",
+                "10.96.0.64",
+                "203.0.113.64",
+                30064,
+                loadBalancerSourceRanges=["192.0.2.0/24"],
+            ),
+            slice_("notnode", BACKENDS),
+        ],
+        [
+            Send("203.0.113.63", 80, origin="node", src=NODE_IP),
+            Send("203.0.113.64", 80, origin="node", src=NODE_IP),
+        ],
+    ),
+    Case(
+        "external-ip-local-policy-and-udp-nodeport",
+        [
+            service(
+                "ext",
+                "10.96.0.45",
+                type="NodePort",
+                externalTrafficPolicy="Local",
+                externalIPs=["203.0.113.45"],
+                port_extra={"nodePort": 30045},
+            ),
+            slice_("ext", BACKENDS, local=("10.10.2.2", "10.10.2.4")),
+            service(
+                "dnsnp", "10.96.0.46", proto="UDP", type="NodePort", port_extra={"nodePort": 30046}
+            ),
+            slice_("dnsnp", BACKENDS, proto="UDP"),
+        ],
+        [Send("203.0.113.45", 80), Send(NODE_IP, 30045), Send(NODE_IP, 30046, proto="udp")],
+    ),
+    Case(
+        "internal-policy-local-from-the-node",
+        [
+            service("itpn", "10.96.0.47", internalTrafficPolicy="Local"),
+            slice_("itpn", BACKENDS, local=("10.10.2.2",)),
+        ],
+        [Send("10.96.0.47", 80, origin="node", src=NODE_IP)],
+    ),
+    Case(
+        "local-endpoint-only-terminating",  # ETP Local falls back to the serving-terminating one
+        [
+            service(
+                "lterm",
+                "10.96.0.48",
+                type="NodePort",
+                externalTrafficPolicy="Local",
+                port_extra={"nodePort": 30048},
+            ),
+            {
+                **slice_(
+                    "lterm",
+                    BACKENDS[:1],
+                    local=("10.10.2.2",),
+                    ready=False,
+                    serving=True,
+                    terminating=True,
+                ),
+                "metadata": {
+                    "name": "lterm-a",
+                    "namespace": "t",
+                    "labels": {"kubernetes.io/service-name": "lterm"},
+                },
+            },
+            {
+                **slice_("lterm", BACKENDS[1:]),
+                "metadata": {
+                    "name": "lterm-b",
+                    "namespace": "t",
+                    "labels": {"kubernetes.io/service-name": "lterm"},
+                },
+            },
+        ],
+        [Send(NODE_IP, 30048), Send("10.96.0.48", 80)],
+    ),
+    Case(
+        "not-ready-endpoints-only",
+        [service("unready", "10.96.0.49"), slice_("unready", BACKENDS, ready=False)],
+        [Send("10.96.0.49", 80)],
+    ),
+    Case(
+        "two-ports-one-service",
+        [
+            {
+                **service("multi", "10.96.0.55"),
+                "spec": {
+                    "clusterIP": "10.96.0.55",
+                    "clusterIPs": ["10.96.0.55"],
+                    "ports": [
+                        {"name": "p", "port": 80, "protocol": "TCP"},
+                        {"name": "q", "port": 81, "protocol": "TCP"},
+                    ],
+                },
+            },
+            {
+                **slice_("multi", BACKENDS),
+                "ports": [
+                    {"name": "p", "port": 8080, "protocol": "TCP"},
+                    {"name": "q", "port": 8080, "protocol": "UDP"},
+                ],
+            },
+        ],
+        [Send("10.96.0.55", 80), Send("10.96.0.55", 81)],
+    ),
+    Case(
+        "nodeport-addresses",  # only 10.10.1.1 answers; the node's other addresses do not
+        [
+            service("npa", "10.96.0.56", type="NodePort", port_extra={"nodePort": 30056}),
+            slice_("npa", BACKENDS),
+        ],
+        [Send(NODE_IP, 30056), Send("10.10.2.1", 30056, origin="pod", src=BACKENDS[0])],
+        config={"nodeport_addresses": ("10.10.1.0/24",)},
+    ),
+    Case(
         "ipv6",
         [
             service(
