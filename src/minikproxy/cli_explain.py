@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -84,6 +85,9 @@ def dispatch(args: argparse.Namespace) -> int:
         if args.command == "explain":
             return _explain(args, config)
         return _diff(args, config)
+    except BrokenPipeError:  # the reader (| head) went away: not an error
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - Python flushes stdout at exit
+        return 0
     except (ManifestError, ConfigError, ExplainError, KubeConfigError, ValueError) as err:
         print(f"minikproxy {args.command}: {err}", file=sys.stderr)
         return EXIT_USAGE

@@ -254,6 +254,7 @@ def explain_packet(view: ModeView, packet: Packet, *, detail: bool = True) -> Ex
                 pod_source=pod_source,
                 local_detection=view.local_detection,
                 masquerade_all=view.masquerade_all,
+                dnat=verdict == "dnat",
             )
         )
     if not targets:

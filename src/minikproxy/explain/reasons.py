@@ -80,8 +80,10 @@ def service_reasons(
     pod_source: bool,
     local_detection: str,
     masquerade_all: bool,
+    dnat: bool = True,
 ) -> Iterator[str]:
-    """The Kubernetes facts behind the rules for ``target``, in the order they apply."""
+    """The Kubernetes facts behind the rules for ``target``, in the order they apply
+    (without ``dnat``, the packet is not forwarded: nothing about masquerading)."""
     port = target.port
     cat = state.categorize(port)
     name = f"{port.name} ({port.protocol})"
@@ -137,6 +139,8 @@ def service_reasons(
         yield f"topology: {cat.topology_reason}"
     if port.session_affinity_client_ip:
         yield f"sessionAffinity: ClientIP (timeout {port.sticky_max_age_seconds} s)"
+    if not dnat:
+        return
     if masquerade_all:
         yield "--masquerade-all: every Service connection is masqueraded"
     elif external and not port.external_policy_local:
