@@ -293,3 +293,16 @@ def test_nft_list_output_is_read_back() -> None:
     ]
     with pytest.raises(ExplainError, match="priority"):
         list_to_commands("table ip t {\n chain c {\n type filter hook input priority odd; }\n}\n")
+
+
+def test_diff_of_an_added_service_says_what_its_frontends_did_before() -> None:
+    old = view_of([service("a", "10.96.0.1"), slice_("a", BACKENDS)], "nftables",
+                  service_cidrs=("10.96.0.0/16",))  # fmt: skip
+    new = view_of([service("a", "10.96.0.1"), slice_("a", BACKENDS),
+                   service("b", "10.96.0.2"), slice_("b", BACKENDS)], "nftables",
+                  service_cidrs=("10.96.0.0/16",))  # fmt: skip
+    changes = diff_views(old, new)
+    assert {str(c.probe.port) for c in changes} == {"t/b:p"}
+    # An unallocated address of the service CIDR was dropped; now it is a Service.
+    assert all(c.old.verdict == "drop" and c.new.verdict == "dnat" for c in changes)
+    assert all("reachability" in c.what for c in changes)

@@ -44,17 +44,13 @@ class Outcome:
     affinity: bool
 
     @classmethod
-    def of(cls, exp: Explanation | None) -> Outcome:
-        """The outcome of ``exp`` (None: the frontend does not exist on that side)."""
-        if exp is None:
-            return cls("absent", (), False, False)
+    def of(cls, exp: Explanation) -> Outcome:
+        """The outcome of ``exp``."""
         eps = tuple((e.address, round(e.probability, 4)) for e in exp.endpoints)
         return cls(exp.verdict, eps, exp.masquerade, bool(exp.affinity))
 
     def describe(self) -> str:
         """``dnat to 3 endpoints (masqueraded)``."""
-        if self.verdict == "absent":
-            return "no such frontend"
         if self.verdict != "dnat":
             return self.verdict
         eps = ", ".join(f"{a} {p * 100:.1f}%" for a, p in self.endpoints)
@@ -131,7 +127,7 @@ def compare(a: Outcome, b: Outcome) -> tuple[str, ...]:
     what: list[str] = []
     if a.verdict != b.verdict:
         what.append(f"verdict {a.verdict} -> {b.verdict}")
-        if "absent" in (a.verdict, b.verdict) or "dnat" in (a.verdict, b.verdict):
+        if "dnat" in (a.verdict, b.verdict):
             what.append("reachability")
     if a.verdict == b.verdict == "dnat":
         old_eps, new_eps = dict(a.endpoints), dict(b.endpoints)
@@ -182,25 +178,24 @@ def diff_views(old: ModeView, new: ModeView) -> list[Change]:
             found: dict[tuple[Any, ...], tuple[Probe, Outcome]] = {}
             port = view.state.services.get(name)
             if port is not None:
-                for probe in probes(view, port):
-                    found[probe.key] = (
-                        probe,
-                        Outcome.of(explain_packet(view, probe.packet, detail=False)),
-                    )
+                found.update(
+                    (probe.key, (probe, _outcome(view, probe))) for probe in probes(view, port)
+                )
             sides.append(found)
         before, after = sides
         for key in sorted(set(before) | set(after), key=_sort_key):
             probe = (before.get(key) or after[key])[0]
-            a = before[key][1] if key in before else Outcome.of(None)
-            b = after[key][1] if key in after else Outcome.of(None)
-            if key not in before and key in after and old.state.services.get(name):
-                a = Outcome.of(explain_packet(old, probe.packet, detail=False))
-            if key in before and key not in after and new.state.services.get(name):
-                b = Outcome.of(explain_packet(new, probe.packet, detail=False))
+            # A frontend only one side has: what the other side's rules do to that packet.
+            a = before[key][1] if key in before else _outcome(old, probe)
+            b = after[key][1] if key in after else _outcome(new, probe)
             what = compare(a, b)
             if what:
                 changes.append(Change(probe, a, b, what, known_difference(old, new, probe)))
     return changes
+
+
+def _outcome(view: ModeView, probe: Probe) -> Outcome:
+    return Outcome.of(explain_packet(view, probe.packet, detail=False))
 
 
 def _sort_key(key: tuple[Any, ...]) -> tuple[str, ...]:

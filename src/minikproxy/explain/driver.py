@@ -25,7 +25,7 @@ from minikproxy.explain.reasons import (
     service_reasons,
 )
 from minikproxy.explain.result import Explanation
-from minikproxy.model.names import IPV4, IPV6, IPFamily
+from minikproxy.model.names import IPV6, IPFamily
 from minikproxy.model.parse import NodeInfo, canonical_ip
 from minikproxy.model.problems import ObjectProblem
 from minikproxy.model.state import ProxyState
@@ -259,7 +259,8 @@ def explain_packet(view: ModeView, packet: Packet, *, detail: bool = True) -> Ex
         )
     if not targets:
         reasons.extend(no_target_reasons(view.frontends, packet))
-    notes = list(view.notes)
+    # The mode's notes about this port (IPv6 affinity in the flat nftables layout).
+    notes = [n for n in view.notes if targets and n.startswith(f"{targets[0].port.name} (")]
     if (
         view.mode.startswith("nftables")
         and packet.dst in ("127.0.0.1", "::1")
@@ -280,8 +281,3 @@ def explain_packet(view: ModeView, packet: Packet, *, detail: bool = True) -> Ex
         path=merged_path(walked),
         notes=tuple(notes),
     )
-
-
-def families_of(packet_family: IPFamily | None) -> tuple[IPFamily, ...]:
-    """The families to compile: the packet's, or both."""
-    return (packet_family,) if packet_family else (IPV4, IPV6)

@@ -189,26 +189,23 @@ def endpoint_shares(walked: Walk) -> tuple[Verdict, tuple[EndpointShare, ...], b
     for verdict, flow in walked.flows:
         mass[verdict] = mass.get(verdict, 0.0) + flow.prob
     verdict = max(mass, key=lambda v: mass[v]) if mass else "none"
-    shares: dict[str, list[float | bool]] = {}
-    rules: list[str] = []
-    masq_any = False
+    if verdict != "dnat":
+        return verdict, (), False, []
+    share: dict[str, float] = {}
+    masqueraded: dict[str, bool] = {}
+    rules: dict[str, None] = {}
     for v, flow in walked.flows:
         if v != "dnat":
             continue
-        entry = shares.setdefault(flow.dnat_to, [0.0, False])
-        entry[0] = float(entry[0]) + flow.prob
-        entry[1] = bool(entry[1]) or flow.masquerade
-        masq_any = masq_any or flow.masquerade
-        for rule in flow.masq_rules if flow.masquerade else ():
-            if rule not in rules:
-                rules.append(rule)
+        share[flow.dnat_to] = share.get(flow.dnat_to, 0.0) + flow.prob
+        masqueraded[flow.dnat_to] = masqueraded.get(flow.dnat_to, False) or flow.masquerade
+        if flow.masquerade:
+            rules.update(dict.fromkeys(flow.masq_rules))
     endpoints = tuple(
-        EndpointShare(address, float(p), bool(m))
-        for address, (p, m) in sorted(shares.items(), key=lambda kv: _address_key(kv[0]))
+        EndpointShare(address, share[address], masqueraded[address])
+        for address in sorted(share, key=_address_key)
     )
-    if verdict != "dnat":
-        return verdict, (), False, []
-    return verdict, endpoints, masq_any, rules
+    return verdict, endpoints, any(masqueraded.values()), list(rules)
 
 
 def _address_key(address: str) -> tuple[int, int, int]:

@@ -10,16 +10,14 @@ from minikproxy.explain.packet import Packet
 from minikproxy.model.serviceport import ServicePort
 from minikproxy.model.state import ProxyState
 
-Frontend = str
-"""``ClusterIP``, ``externalIP``, ``LoadBalancer IP`` or ``NodePort``."""
-
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """The service port a packet is addressed to, and through which frontend."""
+    """The service port a packet is addressed to, and through which frontend (``ClusterIP``,
+    ``externalIP``, ``LoadBalancer IP`` or ``NodePort``)."""
 
     port: ServicePort
-    frontend: Frontend
+    frontend: str
 
 
 @dataclass(frozen=True, slots=True)
