@@ -330,11 +330,12 @@ class Proxier:
                 versions = dict(self._resource_versions)
                 snapshots = {f: self.tracker.snapshot(f) for f in self.families}
                 node = self.tracker.node
+                service_cidrs = self.service_cidrs  # one value for every family of the sync
                 self.tracker.checkout_pending()
                 self.metrics.service_changes_pending.set(0)
                 self.metrics.endpoint_changes_pending.set(0)
             for family in self.families:
-                self._sync_family(family, snapshots[family], node, full)
+                self._sync_family(family, snapshots[family], node, service_cidrs, full)
             end = self.clock()
             duration = end - start
             self.initial_load_gc.release()
@@ -391,14 +392,19 @@ class Proxier:
         return False
 
     def _sync_family(
-        self, family: IPFamily, snapshot: Snapshot, node: NodeInfo, full: bool
+        self,
+        family: IPFamily,
+        snapshot: Snapshot,
+        node: NodeInfo,
+        service_cidrs: Sequence[str],
+        full: bool,
     ) -> None:
         state = self._families[family]
         mode = self._mode
         addresses: Sequence[str] = ()
         if self.config.nodeport_addresses and self.local_addresses is not None:
             addresses = self.local_addresses(family)
-        options = mode.options(self.config, node, family, addresses, self.service_cidrs)
+        options = mode.options(self.config, node, family, addresses, service_cidrs)
         base = state.compiled if mode.dry_run else state.applied
         previous = None if full else base
         plan = mode.compile(
