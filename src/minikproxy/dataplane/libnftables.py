@@ -204,6 +204,8 @@ class NftContext(Closing):
             # Freed memory stays in this thread's malloc arena unless trimmed.
             _libc().malloc_trim(0)
 
+        if self._ctx is None:
+            raise RuntimeError("NftContext is closed")
         self._call(renew)
 
     def close(self) -> None:
