@@ -11,7 +11,7 @@ from minikproxy.config import NFTABLES_LAYOUTS, ConfigError
 from minikproxy.flags import add_node_flags, config_from_args, service_name
 from minikproxy.gcutil import gc_paused
 from minikproxy.model.names import IPV4, IPV6, IPFamily
-from minikproxy.nodeopts import split_list
+from minikproxy.nodeopts import config_warnings, split_list
 
 __all__ = ["EXIT_USAGE", "build_parser", "config_from_args", "main"]
 
@@ -81,12 +81,8 @@ def _render(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    if config.mode == "nftables" and args.iptables_localhost_nodeports:
-        print(
-            "warning: localhost NodePorts are not supported in nftables mode (as in "
-            "kube-proxy); --iptables-localhost-nodeports is ignored",
-            file=sys.stderr,
-        )
+    for warning in config_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
     for note in result.notes:
         print(f"warning: {note}", file=sys.stderr)
     for problem in result.problems:
