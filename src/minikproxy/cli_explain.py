@@ -76,6 +76,8 @@ def _add_inputs(parser: argparse.ArgumentParser, *, required: bool) -> None:
 
 def dispatch(args: argparse.Namespace) -> int:
     """Run ``explain`` or ``diff``."""
+    from minikproxy.dataplane.execer import ExecError
+    from minikproxy.dataplane.iptables import BackendDetectionError
     from minikproxy.explain.engine import ExplainError
     from minikproxy.sources.kubeclient import KubeConfigError
     from minikproxy.sources.manifests import ManifestError
@@ -88,7 +90,16 @@ def dispatch(args: argparse.Namespace) -> int:
     except BrokenPipeError:  # the reader (| head) went away: not an error
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - Python flushes stdout at exit
         return 0
-    except (ManifestError, ConfigError, ExplainError, KubeConfigError, ValueError) as err:
+    except (
+        ManifestError,
+        ConfigError,
+        ExplainError,
+        KubeConfigError,
+        ValueError,
+        ExecError,
+        BackendDetectionError,
+        FileNotFoundError,
+    ) as err:
         print(f"minikproxy {args.command}: {err}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from minikproxy.testing.netns import Topology
+from minikproxy.testing.netns import IptablesBackend, Topology
 
 from .traffic import BACKENDS, NODE, NODE_IP, NODE_OBJ, payload, service, slice_
 
@@ -38,16 +38,19 @@ def live_diff(topo: Topology, manifest: Path, *mode: str) -> dict[str, Any]:
     return out
 
 
-def test_live_rules_match_then_drift_is_reported(topo: Topology, tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["nft", "legacy"])
+def test_live_rules_match_then_drift_is_reported(
+    topo: Topology, tmp_path: Path, backend: IptablesBackend
+) -> None:
     manifest = tmp_path / "cluster.json"
     manifest.write_text(json.dumps({"kind": "List", "items": OBJECTS}))
-    topo.load_iptables(payload(OBJECTS[1:], cluster_cidr="10.10.2.0/24"))
-    assert live_diff(topo, manifest)["changes"] == []
+    topo.load_iptables(payload(OBJECTS[1:], cluster_cidr="10.10.2.0/24"), backend=backend)
+    assert live_diff(topo, manifest)["changes"] == []  # the backend in use is detected
 
     # Someone deletes the jump to the first endpoint from the service chain.
     saved = topo.iptables_save()
     (jump,) = [line for line in saved.splitlines() if "-> 10.10.2.2:8080" in line]
-    topo.node_exec(["iptables", "-t", "nat", "-D", *shlex.split(jump)[1:]])
+    topo.node_exec([f"iptables-{backend}", "-t", "nat", "-D", *shlex.split(jump)[1:]])
     changes = live_diff(topo, manifest)["changes"]
     assert changes and all(c["changed"] == ["endpoint set"] for c in changes)
     assert all("10.10.2.2:8080" not in c["new"] for c in changes)
@@ -55,7 +58,7 @@ def test_live_rules_match_then_drift_is_reported(topo: Topology, tmp_path: Path)
                                                             ("NodePort", "external")}  # fmt: skip
 
     # ... and flushes the NodePorts: they become unreachable (the kernel agrees).
-    topo.node_exec(["iptables", "-t", "nat", "-F", "KUBE-NODEPORTS"])
+    topo.node_exec([f"iptables-{backend}", "-t", "nat", "-F", "KUBE-NODEPORTS"])
     nodeport = [c for c in live_diff(topo, manifest)["changes"] if c["frontend"] == "NodePort"]
     assert nodeport and all("reachability" in c["changed"] for c in nodeport)
     assert topo.connect(NODE_IP, 30080).outcome == "refused"

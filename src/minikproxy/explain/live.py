@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
 from typing import Any
 
 from minikproxy.explain.driver import ModeView
@@ -51,25 +50,32 @@ def list_cluster(kubeconfig: str | None, node_name: str) -> list[SourcedObject]:
     return out
 
 
-def live_view(view: ModeView, netns: str = "") -> ModeView:
-    """``view`` with the rules this node's kernel holds (``iptables-save``, or ``nft list
-    table`` of the mode's table) instead of the compiled ones; ``netns`` runs the tool in
+def live_view(view: ModeView, netns: str = "", *, timeout: float = 60.0) -> ModeView:
+    """``view`` with the rules this node's kernel holds instead of the compiled ones: in
+    iptables mode ``iptables-save`` of the backend the node uses (detected as ``run`` does),
+    in nftables mode ``nft list table`` of the mode's table. ``netns`` runs the tools in
     that network namespace."""
-    if view.mode == "iptables":
-        binary = "ip6tables-save" if view.family == IPV6 else "iptables-save"
-        text = _run([binary], netns)
-        return dataclasses.replace(view, rules=IptablesRules.from_text(text), ruleset=None)
-    family = "ip6" if view.family == IPV6 else "ip"
-    table = "kube-proxy" if view.mode == "nftables/kube-proxy" else "minikproxy"
-    text = _run(["nft", "list", "table", family, table], netns)
+    from minikproxy.dataplane.execer import RealExecer
+    from minikproxy.dataplane.iptables import binary_name, detect_backend
+
+    execer = RealExecer(netns or None, timeout=timeout)
+    try:
+        if view.mode == "iptables":
+            tool = binary_name(view.family, detect_backend(execer), "save")
+            text = _run(execer, [tool])
+            return dataclasses.replace(view, rules=IptablesRules.from_text(text), ruleset=None)
+        family = "ip6" if view.family == IPV6 else "ip"
+        table = "kube-proxy" if view.mode == "nftables/kube-proxy" else "minikproxy"
+        text = _run(execer, ["nft", "list", "table", family, table])
+    finally:
+        execer.close()
     rules = NftRules.from_lines(list_to_commands(text))
     return dataclasses.replace(view, rules=rules, ruleset=None)
 
 
-def _run(argv: list[str], netns: str) -> str:
-    if netns:
-        argv = ["ip", "netns", "exec", netns, *argv]
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise ExplainError(f"{' '.join(argv)} failed: {proc.stderr.strip()}")
-    return proc.stdout
+def _run(execer: Any, argv: list[str]) -> str:
+    result = execer.run(argv)
+    if result.returncode != 0:
+        stderr = result.stderr.decode(errors="replace").strip()
+        raise ExplainError(f"{' '.join(argv)} failed: {stderr}")
+    return str(result.stdout.decode())
