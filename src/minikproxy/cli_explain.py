@@ -35,6 +35,12 @@ def add_subcommands(sub: Any) -> None:
     explain.add_argument("--dst", required=True, metavar="IP")
     explain.add_argument("--dport", required=True, type=int, metavar="PORT")
     explain.add_argument("--proto", choices=PROTOS, default="tcp")
+    explain.add_argument(
+        "--in-interface",
+        default="",
+        metavar="NAME",
+        help="the interface the packet arrives by (for interface-based local detection)",
+    )
     explain.add_argument("--json", action="store_true", help="one JSON object")
 
     diff = sub.add_parser(
@@ -122,7 +128,7 @@ def _explain(args: argparse.Namespace, config: ProxyConfig) -> int:
     from minikproxy.explain.driver import build_view, explain_packet, track
     from minikproxy.explain.packet import make_packet
 
-    packet = make_packet(args.src, args.dst, args.dport, args.proto, args.origin)
+    packet = make_packet(args.src, args.dst, args.dport, args.proto, args.origin, args.in_interface)
     objects = _objects(args.files, args.kubeconfig, config)
     tracker, problems = track(objects, config)
     for problem in problems:

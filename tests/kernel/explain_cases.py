@@ -28,6 +28,7 @@ class Send:
     origin: str = "external"
     proto: str = "tcp"
     src: str = ""
+    in_interface: str = ""
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,10 @@ CASES: list[Case] = [
     Case(
         "interface-detection",
         [service("web", "10.96.0.10"), slice_("web", BACKENDS)],
-        [Send("10.96.0.10", 80, origin="pod")],
+        [
+            Send("10.96.0.10", 80, origin="pod"),
+            Send("10.96.0.10", 80, in_interface="cl0"),  # the client's interface, named
+        ],
         config={"detect_local_mode": "InterfaceNamePrefix", "interface_name_prefix": "cl"},
     ),
     Case(

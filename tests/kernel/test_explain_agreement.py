@@ -66,7 +66,7 @@ def _source(send: Send, family: str) -> tuple[str, str]:
 def check_agreement(topo: Topology, view: ModeView, send: Send) -> Explanation:
     """Explain ``send`` with ``view`` and send it through the kernel; assert they agree."""
     ns, src = _source(send, view.family)
-    packet = make_packet(src, send.dst, send.port, send.proto, send.origin)  # type: ignore[arg-type]
+    packet = make_packet(src, send.dst, send.port, send.proto, send.origin, send.in_interface)  # type: ignore[arg-type]
     exp = explain_packet(view, packet)
     probe = Probe(send.dst, send.port, send.proto, src)  # type: ignore[arg-type]
     where = f"{view.mode} {packet.describe()}: explain says {exp.verdict}"

@@ -306,3 +306,18 @@ def test_diff_of_an_added_service_says_what_its_frontends_did_before() -> None:
     # An unallocated address of the service CIDR was dropped; now it is a Service.
     assert all(c.old.verdict == "drop" and c.new.verdict == "dnat" for c in changes)
     assert all("reachability" in c.what for c in changes)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_in_interface_decides_interface_based_detection(mode: str) -> None:
+    objs = [service("web", "10.96.0.10"), slice_("web", BACKENDS)]
+    view = view_of(
+        objs, mode, detect_local_mode="InterfaceNamePrefix", interface_name_prefix="veth"
+    )
+    pod = explain_packet(view, make_packet(CLIENT, "10.96.0.10", 80, "tcp", "external", "veth12"))
+    assert pod.verdict == "dnat" and not pod.masquerade
+    assert any("the source is kept" in r for r in pod.reasons)
+    other = explain_packet(view, make_packet(CLIENT, "10.96.0.10", 80, "tcp", "pod", "eth0"))
+    assert other.masquerade
+    with pytest.raises(ValueError, match="--in-interface"):
+        make_packet("10.10.1.1", "10.96.0.10", 80, "tcp", "node", "eth0")

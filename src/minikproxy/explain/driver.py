@@ -48,6 +48,7 @@ class ModeView:
     ruleset: Any
     local: frozenset[str]
     pod_interface: str
+    pod_interfaces: str
     nodeport_addresses: tuple[str, ...] | None
     local_cidr: str
     local_detection: str
@@ -190,6 +191,7 @@ def build_view(
         ruleset=ruleset,
         local=local,
         pod_interface=pod_interface,
+        pod_interfaces=_pod_interfaces(config),
         nodeport_addresses=nodeports,
         local_cidr=local_cidr,
         local_detection=detection,
@@ -229,6 +231,15 @@ def _detection(config: ProxyConfig, family: IPFamily, node: NodeInfo) -> tuple[s
     )
 
 
+def _pod_interfaces(config: ProxyConfig) -> str:
+    """The pod interface(s) of interface-based detection: a name, ``prefix*``, or ""."""
+    if config.detect_local_mode == "BridgeInterface":
+        return config.bridge_interface
+    if config.detect_local_mode == "InterfaceNamePrefix":
+        return f"{config.interface_name_prefix}*"
+    return ""
+
+
 def explain_packet(view: ModeView, packet: Packet, *, detail: bool = True) -> Explanation:
     """What ``view``'s rules do to ``packet``, with the Kubernetes reasons; without
     ``detail`` (diff), only the verdict, endpoints, masquerading and affinity."""
@@ -245,6 +256,10 @@ def explain_packet(view: ModeView, packet: Packet, *, detail: bool = True) -> Ex
         pod_source = cidr_contains(view.local_cidr, packet.src)
     else:
         pod_source = packet.origin == "pod" and bool(view.local_detection)
+        if packet.in_interface and view.pod_interfaces:  # the named interface decides
+            pattern = view.pod_interfaces
+            name = packet.in_interface
+            pod_source = name.startswith(pattern[:-1]) if pattern.endswith("*") else name == pattern
     for target in targets[:1]:
         reasons.extend(
             service_reasons(

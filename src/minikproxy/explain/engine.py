@@ -108,7 +108,9 @@ def walk(
     """Follow ``packet`` through PREROUTING (or OUTPUT), routing, FORWARD/INPUT, POSTROUTING."""
     local = set(local_addresses)
     iif = None
-    if not packet.locally_generated:
+    if packet.in_interface:
+        iif = packet.in_interface
+    elif not packet.locally_generated:
         iif = pod_interface if packet.origin == "pod" else EXTERNAL_INTERFACE
     start = Flow(
         prob=1.0,

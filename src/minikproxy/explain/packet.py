@@ -23,6 +23,8 @@ class Packet:
     ``origin`` picks the netfilter path: ``pod`` and ``external`` packets arrive on an
     interface (PREROUTING; a pod's interface is the one local-traffic detection names),
     ``node`` and ``localhost`` packets are sent by the node itself (OUTPUT).
+    ``in_interface`` names the interface an arriving packet comes in by (default: the pod
+    interface local-traffic detection names for a pod, another one for outside traffic).
     """
 
     src: str
@@ -30,6 +32,7 @@ class Packet:
     dport: int
     proto: str = "tcp"
     origin: Origin = "external"
+    in_interface: str = ""
 
     @property
     def family(self) -> IPFamily:
@@ -47,7 +50,9 @@ class Packet:
         return f"{self.proto} {self.src} -> {join_host_port(self.dst, self.dport)} (from {where})"
 
 
-def make_packet(src: str, dst: str, dport: int, proto: str, origin: Origin) -> Packet:
+def make_packet(
+    src: str, dst: str, dport: int, proto: str, origin: Origin, in_interface: str = ""
+) -> Packet:
     """A validated :class:`Packet` (canonical addresses); ValueError names the bad field."""
     try:
         src_ip = ipaddress.ip_address(src)
@@ -68,4 +73,6 @@ def make_packet(src: str, dst: str, dport: int, proto: str, origin: Origin) -> P
         raise ValueError(f"--from: unknown origin {origin!r}")
     if origin == "localhost" and not src_ip.is_loopback:
         raise ValueError(f"--from localhost needs a loopback --src, not {src}")
-    return Packet(str(src_ip), str(dst_ip), dport, proto, origin)
+    if in_interface and origin in ("node", "localhost"):
+        raise ValueError(f"--in-interface: a packet from {origin} is sent, it comes in by none")
+    return Packet(str(src_ip), str(dst_ip), dport, proto, origin, in_interface)
