@@ -151,11 +151,15 @@ def _diff(args: argparse.Namespace, config: ProxyConfig) -> int:
 
     old_config = config
     new_config = config
-    if args.to_proxy_mode:
-        target = args.to_proxy_mode
+    if args.to_proxy_mode or args.to_nftables_layout:
+        target = args.to_proxy_mode or config.mode
         if target == "nftables" and args.to_nftables_layout == "kube-proxy":
             target = "nftables/kube-proxy"
         new_config = with_mode(config, target)
+    if not (args.against or args.to_proxy_mode or args.to_nftables_layout or args.against_live):
+        raise ConfigError(
+            "nothing to compare with: give --against, --to-proxy-mode or --against-live"
+        )
     if args.against_live and (args.against or args.to_proxy_mode):
         raise ConfigError("--against-live compares with the kernel: no --against/--to-proxy-mode")
     node_addresses = split_list(args.node_addresses or "")

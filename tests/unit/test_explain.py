@@ -321,3 +321,19 @@ def test_in_interface_decides_interface_based_detection(mode: str) -> None:
     assert other.masquerade
     with pytest.raises(ValueError, match="--in-interface"):
         make_packet("10.10.1.1", "10.96.0.10", 80, "tcp", "node", "eth0")
+
+
+def test_mode_migrations_on_the_example_cluster(capsys: pytest.CaptureFixture[str]) -> None:
+    """The two nftables layouts do the same to every kind of traffic; iptables -> nftables
+    differs only where kube-proxy documents a difference (each change says which)."""
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    args = ["diff", "-f", str(examples / "cluster"), "--config",
+            str(examples / "kube-proxy-config.yaml"), "--json", "--exit-code"]  # fmt: skip
+    layouts = [*args, "--proxy-mode", "nftables", "--to-nftables-layout", "kube-proxy"]
+    assert main(layouts) == 0
+    assert json.loads(capsys.readouterr().out)["changes"] == []
+    assert main([*args, "--to-proxy-mode", "nftables"]) == 1
+    changes = json.loads(capsys.readouterr().out)["changes"]
+    assert changes and all(c["known_mode_difference"] for c in changes)
+    assert main(["diff", "-f", str(examples / "cluster")]) == 2
+    assert "nothing to compare with" in capsys.readouterr().err
