@@ -17,7 +17,7 @@ from minikproxy.explain.result import Explanation
 from minikproxy.model.names import IPFamily
 from minikproxy.render import render_objects
 from minikproxy.sources.manifests import SourcedObject
-from minikproxy.testing.netns import Probe, Topology
+from minikproxy.testing.netns import IptablesBackend, Probe, Topology
 
 from .explain_cases import CASES, CLIENT, CLIENT6, Case, Send
 from .traffic import NODE, NODE_OBJ
@@ -29,8 +29,11 @@ NODE_ADDRESSES = {"10.10.1.1", "10.10.2.1", "10.10.9.1", "fd00:10:1::1", "fd00:1
 """The node namespace's own addresses (netns.py's address plan)."""
 
 PARAMS = [
-    pytest.param(case, mode, id=f"{mode}-{case.name}") for case in CASES for mode in case.modes
+    pytest.param(case, mode, id=f"{mode}-{case.name}")
+    for case in CASES
+    for mode in case.modes + (("iptables-legacy",) if "iptables" in case.modes else ())
 ]
+"""Every case in each of its modes; iptables cases also loaded into legacy iptables."""
 
 
 def _config(case: Case, mode: str) -> ProxyConfig:
@@ -40,14 +43,17 @@ def _config(case: Case, mode: str) -> ProxyConfig:
 
 
 def load_case(topo: Topology, case: Case, mode: str) -> ModeView:
-    """Render ``case`` in ``mode``, load it into the node, and return explain's view of it."""
+    """Render ``case`` in ``mode`` (``iptables-legacy``: iptables rules into the legacy
+    backend), load it into the node, and return explain's view of it."""
+    backend: IptablesBackend = "legacy" if mode == "iptables-legacy" else "nft"
+    mode = mode.removesuffix("-legacy")
     config = _config(case, mode)
     family: IPFamily = case.family  # type: ignore[assignment]
     objects = [SourcedObject(o, "case") for o in [NODE_OBJ, *case.objects]]
     rendered = render_objects(objects, config, families=[family])
     assert rendered.problems == []
     if mode == "iptables":
-        topo.load_iptables(rendered.payloads[family], family=family)
+        topo.load_iptables(rendered.payloads[family], family=family, backend=backend)
     else:
         topo.load_nft(rendered.payloads[family])
     tracker, _ = track(objects, config)
