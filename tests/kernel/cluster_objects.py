@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,9 +68,15 @@ NODE_OBJ: dict[str, Any] = {
 }
 
 
-def start_controller(kubeconfig: Path, execer: Execer, **config: Any) -> Controller:
+def start_controller(
+    kubeconfig: Path,
+    execer: Execer,
+    before_start: Callable[[Controller], None] | None = None,
+    **config: Any,
+) -> Controller:
     """Start a Controller for ``node-1`` that programs ``execer``'s netns through the fake API
-    server of ``kubeconfig``, with its HTTP servers on 127.0.0.1 ephemeral ports."""
+    server of ``kubeconfig``, with its HTTP servers on 127.0.0.1 ephemeral ports;
+    ``before_start`` is called with it before it starts (to wrap its parts)."""
     settings = {
         "hostname_override": NODE,
         "cluster_cidr": "10.10.2.0/24",
@@ -89,5 +96,7 @@ def start_controller(kubeconfig: Path, execer: Execer, **config: Any) -> Control
         service_health_addresses=("127.0.0.1",),
         reflector_options={"backoff_initial": 0.05, "backoff_max": 0.3},
     )
+    if before_start is not None:
+        before_start(controller)
     controller.start()
     return controller
