@@ -438,3 +438,28 @@ def test_metrics_in_nftables_mode(harness: Harness) -> None:
     names = {name for name, _ in scraped}
     assert not [n for n in names if n.startswith("kubeproxy_sync_proxy_rules_iptables")], names
     assert http_get(metrics.port, "/proxyMode")[:2] == (200, b"nftables")
+
+
+def test_switching_layouts_removes_the_other_layouts_table(harness: Harness) -> None:
+    """Both tables would hook the same packets (a stale one DNATs to old endpoints): starting
+    in one layout removes the other's table, as kube-proxy's nftables mode's leftovers."""
+    api = harness.api
+    harness.start("kube-proxy")
+    api.create(service("web", VIP))
+    api.create(endpoint_slice("web", BACKENDS))
+    wait_for(lambda: harness.lands() == set(BACKENDS), what="traffic, kube-proxy layout")
+    harness.stop()
+    harness.topo.load_nft("add table ip6 kube-proxy\n")
+
+    controller = harness.start("flat")
+    wait_for(lambda: syncs(controller, "full") > 0, what="the first flat sync")
+    assert harness.tables() == {"ip minikproxy"}
+    api.update(endpoint_slice("web", ["10.10.2.2"]))
+    wait_for(lambda: harness.lands() == {"10.10.2.2"}, what="only the flat table's endpoints")
+    harness.stop()
+
+    controller = harness.start("kube-proxy")
+    wait_for(lambda: syncs(controller, "full") > 0, what="the first kube-proxy layout sync")
+    assert harness.tables() == {"ip kube-proxy"}
+    api.update(endpoint_slice("web", ["10.10.2.3"]))
+    wait_for(lambda: harness.lands() == {"10.10.2.3"}, what="only the kube-proxy table's")

@@ -151,11 +151,12 @@ class NftablesApplier(Closing):
         )
         return [(i["table"]["family"], i["table"]["name"]) for i in items if "table" in i]
 
-    def cleanup(self) -> list[str]:
-        """Delete the :data:`OWNED_TABLES` present (one transaction); return them as
-        ``"family name"`` strings (empty when there was nothing to do). Other tables stay."""
+    def cleanup(self, tables: Iterable[tuple[str, str]] = OWNED_TABLES) -> list[str]:
+        """Delete the ``tables`` present (default :data:`OWNED_TABLES`; one transaction);
+        return them as ``"family name"`` strings (empty when there was nothing to do). Other
+        tables stay."""
         present = set(self.tables())
-        doomed = [f"{family} {name}" for family, name in OWNED_TABLES if (family, name) in present]
+        doomed = [f"{family} {name}" for family, name in tables if (family, name) in present]
         if doomed:
             self._run("".join(f"delete table {t}\n" for t in doomed), "cleanup")
         return doomed
