@@ -296,25 +296,27 @@ def test_restart_without_a_failed_connection(harness: Harness, layout: str) -> N
 def test_rejected_transaction_keeps_old_rules_then_recovers(
     harness: Harness, layout: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """An endpoint replaced (for the flat layout an element-only transaction) in a transaction
+    nft rejects: the old rules stay, the failure is counted and the retry is a full sync."""
     api = harness.api
     controller = harness.start(layout)
     api.create(service("web", VIP))
-    api.create(endpoint_slice("web", BACKENDS))
-    wait_for(lambda: harness.lands() == set(BACKENDS), what="traffic")
+    api.create(endpoint_slice("web", ["10.10.2.2", "10.10.2.3"]))
+    wait_for(lambda: harness.lands() == {"10.10.2.2", "10.10.2.3"}, what="traffic")
     full = syncs(controller, "full")
     tap = harness.tap
     assert tap is not None
 
     tap.break_next = True
     tap.open.clear()  # the retry (backoff 1 s) waits until the old rules are checked
-    api.update(endpoint_slice("web", ["10.10.2.2"]))
+    api.update(endpoint_slice("web", ["10.10.2.2", "10.10.2.4"]))
     wait_for(lambda: nft_failures(controller) == 1, what="the rejected transaction counted")
     assert tap.rejected == 1
-    assert harness.lands() == set(BACKENDS)  # the old rules are intact
+    assert harness.lands() == {"10.10.2.2", "10.10.2.3"}  # the old rules are intact
     assert any("no-such-chain" in r.getMessage() for r in caplog.records), "offending line"
     retries = len(tap.scripts)
     tap.open.set()
-    wait_for(lambda: harness.lands() == {"10.10.2.2"}, what="the retry")
+    wait_for(lambda: harness.lands() == {"10.10.2.2", "10.10.2.4"}, what="the retry")
     assert tap.scripts[retries].startswith(f"add table ip {TABLES[layout]}")  # a full sync
     wait_for(lambda: syncs(controller, "full") == full + 1, what="the full retry counted")
     assert nft_failures(controller) == 1
@@ -463,3 +465,45 @@ def test_switching_layouts_removes_the_other_layouts_table(harness: Harness) -> 
     assert harness.tables() == {"ip kube-proxy"}
     api.update(endpoint_slice("web", ["10.10.2.3"]))
     wait_for(lambda: harness.lands() == {"10.10.2.3"}, what="only the kube-proxy table's")
+
+
+@LAYOUTS
+def test_udp_flows_of_services_deleted_while_down_are_removed(
+    harness: Harness, layout: str
+) -> None:
+    """Flows to an endpoint removed, and to a Service (ClusterIP and NodePort) deleted, while
+    the controller was down go at its first sync after the restart: the table it found
+    names the deleted Service."""
+    api = harness.api
+    harness.start(layout)
+    dns3 = service("dns3", "10.96.0.55", proto="UDP", type="NodePort")
+    dns3["spec"]["ports"][0]["nodePort"] = 30053
+    api.create(service("dns2", "10.96.0.54", proto="UDP"))
+    api.create(endpoint_slice("dns2", ["10.10.2.2", "10.10.2.4"], proto="UDP"))
+    api.create(dns3)
+    api.create(endpoint_slice("dns3", ["10.10.2.3"], proto="UDP"))
+    wait_for(
+        lambda: harness.lands("10.96.0.54", proto="udp") == {"10.10.2.2", "10.10.2.4"},
+        what="dns2 reaches both endpoints",
+    )
+    wait_for(lambda: harness.lands("10.96.0.55", proto="udp") == {"10.10.2.3"}, what="dns3")
+    wait_for(lambda: harness.lands(NODE_IP, 30053, proto="udp") == {"10.10.2.3"}, what="NodePort")
+
+    def flows_to(ip: str, dst: str) -> int:
+        return sum(
+            1
+            for e in harness.topo.conntrack_list()
+            if e.proto == "udp" and e.orig_dst == dst and e.reply_src == ip
+        )
+
+    assert flows_to("10.10.2.4", "10.96.0.54") > 0 and flows_to("10.10.2.3", "10.96.0.55") > 0
+    assert flows_to("10.10.2.3", NODE_IP) > 0
+    harness.stop()
+    api.update(endpoint_slice("dns2", ["10.10.2.2"], proto="UDP"))
+    api.delete("services", "default", "dns3")
+    api.delete("endpointslices", "default", "dns3-1")
+    harness.start(layout)
+    wait_for(lambda: flows_to("10.10.2.4", "10.96.0.54") == 0, what="a restart heals")
+    wait_for(lambda: flows_to("10.10.2.3", "10.96.0.55") == 0, what="deleted while down")
+    wait_for(lambda: flows_to("10.10.2.3", NODE_IP) == 0, what="its NodePort's flows too")
+    assert flows_to("10.10.2.2", "10.96.0.54") > 0

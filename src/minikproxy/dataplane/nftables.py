@@ -151,6 +151,25 @@ class NftablesApplier(Closing):
         )
         return [(i["table"]["family"], i["table"]["name"]) for i in items if "table" in i]
 
+    def map_keys(self, family: str, table: str, name: str) -> list[tuple[Any, ...]]:
+        """The keys of map ``name`` in table ``family table``, each the tuple of its
+        concatenated parts as nft's JSON gives them (addresses and protocols as strings,
+        ports as numbers); empty when there is no such map. Reads that map's elements."""
+        try:
+            text = self.context.run(f"list map {family} {table} {name}", json=True)
+        except NftablesError as err:
+            if "No such file or directory" in err.message:
+                return []
+            raise
+        keys: list[tuple[Any, ...]] = []
+        for item in json.loads(text).get("nftables", []):
+            for key, _value in item.get("map", {}).get("elem", []):
+                if isinstance(key, dict) and "elem" in key:  # an element with a comment
+                    key = key["elem"]["val"]
+                parts = key["concat"] if isinstance(key, dict) and "concat" in key else [key]
+                keys.append(tuple(parts))
+        return keys
+
     def cleanup(self, tables: Iterable[tuple[str, str]] = OWNED_TABLES) -> list[str]:
         """Delete the ``tables`` present (default :data:`OWNED_TABLES`; one transaction);
         return them as ``"family name"`` strings (empty when there was nothing to do). Other

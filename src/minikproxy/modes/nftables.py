@@ -10,12 +10,19 @@ someone removed our state, and the next sync is full.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from minikproxy.compile.nftables import NftablesRuleset, compile_nftables
-from minikproxy.compile.nftables_kubeproxy import KubeProxyNftRuleset, compile_nftables_kubeproxy
+from minikproxy.compile.nftables import SERVICE_DISPATCH, NftablesRuleset, compile_nftables
+from minikproxy.compile.nftables_kubeproxy import (
+    SERVICE_IPS_MAP,
+    SERVICE_NODEPORTS_MAP,
+    KubeProxyNftRuleset,
+    compile_nftables_kubeproxy,
+)
 from minikproxy.compile.nftables_options import NftablesOptions
+from minikproxy.ctreconcile import frontend
 from minikproxy.dataplane.nftables import NftablesApplier, NftablesError
 from minikproxy.model.names import IPFamily, NamespacedName, ServicePortName
 from minikproxy.model.parse import NodeInfo
@@ -27,6 +34,8 @@ from minikproxy.nodeopts import nftables_options
 if TYPE_CHECKING:
     from minikproxy.config import ProxyConfig
     from minikproxy.metrics import ProxyMetrics
+
+log = logging.getLogger(__name__)
 
 NftPlan = NftablesRuleset | KubeProxyNftRuleset
 
@@ -109,8 +118,12 @@ class NftablesMode(ProxyMode[Any]):
             yield from _diff(f"# {family}: {_label(name)} {verb}", before, after)
 
     def apply(self, new: NftPlan, applied: NftPlan | None, full: bool) -> None:
-        """Replace the table (full), or send the difference from ``applied``."""
+        """Replace the table (full), or send the difference from ``applied``. The first
+        time, first tell the conntrack reconciler which UDP frontends the table a previous
+        run left routes (see :meth:`_remember_udp_frontends`)."""
         assert self.applier is not None, "apply() in dry-run"
+        if applied is None and self.conntrack is not None:
+            self._remember_udp_frontends(new)
         if full or applied is None or type(applied) is not type(new):
             self.applier.apply_full(new)
             return
@@ -118,6 +131,34 @@ class NftablesMode(ProxyMode[Any]):
         if changed is None:
             changed = frozenset(applied.services) | frozenset(new.services)
         self.applier.apply_changes(applied, new, changed)
+
+    def _remember_udp_frontends(self, plan: NftPlan) -> None:
+        """Read the UDP Service frontends of the table a previous run left (as iptables mode
+        reads its old rules), so that the flows of Services deleted while we were down go
+        at the first reconcile. A table that cannot be read only leaves those flows to expire."""
+        assert self.applier is not None and self.conntrack is not None
+        family_name, table = plan.nft_table
+        try:
+            if (family_name, table) not in self.applier.tables():
+                return
+            node_ports: list[tuple[Any, ...]] = []
+            if isinstance(plan, NftablesRuleset):  # NodePorts are keyed by node address here
+                keys = self.applier.map_keys(family_name, table, SERVICE_DISPATCH)
+            else:
+                keys = self.applier.map_keys(family_name, table, SERVICE_IPS_MAP)
+                node_ports = self.applier.map_keys(family_name, table, SERVICE_NODEPORTS_MAP)
+            frontends = [frontend(ip, int(port)) for ip, proto, port in keys if proto == "udp"]
+            ports = [int(port) for proto, port in node_ports if proto == "udp"]
+        except (NftablesError, OSError, ValueError) as err:
+            log.warning(
+                "cannot read the UDP Services of the %s %s table found at start-up (flows "
+                "to those deleted meanwhile are left to expire): %s",
+                family_name,
+                table,
+                err,
+            )
+            return
+        self.conntrack.remember_frontends(plan.options.family, frontends, ports)
 
     def intact(self, applied: Mapping[IPFamily, NftPlan]) -> str | None:
         """Whether each family's table is still there with its rules (one small read)."""
