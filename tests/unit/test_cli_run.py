@@ -294,6 +294,17 @@ def test_nftables_dry_run_prints_element_changes(
     assert not [line for line in proxy.stderr if " ERROR " in line or "Traceback" in line]
 
 
+def test_run_takes_the_nftables_layout(
+    api: tuple[FakeApiServer, Path], start_proxy: Callable[[Sequence[str]], Proxy]
+) -> None:
+    _, kubeconfig = api
+    args = ("--proxy-mode", "nftables", "--nftables-layout", "kube-proxy")
+    proxy = start_proxy(dry_run_args(kubeconfig, *args))
+    initial = proxy.read_until(lambda line: line.startswith("# IPv4: initial sync"))
+    assert initial[-1].startswith("# IPv4: initial sync: 1 service ports, table ip kube-proxy")
+    assert proxy.stop(signal.SIGTERM) == 0
+
+
 def test_sigint_stops_cleanly_and_explicit_node_ips_are_logged(
     api: tuple[FakeApiServer, Path], start_proxy: Callable[[Sequence[str]], Proxy]
 ) -> None:
