@@ -15,7 +15,7 @@ import logging
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from minikproxy.controller import Controller
 from minikproxy.dataplane.execer import RealExecer
 from minikproxy.dataplane.nftables import NftablesApplier
 from minikproxy.metrics import MetricsServer
+from minikproxy.model.names import IPV4, IPV6, IPFamily
 from minikproxy.modes.nftables import NftablesMode
 from minikproxy.testing.apiserver import FakeApiServer
 from minikproxy.testing.netns import Probe, Proto, Topology
@@ -78,7 +79,13 @@ class Harness:
         self.controller: Controller | None = None
         self.tap: ScriptTap | None = None
 
-    def start(self, layout: str = "flat", mode: str = "nftables", **config: Any) -> Controller:
+    def start(
+        self,
+        layout: str = "flat",
+        mode: str = "nftables",
+        families: Sequence[IPFamily] = (IPV4,),
+        **config: Any,
+    ) -> Controller:
         """Start a controller (``mode`` and ``layout``) programming the node netns; in
         nftables mode, tap its libnftables context (:attr:`tap`) before its first sync."""
         assert self.controller is None
@@ -91,7 +98,7 @@ class Harness:
 
         execer = RealExecer(self.topo.namespaces["node"])
         self.controller = start_controller(
-            self.kubeconfig, execer, tap, mode=mode, nftables_layout=layout, **config
+            self.kubeconfig, execer, tap, families, mode=mode, nftables_layout=layout, **config
         )
         return self.controller
 
@@ -507,3 +514,41 @@ def test_udp_flows_of_services_deleted_while_down_are_removed(
     wait_for(lambda: flows_to("10.10.2.3", "10.96.0.55") == 0, what="deleted while down")
     wait_for(lambda: flows_to("10.10.2.3", NODE_IP) == 0, what="its NodePort's flows too")
     assert flows_to("10.10.2.2", "10.96.0.54") > 0
+
+
+V6_BACKENDS = ["fd00:10:2::2", "fd00:10:2::3", "fd00:10:2::4"]
+V6_VIP = "fd00:96::60"
+
+
+@LAYOUTS
+def test_dual_stack_service_and_per_family_repair(harness: Harness, layout: str) -> None:
+    """One table per family (``ip`` and ``ip6``): a dual-stack Service works in both, a
+    change of one family's endpoints leaves the other alone, and a deleted ``ip6`` table is
+    noticed and repaired on its own."""
+    api = harness.api
+    controller = harness.start(layout, families=(IPV4, IPV6), sync_period=0.3)
+    api.create(
+        service(
+            "web", VIP, ipFamilies=["IPv4", "IPv6"], ipFamilyPolicy="RequireDualStack",
+            clusterIPs=[VIP, V6_VIP],
+        )
+    )  # fmt: skip
+    v6_slice = endpoint_slice("web", V6_BACKENDS)
+    v6_slice["metadata"]["name"] = "web-6"
+    v6_slice["addressType"] = "IPv6"
+    api.create(endpoint_slice("web", BACKENDS))
+    api.create(v6_slice)
+    wait_for(lambda: harness.lands() == set(BACKENDS), what="IPv4 traffic")
+    wait_for(lambda: harness.lands(V6_VIP) == set(V6_BACKENDS), what="IPv6 traffic")
+    assert {f"ip {TABLES[layout]}", f"ip6 {TABLES[layout]}"} <= harness.tables()
+
+    v6_slice["endpoints"] = v6_slice["endpoints"][:1]
+    api.update(v6_slice)
+    wait_for(lambda: harness.lands(V6_VIP) == {V6_BACKENDS[0]}, what="IPv6 scaled down")
+    assert harness.lands() == set(BACKENDS)
+
+    full = syncs(controller, "full")
+    harness.topo.node_exec(["nft", "delete", "table", "ip6", TABLES[layout]])
+    wait_for(lambda: syncs(controller, "full") > full, what="the canary's full sync")
+    wait_for(lambda: harness.lands(V6_VIP) == {V6_BACKENDS[0]}, what="IPv6 repaired")
+    assert harness.lands() == set(BACKENDS)
