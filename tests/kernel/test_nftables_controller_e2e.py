@@ -148,6 +148,13 @@ def counted_first_sync(controller: Controller) -> float:
     return 1.0
 
 
+def force_full_sync(controller: Controller) -> None:
+    """Make the controller run a full sync now and wait until it is counted."""
+    full = syncs(controller, "full")
+    controller.proxier.force_full_sync("test")
+    wait_for(lambda: syncs(controller, "full") > full, what="a forced full sync")
+
+
 def nft_failures(controller: Controller) -> float:
     """``kubeproxy_sync_proxy_rules_nftables_sync_failures_total``."""
     name = "kubeproxy_sync_proxy_rules_nftables_sync_failures_total"
@@ -569,3 +576,29 @@ def test_dual_stack_service_and_per_family_repair(harness: Harness, layout: str)
     wait_for(lambda: syncs(controller, "full") > full, what="the canary's full sync")
     wait_for(lambda: harness.lands(V6_VIP) == {V6_BACKENDS[0]}, what="IPv6 repaired")
     assert harness.lands() == set(BACKENDS)
+
+
+@LAYOUTS
+def test_client_ip_affinity_survives_full_syncs(harness: Harness, layout: str) -> None:
+    """A full sync replaces the table but, as kube-proxy's (which keeps its affinity sets),
+    keeps each client on its endpoint: five full syncs in a row (each a 2 in 3 chance of
+    moving the client if the entries were lost), and a restart."""
+    api = harness.api
+    controller = harness.start(layout)
+    api.create(service("web", VIP, sessionAffinity="ClientIP"))
+    api.create(endpoint_slice("web", BACKENDS))
+    wait_for(lambda: len(harness.lands()) == 1, what="a sticky endpoint")
+    sticky = harness.lands()
+    for _ in range(5):
+        force_full_sync(controller)
+        assert harness.lands() == sticky
+    harness.stop()
+    controller = harness.start(layout)
+    wait_for(lambda: syncs(controller, "full") > 0, what="the first sync after the restart")
+    assert harness.lands() == sticky
+    # An endpoint that goes away takes its clients' entries with it (not carried over).
+    (gone,) = sticky
+    api.update(endpoint_slice("web", [ip for ip in BACKENDS if ip != gone]))
+    wait_for(lambda: len(harness.lands()) == 1 and harness.lands() != sticky, what="moved")
+    force_full_sync(controller)
+    assert len(harness.lands()) == 1 and gone not in harness.lands()
