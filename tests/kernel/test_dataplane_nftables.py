@@ -338,37 +338,6 @@ def test_kube_proxy_layout_full_and_incremental(
     assert normalized(ns, table="kube-proxy") == normalized(reference, table="kube-proxy")
 
 
-def test_map_keys_reads_one_maps_keys(netns: Callable[[], str]) -> None:
-    """Keys as tuples of their parts, elements with comments (kube-proxy's) included; a
-    missing map or table reads as empty."""
-    ns = netns()
-    nft(
-        ns,
-        "-f",
-        "-",
-        stdin="\n".join(
-            [
-                "add table ip t",
-                "add chain ip t c",
-                "add map ip t m { type ipv4_addr . inet_proto . inet_service : verdict ; }",
-                'add element ip t m { 10.96.0.54 . udp . 53 comment "ns/dns:p" : goto c }',
-                "add element ip t m { 10.96.0.10 . tcp . 80 : goto c }",
-                "add map ip t ports { type inet_proto . inet_service : verdict ; }",
-                "add element ip t ports { udp . 30053 : goto c }",
-                "",
-            ]
-        ),
-    )
-    with NftablesApplier(netns=ns) as applier:
-        assert sorted(applier.map_keys("ip", "t", "m")) == [
-            ("10.96.0.10", "tcp", 80),
-            ("10.96.0.54", "udp", 53),
-        ]
-        assert applier.map_keys("ip", "t", "ports") == [("udp", 30053)]
-        assert applier.map_keys("ip", "t", "nothing") == []
-        assert applier.map_keys("ip", "nothing", "m") == []
-
-
 def test_set_elements_reads_one_sets_elements_over_netlink(netns: Callable[[], str]) -> None:
     """Raw keys and data (each part of a concatenation padded to 4 bytes), the element's own
     timeout (0 when it is the set's default) and the time left; missing reads as empty."""

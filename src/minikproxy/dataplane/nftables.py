@@ -162,25 +162,6 @@ class NftablesApplier(Closing):
         )
         return [(i["table"]["family"], i["table"]["name"]) for i in items if "table" in i]
 
-    def map_keys(self, family: str, table: str, name: str) -> list[tuple[Any, ...]]:
-        """The keys of map ``name`` in table ``family table``, each the tuple of its
-        concatenated parts as nft's JSON gives them (addresses and protocols as strings,
-        ports as numbers); empty when there is no such map. Reads that map's elements."""
-        try:
-            text = self.context.run(f"list map {family} {table} {name}", json=True)
-        except NftablesError as err:
-            if "No such file or directory" in err.message:
-                return []
-            raise
-        keys: list[tuple[Any, ...]] = []
-        for item in json.loads(text).get("nftables", []):
-            for key, _value in item.get("map", {}).get("elem", []):
-                if isinstance(key, dict) and "elem" in key:  # an element with a comment
-                    key = key["elem"]["val"]
-                parts = key["concat"] if isinstance(key, dict) and "concat" in key else [key]
-                keys.append(tuple(parts))
-        return keys
-
     def set_elements(self, family: str, table: str, name: str) -> list[SetElement]:
         """The elements of set or map ``name`` as the kernel holds them (empty if it is
         missing): one kernel-filtered netlink dump of that set, whose cost is its size (not

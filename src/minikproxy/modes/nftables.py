@@ -32,6 +32,7 @@ from minikproxy.compile.nftables_kubeproxy import (
 from minikproxy.compile.nftables_options import NftablesOptions
 from minikproxy.ctreconcile import frontend
 from minikproxy.dataplane.nftables import NftablesApplier, NftablesError
+from minikproxy.dataplane.nftnetlink import SetElement
 from minikproxy.model.names import IPV4, IPFamily, NamespacedName, ServicePortName
 from minikproxy.model.parse import NodeInfo
 from minikproxy.model.state import ProxyState
@@ -50,6 +51,8 @@ NftPlan = NftablesRuleset | KubeProxyNftRuleset
 #: The flat layout's affinity maps' default timeout (``timeout 3h``): the kernel reports an
 #: element's own timeout only when it differs.
 FLAT_AFFINITY_TIMEOUT_MS = 3 * 3600 * 1000
+
+IPPROTO_UDP = 17
 
 
 class NftablesMode(ProxyMode[Any]):
@@ -221,21 +224,29 @@ class NftablesMode(ProxyMode[Any]):
     def _remember_udp_frontends(self, plan: NftPlan) -> None:
         """Read the UDP Service frontends of the table a previous run left (as iptables mode
         reads its old rules), so that the flows of Services deleted while we were down go
-        at the first reconcile. A table that cannot be read only leaves those flows to expire."""
+        at the first reconcile: the keys of its dispatch maps, in one kernel-filtered netlink
+        dump each (flat: ``service-dispatch``, whose keys include the NodePorts' node
+        addresses; kube-proxy layout: ``service-ips`` and ``service-nodeports``). A table
+        that cannot be read only leaves those flows to expire."""
         assert self.applier is not None and self.conntrack is not None
         family_name, table = plan.nft_table
+        size = 4 if plan.options.family == IPV4 else 16
         try:
-            if (family_name, table) not in self.applier.tables():
-                return
-            node_ports: list[tuple[Any, ...]] = []
-            if isinstance(plan, NftablesRuleset):  # NodePorts are keyed by node address here
-                keys = self.applier.map_keys(family_name, table, SERVICE_DISPATCH)
-            else:
-                keys = self.applier.map_keys(family_name, table, SERVICE_IPS_MAP)
-                node_ports = self.applier.map_keys(family_name, table, SERVICE_NODEPORTS_MAP)
-            frontends = [frontend(ip, int(port)) for ip, proto, port in keys if proto == "udp"]
-            ports = [int(port) for proto, port in node_ports if proto == "udp"]
-        except (NftablesError, OSError, ValueError) as err:
+            vips = SERVICE_DISPATCH if isinstance(plan, NftablesRuleset) else SERVICE_IPS_MAP
+            frontends = [
+                frontend(str(ipaddress.ip_address(key[:size])), _port(key[size + 4 :]))
+                for key in _keys(self.applier.set_elements(family_name, table, vips))
+                if len(key) == size + 8 and key[size] == IPPROTO_UDP
+            ]
+            ports: list[int] = []
+            if isinstance(plan, KubeProxyNftRuleset):
+                elements = self.applier.set_elements(family_name, table, SERVICE_NODEPORTS_MAP)
+                ports = [
+                    _port(key[4:])
+                    for key in _keys(elements)
+                    if len(key) == 8 and key[0] == IPPROTO_UDP
+                ]
+        except (OSError, ValueError) as err:
             log.warning(
                 "cannot read the UDP Services of the %s %s table found at start-up (flows "
                 "to those deleted meanwhile are left to expire): %s",
@@ -296,6 +307,15 @@ def _flat_sticky(plan: NftablesRuleset) -> set[tuple[str, str, str, str]]:
                 ip, port, _index = key.split(" . ")
                 endpoints.append((container.rsplit("-", 1)[1], ip, port, target))
     return {e for e in endpoints if e[:3] in affine}
+
+
+def _keys(elements: Sequence[SetElement]) -> Iterator[bytes]:
+    return (element.key for element in elements)
+
+
+def _port(padded: bytes) -> int:
+    """A port from a concatenation part (2 bytes, network order, padded to 4)."""
+    return int.from_bytes(padded[:2], "big")
 
 
 def _ipv4(packed: bytes) -> str:
