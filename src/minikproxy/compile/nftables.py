@@ -17,6 +17,7 @@ The per-protocol endpoint maps (``typeof ... : ip daddr . tcp dport``) avoid nft
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 from collections import Counter
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
@@ -551,10 +552,7 @@ def compile_nftables(
             new_index,
         )  # fmt: skip
     added = [services[name] for name in recompiled]
-    same_ports = len(services) == len(previous.services) and all(
-        name in previous.services for name in recompiled
-    )
-    order = previous.order if same_ports else tuple(sorted(services))
+    order = _updated_order(previous.order, previous.services, services, dropped, recompiled)
     # The reference counts move from the previous ruleset to this one (updated for the ports
     # recompiled: a copy would cost a pass over every port); the previous one recounts its
     # own if it is ever asked again.
@@ -572,6 +570,27 @@ def compile_nftables(
         _move_refs(shared, map(_shared_items, dropped), map(_shared_items, added))
         ruleset.__dict__["shared_refs"] = shared
     return ruleset
+
+
+def _updated_order(
+    order: tuple[ServicePortName, ...],
+    before: Mapping[ServicePortName, object],
+    after: Mapping[ServicePortName, object],
+    dropped: Iterable[ServiceElements],
+    recompiled: Iterable[ServicePortName],
+) -> tuple[ServicePortName, ...]:
+    """``order`` (sorted port names) with the ports that went away removed and the new ones
+    inserted in place: no re-sort of every port for one Service added or deleted."""
+    gone = {svc.name for svc in dropped if svc.name not in after}
+    new = sorted(name for name in recompiled if name not in before)
+    if not gone and not new:
+        return order
+    names = list(order)
+    for name in gone:  # by bisection: hashing every port name to filter costs more
+        del names[bisect.bisect_left(names, name)]
+    for name in new:
+        bisect.insort(names, name)
+    return tuple(names)
 
 
 def _move_refs(
