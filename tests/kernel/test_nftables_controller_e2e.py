@@ -3,7 +3,9 @@
 libnftables context, in both layouts (``flat``: our ``minikproxy`` table; ``kube-proxy``:
 kube-proxy's ``kube-proxy`` table); connections from the client netns show what the kernel
 does. The twin of test_controller_e2e.py (iptables mode), plus what only nftables mode has:
-element-only updates, the table canary, mode switches and the nftables cleanup.
+element-only updates, the table canary, mode and layout switches, the nftables cleanup,
+ClientIP affinity across full syncs, UDP flows of Services deleted while the proxy was down,
+and one table per family.
 
 The tests share one topology (conftest's ``topo``: rules and conntrack reset before each test,
 probe servers on every backend's port 8080)."""
@@ -182,6 +184,8 @@ def element_only(script: str) -> bool:
 
 @LAYOUTS
 def test_service_lifecycle_with_partial_syncs(harness: Harness, layout: str) -> None:
+    """Service and EndpointSlice, scale down, an endpoint replaced (flat: elements only),
+    no endpoints (REJECT), Service deleted; every sync after the first is partial."""
     api = harness.api
     controller = harness.start(layout)
     api.create(service("web", VIP))
@@ -243,6 +247,8 @@ def refused(caplog: pytest.LogCaptureFixture, reflector: str) -> bool:
 
 
 def test_api_outage_and_410_relist(harness: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    """An API outage flushes nothing; changes missed while the watches were down (history
+    compacted: 410 Gone) are reconciled by the relist."""
     api = harness.api
     caplog.set_level(logging.WARNING, logger="minikproxy.sources.kubeapi")
     harness.start()
@@ -293,6 +299,9 @@ class Prober:
 
 @LAYOUTS
 def test_restart_without_a_failed_connection(harness: Harness, layout: str) -> None:
+    """A client probing the ClusterIP all the time never fails while the controller is
+    stopped and started again: the table stays, and the first sync (full) replaces it in
+    one transaction."""
     api = harness.api
     harness.start(layout)
     api.create(service("web", VIP))
@@ -351,6 +360,8 @@ def test_rejected_transaction_keeps_old_rules_then_recovers(
 @LAYOUTS
 @pytest.mark.parametrize("tamper", ["delete", "flush"])
 def test_tampered_table_is_repaired(harness: Harness, layout: str, tamper: str) -> None:
+    """Someone deletes or flushes our table: the canary (checked every sync period) notices
+    and a full sync restores it."""
     api = harness.api
     controller = harness.start(layout, sync_period=0.3)
     api.create(service("web", VIP))
@@ -374,6 +385,8 @@ def run_cleanup(topo: Topology) -> subprocess.CompletedProcess[str]:
 
 
 def test_cleanup_removes_the_nftables_tables(harness: Harness) -> None:
+    """``minikproxy cleanup`` removes ours and kube-proxy's tables, nobody else's, and has
+    nothing to remove the second time."""
     api = harness.api
     harness.start()
     api.create(service("web", VIP))
@@ -404,6 +417,8 @@ def kube_chains(topo: Topology) -> list[str]:
 
 
 def test_switching_modes_removes_the_other_modes_state(harness: Harness) -> None:
+    """iptables -> nftables: iptables mode's chains go at start-up; nftables -> iptables:
+    our table goes. Traffic works after each switch."""
     api = harness.api
     topo = harness.topo
     harness.start(mode="iptables")
@@ -429,6 +444,7 @@ def test_switching_modes_removes_the_other_modes_state(harness: Harness) -> None
 
 @LAYOUTS
 def test_stale_udp_conntrack_entries_are_removed(harness: Harness, layout: str) -> None:
+    """UDP flows to a removed endpoint are deleted, in nftables mode too."""
     api = harness.api
     harness.start(layout)
     api.create(service("dns", "10.96.0.53", proto="UDP"))
