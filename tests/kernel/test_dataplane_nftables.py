@@ -369,3 +369,20 @@ def test_set_elements_reads_one_sets_elements_over_netlink(netns: Callable[[], s
         assert 3_500_000 < member.expires_ms <= 3_600_000
         assert applier.set_elements("ip", "t", "nothing") == []
         assert applier.set_elements("ip", "nothing", "m") == []
+
+
+def test_a_rejected_carry_over_does_not_keep_the_table_out(
+    netns: Callable[[], str], tracker: ClusterTracker
+) -> None:
+    ruleset = compile_nftables(tracker.snapshot(IPV4).state, OPTIONS)
+    ns = netns()
+    with NftablesApplier(netns=ns) as applier:
+        applier.carry_over = lambda _: "add element ip minikproxy no-such-set { 10.0.0.1 }\n"
+        applier.apply_full(ruleset)
+        assert applier.table_intact(ruleset) and applier.rejected == 1
+        applier.carry_over = None
+        applier.context.run("add element ip minikproxy cluster-ips { 10.96.255.1 }\n")
+        applier.carry_over = lambda _: "add element ip minikproxy cluster-ips { 10.96.255.2 }\n"
+        applier.apply_full(ruleset)  # what is carried over goes in the same transaction
+        listed = nft(ns, "list", "set", "ip", "minikproxy", "cluster-ips")
+        assert "10.96.255.2" in listed and "10.96.255.1" not in listed

@@ -123,12 +123,19 @@ class NftablesApplier(Closing):
     def apply_full(self, ruleset: NftRuleset) -> None:
         """Replace (or create) the ruleset's whole table in one transaction (then drop
         libnftables' cache of it: hundreds of MB at 10k Services that no later update needs).
-        :attr:`carry_over`, when set, adds to that transaction what must survive it."""
+        :attr:`carry_over`, when set, adds to that transaction what must survive it; if
+        the transaction is rejected, the table alone is tried again (what is carried over
+        must never keep the rules from being installed)."""
         script = ruleset.render()
-        if self.carry_over is not None:
-            script += self.carry_over(ruleset)
+        extra = self.carry_over(ruleset) if self.carry_over is not None else ""
         try:
-            self._run(script, "full sync")
+            try:
+                self._run(script + extra, "full sync")
+            except NftablesError:
+                if not extra:
+                    raise
+                log.warning("retrying the full sync without what it carried over")
+                self._run(script, "full sync")
         finally:
             self.context.drop_cache()
         self.full_applies += 1
