@@ -158,7 +158,7 @@ class Controller:
         """Start servers, watches and the sync loop (returns at once)."""
         self.proxier.initial_load_gc.hold()
         if self.execer is not None:
-            remove_other_modes(self.config.mode, self.execer)
+            remove_other_modes(self.config.mode, self.execer, self.config.nftables_layout)
         if (
             self.execer is not None
             and self.config.mode == "iptables"

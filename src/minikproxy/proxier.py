@@ -491,7 +491,9 @@ class Proxier:
                     local[svc] = family_local.get(svc, 0)
         if not synced:
             return
-        if self.config.nodeport_addresses:  # else the server's own (every address)
+        # As the mode applies the setting (nftables mode: ``primary`` when unset); if none,
+        # the server's own addresses (every address).
+        if nodeport_address_setting(self.config):
             self.service_health.set_bind_addresses(_health_check_addresses(synced))
         self.service_health.sync_services(ports)
         self.service_health.sync_endpoints(local)

@@ -336,3 +336,53 @@ def test_kube_proxy_layout_full_and_incremental(
         applier.apply_full(after)
     nft(reference, "-f", "-", stdin=after.render())
     assert normalized(ns, table="kube-proxy") == normalized(reference, table="kube-proxy")
+
+
+def test_set_elements_reads_one_sets_elements_over_netlink(netns: Callable[[], str]) -> None:
+    """Raw keys and data (each part of a concatenation padded to 4 bytes), the element's own
+    timeout (0 when it is the set's default) and the time left; missing reads as empty."""
+    ns = netns()
+    nft(
+        ns,
+        "-f",
+        "-",
+        stdin="\n".join(
+            [
+                "add table ip t",
+                "add map ip t m { typeof ip saddr . ip daddr . tcp dport : ip daddr . tcp dport ;"
+                " flags dynamic,timeout ; timeout 3h ; }",
+                "add element ip t m { 10.10.1.2 . 10.96.0.10 . 80 timeout 100s expires 50s"
+                " : 10.10.2.3 . 8080 }",
+                "add set ip t s { type ipv4_addr ; flags dynamic,timeout ; timeout 3h ; }",
+                "add element ip t s { 10.10.1.2 expires 1h }",
+                "",
+            ]
+        ),
+    )
+    with NftablesApplier(netns=ns) as applier:
+        (element,) = applier.set_elements("ip", "t", "m")
+        assert element.key == bytes([10, 10, 1, 2, 10, 96, 0, 10, 0, 80, 0, 0])
+        assert element.data == bytes([10, 10, 2, 3, 0x1F, 0x90, 0, 0])
+        assert element.timeout_ms == 100_000 and 40_000 < element.expires_ms <= 50_000
+        (member,) = applier.set_elements("ip", "t", "s")
+        assert (member.key, member.data, member.timeout_ms) == (bytes([10, 10, 1, 2]), None, 0)
+        assert 3_500_000 < member.expires_ms <= 3_600_000
+        assert applier.set_elements("ip", "t", "nothing") == []
+        assert applier.set_elements("ip", "nothing", "m") == []
+
+
+def test_a_rejected_carry_over_does_not_keep_the_table_out(
+    netns: Callable[[], str], tracker: ClusterTracker
+) -> None:
+    ruleset = compile_nftables(tracker.snapshot(IPV4).state, OPTIONS)
+    ns = netns()
+    with NftablesApplier(netns=ns) as applier:
+        applier.carry_over = lambda _: "add element ip minikproxy no-such-set { 10.0.0.1 }\n"
+        applier.apply_full(ruleset)
+        assert applier.table_intact(ruleset) and applier.rejected == 1
+        applier.carry_over = None
+        applier.context.run("add element ip minikproxy cluster-ips { 10.96.255.1 }\n")
+        applier.carry_over = lambda _: "add element ip minikproxy cluster-ips { 10.96.255.2 }\n"
+        applier.apply_full(ruleset)  # what is carried over goes in the same transaction
+        listed = nft(ns, "list", "set", "ip", "minikproxy", "cluster-ips")
+        assert "10.96.255.2" in listed and "10.96.255.1" not in listed

@@ -40,12 +40,12 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol, Self, TypeVar
 
 from minikproxy.dataplane.closing import Closing
 from minikproxy.dataplane.libnftables import NftablesError, NftContext
-from minikproxy.dataplane.nftnetlink import RuleCounter
+from minikproxy.dataplane.nftnetlink import RuleCounter, SetElement
 from minikproxy.model.names import ServicePortName
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,9 @@ class NftablesApplier(Closing):
         self.rejected = 0
         self.full_applies = 0
         self.incremental_applies = 0
+        #: Given the ruleset a full apply installs, the commands to append to its transaction
+        #: (the mode re-adds dynamic state the replaced table held: ClientIP affinity).
+        self.carry_over: Callable[[Any], str] | None = None
 
     def _run(self, script: str, what: str) -> None:
         try:
@@ -119,9 +122,20 @@ class NftablesApplier(Closing):
 
     def apply_full(self, ruleset: NftRuleset) -> None:
         """Replace (or create) the ruleset's whole table in one transaction (then drop
-        libnftables' cache of it: hundreds of MB at 10k Services that no later update needs)."""
+        libnftables' cache of it: hundreds of MB at 10k Services that no later update needs).
+        :attr:`carry_over`, when set, adds to that transaction what must survive it; if
+        the transaction is rejected, the table alone is tried again (what is carried over
+        must never keep the rules from being installed)."""
+        script = ruleset.render()
+        extra = self.carry_over(ruleset) if self.carry_over is not None else ""
         try:
-            self._run(ruleset.render(), "full sync")
+            try:
+                self._run(script + extra, "full sync")
+            except NftablesError:
+                if not extra:
+                    raise
+                log.warning("retrying the full sync without what it carried over")
+                self._run(script, "full sync")
         finally:
             self.context.drop_cache()
         self.full_applies += 1
@@ -155,11 +169,19 @@ class NftablesApplier(Closing):
         )
         return [(i["table"]["family"], i["table"]["name"]) for i in items if "table" in i]
 
-    def cleanup(self) -> list[str]:
-        """Delete the :data:`OWNED_TABLES` present (one transaction); return them as
-        ``"family name"`` strings (empty when there was nothing to do). Other tables stay."""
+    def set_elements(self, family: str, table: str, name: str) -> list[SetElement]:
+        """The elements of set or map ``name`` as the kernel holds them (empty if it is
+        missing): one kernel-filtered netlink dump of that set, whose cost is its size (not
+        libnftables' ``list``, which first caches every set of the table)."""
+        with self._counter_lock:
+            return self._counter.set_elements(family, table, name)
+
+    def cleanup(self, tables: Iterable[tuple[str, str]] = OWNED_TABLES) -> list[str]:
+        """Delete the ``tables`` present (default :data:`OWNED_TABLES`; one transaction);
+        return them as ``"family name"`` strings (empty when there was nothing to do). Other
+        tables stay."""
         present = set(self.tables())
-        doomed = [f"{family} {name}" for family, name in OWNED_TABLES if (family, name) in present]
+        doomed = [f"{family} {name}" for family, name in tables if (family, name) in present]
         if doomed:
             self._run("".join(f"delete table {t}\n" for t in doomed), "cleanup")
         return doomed
