@@ -10,6 +10,8 @@ import pytest
 
 from minikproxy.cli import main
 from minikproxy.compile.nftables import (
+    AFFINITY_PORTS,
+    DIGEST_SEEDS,
     ELEMENT_SETS,
     NftablesRuleset,
     compile_nftables,
@@ -35,6 +37,7 @@ OPTIONS = NftablesOptions(
     nodeport_addresses=("10.0.0.1",),
     service_cidrs=("10.96.0.0/16",),
 )
+OPTIONS6 = NftablesOptions(family=IPV6, node_ip="fd00::1", nodeport_addresses=("fd00::1",))
 
 
 def spn(name: str, proto: str = "TCP") -> ServicePortName:
@@ -260,7 +263,12 @@ def test_element_sets_are_all_declared() -> None:
     port = ServicePort(spn("web"), IPV4, "10.96.0.10", 80)
     script = compile_nftables(state((port, eps(1))), OPTIONS).render()
     for name in ELEMENT_SETS:
-        assert re.search(rf"^add (set|map) ip minikproxy {name} ", script, re.MULTILINE), name
+        if name != AFFINITY_PORTS:  # IPv6 only
+            assert re.search(rf"^add (set|map) ip minikproxy {name} ", script, re.M), name
+    port6 = ServicePort(spn("web"), IPV6, "fd00::10", 80)
+    script6 = compile_nftables(state((port6, ()), family=IPV6), OPTIONS6).render()
+    for name in ELEMENT_SETS:
+        assert re.search(rf"^add (set|map) ip6 minikproxy {name} ", script6, re.M), name
 
 
 def test_shared_elements_are_written_once() -> None:
@@ -386,16 +394,33 @@ def test_update_script_is_element_only_and_respects_shared_elements() -> None:
     assert three.update_script(before, [a.name]) is None  # pick-3 is a new chain
 
 
-def test_ipv6_affinity_is_reported_not_programmed() -> None:
-    port = ServicePort(spn("web"), IPV6, "fd00::10", 80, session_affinity_client_ip=True)
-    ruleset = compile_nftables(
-        state((port, (make_endpoint("fd00:1::2", 8080),)), family=IPV6),
-        NftablesOptions(family=IPV6),
+def test_ipv6_affinity_keys_by_digest_and_takes_the_port_from_affinity_ports() -> None:
+    port = ServicePort(
+        spn("web"), IPV6, "fd00::10", 80, session_affinity_client_ip=True, sticky_max_age_seconds=60
     )
+    endpoints = (make_endpoint("fd00:1::2", 8080), make_endpoint("fd00:1::3", 8080))
+    ruleset = compile_nftables(state((port, endpoints), family=IPV6), OPTIONS6)
+    items = ruleset.services[port.name].elements
+    assert of(items, "affinity-timeouts") == ["fd00::10 . tcp . 80 : goto affinity-60"]
+    assert of(items, "affinity-ports") == ["fd00::10 . tcp . 80 : 8080"]
     script = ruleset.render()
-    assert "affinity-record" not in script and "@affinity-tcp" not in script
-    assert "add element ip6 minikproxy affinity" not in script
-    assert len(ruleset.notes) == 1 and "ClientIP session affinity" in ruleset.notes[0]
+    digest = " . ".join(
+        f"jhash ip6 saddr . ct original ip6 daddr . ct original proto-dst mod 4294967295 "
+        f"seed {seed:#x}"
+        for seed in DIGEST_SEEDS
+    )
+    assert f"update @affinity-tcp {{ {digest} timeout 60s : ip6 daddr }}" in script
+    assert "map @affinity-tcp : ip6 daddr . meta l4proto . th dport map @affinity-ports" in script
+    assert ruleset.notes == ()
+
+
+def test_ipv6_affinity_needs_one_target_port() -> None:
+    port = ServicePort(spn("web"), IPV6, "fd00::10", 80, session_affinity_client_ip=True)
+    endpoints = (make_endpoint("fd00:1::2", 8080), make_endpoint("fd00:1::3", 8081))
+    ruleset = compile_nftables(state((port, endpoints), family=IPV6), OPTIONS6)
+    items = ruleset.services[port.name].elements
+    assert of(items, "affinity-timeouts") == [] and of(items, "affinity-ports") == []
+    assert len(ruleset.notes) == 1 and "one target port number" in ruleset.notes[0]
 
 
 def test_topology_hints_select_same_zone_endpoints() -> None:

@@ -13,6 +13,17 @@ chain, which is part of the skeleton.
 The per-protocol endpoint maps (``typeof ... : ip daddr . tcp dport``) avoid nft 1.0.6's
 ``th dport``-in-map-data bug (rules added in later transactions fail); see
 ``/work/shared/nftables-notes.md``.
+
+ClientIP affinity records ``client . VIP . port -> endpoint`` from the packet path (an
+``update`` in ``affinity-<timeout>``, after DNAT) and looks it up before dispatch. nft 1.0.6
+cannot linearize an ``update`` whose key or data exceeds 16 bytes (it aborts), which an IPv6
+``client . VIP . port`` key always does. The ``ip6`` table therefore keys its affinity maps by
+a 96-bit digest of that tuple (three ``jhash`` values with different seeds, computed from the
+packet before DNAT and from the conntrack original tuple after it, over identical bytes) and
+stores only the endpoint address; the endpoint port comes from ``affinity-ports`` (frontend ->
+target port), so IPv6 affinity needs a port whose endpoints share one target port number (a
+note says so otherwise). Two live (client, frontend) pairs share a digest with probability
+about M^2 / 2^97 for M live entries (1e-17 at a million).
 """
 
 from __future__ import annotations
@@ -49,6 +60,7 @@ FIREWALL_IPS = "firewall-ips"
 FIREWALL_ALLOW = "firewall-allow"
 AFFINITY_SERVICES = "affinity-services"
 AFFINITY_TIMEOUTS = "affinity-timeouts"
+AFFINITY_PORTS = "affinity-ports"
 HAIRPIN = "hairpin"
 
 
@@ -80,6 +92,7 @@ ELEMENT_SETS: tuple[str, ...] = (
     FIREWALL_ALLOW,
     AFFINITY_SERVICES,
     AFFINITY_TIMEOUTS,
+    AFFINITY_PORTS,
     HAIRPIN,
     *(cluster_endpoints_map(p) for p in PROTOCOLS),
     *(local_endpoints_map(p) for p in PROTOCOLS),
@@ -125,9 +138,12 @@ def compile_service_port(
     local_picks: set[int] = set()
     cmap = "cluster-endpoints-" + proto
     lmap = "local-endpoints-" + proto
-    # IPv6: nft 1.0.6 cannot compile an ``update`` whose key and data exceed its register
-    # window (address . address . port : address . port aborts nft), so no affinity there.
-    affinity = port.session_affinity_client_ip and has_endpoints and options.family == IPV4
+    v6 = options.family != IPV4
+    target_ports = {ep.port for ep in (*cluster_eps, *local_eps)}
+    # IPv6 affinity stores the endpoint address only (see the module docstring).
+    affinity = (
+        port.session_affinity_client_ip and has_endpoints and (not v6 or len(target_ports) == 1)
+    )
     timeout = port.sticky_max_age_seconds
     dispatching: list[str] = []
 
@@ -208,6 +224,8 @@ def compile_service_port(
         for key in dispatching:
             out.append((AFFINITY_SERVICES, key))
             out.append((AFFINITY_TIMEOUTS, f"{key} : goto affinity-{timeout}"))
+            if v6:
+                out.append((AFFINITY_PORTS, f"{key} : {next(iter(target_ports))}"))
     for ep in categorized.reachable:
         out.append((HAIRPIN, f"{ep.ip} . {ep.ip}"))
     return ServiceElements(
@@ -339,6 +357,16 @@ def _in_set_order(elements: dict[str, list[str]]) -> dict[str, list[str]]:
     return {s: list(dict.fromkeys(elements[s])) for s in ELEMENT_SETS if s in elements}
 
 
+#: Seeds of the three ``jhash`` values that key IPv6 affinity (see the module docstring).
+DIGEST_SEEDS = (0x9E3779B9, 0x85EBCA6B, 0xC2B2AE35)
+
+
+def _digest(tuple_expr: str) -> str:
+    """The 96-bit affinity key of an IPv6 ``client . VIP . port`` expression: three seeded
+    ``jhash`` values (12 bytes: short enough for nft 1.0.6's ``update``)."""
+    return " . ".join(f"jhash {tuple_expr} mod 4294967295 seed {seed:#x}" for seed in DIGEST_SEEDS)
+
+
 def _skeleton(
     options: NftablesOptions,
     picks: Collection[int],
@@ -375,13 +403,17 @@ def _skeleton(
                 f"add map {prefix} {name} {{ typeof {ipf} daddr . {proto} dport . numgen random "
                 f"mod 16 : {ipf} daddr . {proto} dport ; }}\n"
             )
-        if not v4:
-            continue
-        out.append(
-            f"add map {prefix} {affinity_map(proto)} {{ typeof {ipf} saddr . {ipf} daddr . "
-            f"{proto} dport : {ipf} daddr . {proto} dport ; flags dynamic,timeout ; "
-            "timeout 3h ; size 1048576 ; }\n"
+        affinity_key = (
+            f"{ipf} saddr . {ipf} daddr . {proto} dport : {ipf} daddr . {proto} dport"
+            if v4
+            else f"{' . '.join(['numgen random mod 16'] * len(DIGEST_SEEDS))} : ip6 daddr"
         )
+        out.append(
+            f"add map {prefix} {affinity_map(proto)} {{ typeof {affinity_key} ; "
+            "flags dynamic,timeout ; timeout 3h ; size 1048576 ; }\n"
+        )
+    if not v4:
+        out.append(f"add map {prefix} {AFFINITY_PORTS} {{ type {tuple_type} : inet_service ; }}\n")
 
     # Chains: base chains first, then regular ones (verdict maps refer to them).
     chain("filter-prerouting", "type filter hook prerouting priority -110")
@@ -392,8 +424,7 @@ def _skeleton(
     chain("nat-prerouting", "type nat hook prerouting priority -100")
     chain("nat-output", "type nat hook output priority -100")
     chain("nat-postrouting", "type nat hook postrouting priority 100")
-    if v4:
-        chain("affinity-record", "type filter hook postrouting priority 90")
+    chain("affinity-record", "type filter hook postrouting priority 90")
     for name in (
         "firewall-check",
         "service-endpoints-check",
@@ -459,11 +490,15 @@ def _skeleton(
     elif local is not None:
         rule("services", f"{frontend} @{CLUSTER_VIPS} {not_local_match} jump mark-for-masquerade")
     rule("services", f"{frontend} @{EXTERNAL_MASQ} jump mark-for-masquerade")
-    for proto in PROTOCOLS if v4 else ():
+    for proto in PROTOCOLS:
+        if v4:
+            target = f"{ipf} saddr . {ipf} daddr . {proto} dport map @{affinity_map(proto)}"
+        else:
+            digest = _digest(f"ip6 saddr . ip6 daddr . {proto} dport")
+            target = f"{digest} map @{affinity_map(proto)} : {frontend} map @{AFFINITY_PORTS}"
         rule(
             "services",
-            f"meta l4proto {proto} {frontend} @{AFFINITY_SERVICES} dnat {ipf} to {ipf} saddr . "
-            f"{ipf} daddr . {proto} dport map @{affinity_map(proto)}",
+            f"meta l4proto {proto} {frontend} @{AFFINITY_SERVICES} dnat {ipf} to {target}",
         )
     rule("services", f"{frontend} vmap @{SERVICE_DISPATCH}")
     # externalTrafficPolicy Local: pods and the node itself use every endpoint (the node's
@@ -484,20 +519,21 @@ def _skeleton(
                     f"meta l4proto {proto} dnat {ipf} to {ipf} daddr . {proto} dport . "
                     f"numgen random mod {n} map @{mapper(proto)}",
                 )
-    if v4:
-        rule(
-            "affinity-record",
-            "ct state new ct status dnat meta l4proto { tcp, udp, sctp } "
-            f"ct original {ipf} daddr . meta l4proto . ct original proto-dst "
-            f"vmap @{AFFINITY_TIMEOUTS}",
-        )
+    rule(
+        "affinity-record",
+        "ct state new ct status dnat meta l4proto { tcp, udp, sctp } "
+        f"ct original {ipf} daddr . meta l4proto . ct original proto-dst "
+        f"vmap @{AFFINITY_TIMEOUTS}",
+    )
+    original = f"{ipf} saddr . ct original {ipf} daddr . ct original proto-dst"
     for t in sorted(timeouts):
         for proto in PROTOCOLS:
+            if v4:
+                entry = f"{original} timeout {t}s : {ipf} daddr . {proto} dport"
+            else:
+                entry = f"{_digest(original)} timeout {t}s : ip6 daddr"
             rule(
-                f"affinity-{t}",
-                f"meta l4proto {proto} update @{affinity_map(proto)} {{ {ipf} saddr . ct "
-                f"original {ipf} daddr . ct original proto-dst timeout {t}s : {ipf} daddr . "
-                f"{proto} dport }}",
+                f"affinity-{t}", f"meta l4proto {proto} update @{affinity_map(proto)} {{ {entry} }}"
             )
     return tuple(out)
 
@@ -522,10 +558,14 @@ def compile_nftables(state: ProxyState, options: NftablesOptions) -> NftablesRul
     notes: tuple[str, ...] = ()
     if options.family != IPV4:
         notes = tuple(
-            f"{name} ({name.protocol}): ClientIP session affinity is not supported for IPv6 "
-            "in the flat nftables layout (nft 1.0.6); connections are balanced without it"
+            f"{name} ({name.protocol}): ClientIP session affinity over IPv6 needs one target "
+            "port number for all endpoints in the flat nftables layout (nft 1.0.6); "
+            "connections are balanced without it"
             for name in order
             if state.services[name].session_affinity_client_ip
+            and services[name].categorized.has_any
+            and not services[name].affinity_timeouts
+            and len({ep.port for ep in services[name].categorized.reachable}) > 1
         )
     return NftablesRuleset(
         options=options,
