@@ -279,9 +279,20 @@ def test_traffic_policy_local(topo: Topology, net: Net) -> None:
         assert result.ok and not topo.masqueraded(result)  # the client's address is kept
     assert set(landings(topo, net.vip(40), 80, 40)) == net.b(0, 1, 2)  # internal: Cluster
     assert landings(topo, net.vip(41), 80, 20) == Counter({net.backends[2]: 20})
-    # A pod source reaching an external frontend is short-circuited to every endpoint.
-    load(topo, net, objs, cluster_cidr=wide(net))
+    # A pod source reaching an external frontend is short-circuited to every endpoint, even
+    # when this node has no endpoint for it.
+    no_local = [
+        net.svc(
+            "remote", 42, type="LoadBalancer", externalTrafficPolicy="Local",
+            port_extra={"nodePort": 30042},
+            status={"loadBalancer": {"ingress": [{"ip": net.ext(8)}]}},
+        ),
+        net.slice("remote", 0, 1, 2),
+    ]  # fmt: skip
+    load(topo, net, objs + no_local, cluster_cidr=wide(net))
     assert set(landings(topo, net.ext(9), 80, 40)) == net.b(0, 1, 2)
+    assert set(landings(topo, net.ext(8), 80, 40)) == net.b(0, 1, 2)
+    assert set(landings(topo, net.node_ip, 30042, 40)) == net.b(0, 1, 2)
 
 
 def test_no_endpoints_reject_and_local_policy_without_local_endpoints_drop(
@@ -404,6 +415,11 @@ def test_load_balancer_source_ranges(topo: Topology, net: Net) -> None:
     assert topo.connect(net.ext(9), 80, timeout=0.5).outcome == "timeout"
     assert topo.connect(net.node_ip, 30090).ok  # NodePorts are not subject to source ranges
     assert topo.connect(net.vip(80), 80).ok  # nor is the cluster IP
+    # Without endpoints the ranges still apply: dropped outside them, rejected inside.
+    load(topo, net, objs([net.other])[:1])
+    assert topo.connect(net.ext(9), 80, timeout=0.5).outcome == "timeout"
+    load(topo, net, objs([net.client_subnet])[:1])
+    assert topo.connect(net.ext(9), 80).outcome == "refused"
 
 
 def test_service_cidr_checks(topo: Topology, net: Net) -> None:

@@ -140,10 +140,16 @@ def test_external_policy_local() -> None:
     assert of(items, "local-dispatch") == [f"{key} : goto local-pick-1"]
     assert of(items, "local-endpoints-tcp") == ["10.0.0.1 . 30080 . 0 : 10.244.1.1 . 8080"]
     assert of(items, "external-masq") == []
-    # No local endpoint: external frontends are dropped, the cluster IP still works.
+    # No local endpoint: external sources are dropped (filter side); pods and the node still
+    # reach every endpoint through external-local (as kube-proxy's short-circuits).
     items = elements(port, tuple(e._replace(is_local=False) for e in eps(3)))
     assert of(items, "no-endpoint-services") == [f"{key} : drop"]
-    assert of(items, "service-dispatch") == ["10.96.0.10 . tcp . 80 : goto pick-3"]
+    assert of(items, "service-dispatch") == [
+        "10.96.0.10 . tcp . 80 : goto pick-3",
+        f"{key} : goto external-local",
+    ]
+    assert of(items, "cluster-dispatch") == [f"{key} : goto pick-3"]
+    assert of(items, "local-dispatch") == []
 
 
 def test_internal_policy_local() -> None:

@@ -179,7 +179,8 @@ def compile_service_port(
             addresses = (options.node_ip,) if options.node_ip else ()
         frontends.extend((ip, port.node_port, False) for ip in addresses if not _is_loopback(ip))
     local_policy = port.external_policy_local
-    firewall = bool(port.load_balancer_source_ranges) and has_endpoints
+    # As kube-proxy: source ranges are enforced whether or not there are endpoints.
+    firewall = bool(port.load_balancer_source_ranges)
     node_ip = options.node_ip
     allow_node = firewall and any(
         cidr_contains(c, node_ip) for c in port.load_balancer_source_ranges if node_ip
@@ -194,9 +195,6 @@ def compile_service_port(
                 out.append((FIREWALL_ALLOW, f"{key} . {ip}"))
         if not has_endpoints:
             out.append((NO_ENDPOINT_SERVICES, f"{key} : goto reject-chain"))
-            continue
-        if local_policy and not local_eps:
-            out.append((NO_ENDPOINT_SERVICES, f"{key} : drop"))
             continue
         eps_key = f"{ip} . {fport}"
         if not local_policy:
@@ -214,10 +212,15 @@ def compile_service_port(
                 picks.add(n)
                 out.append((CLUSTER_DISPATCH, f"{key} : goto pick-{n}"))
                 endpoint_elements(cmap, eps_key, cluster_eps)
-            m = len(local_eps)
-            local_picks.add(m)
-            out.append((LOCAL_DISPATCH, f"{key} : goto local-pick-{m}"))
-            endpoint_elements(lmap, eps_key, local_eps)
+            if local_eps:
+                m = len(local_eps)
+                local_picks.add(m)
+                out.append((LOCAL_DISPATCH, f"{key} : goto local-pick-{m}"))
+                endpoint_elements(lmap, eps_key, local_eps)
+            else:
+                # No local endpoint: pods and the node itself still reach every endpoint
+                # (external-local's short-circuits); the rest is dropped in the filter hooks.
+                out.append((NO_ENDPOINT_SERVICES, f"{key} : drop"))
         dispatching.append(key)
 
     if affinity:
