@@ -22,7 +22,7 @@ from minikproxy.config import ProxyConfig
 from minikproxy.model.names import IPV4, IPV6, IPFamily
 from minikproxy.render import render_objects
 from minikproxy.sources.manifests import SourcedObject
-from minikproxy.testing.netns import Topology
+from minikproxy.testing.netns import Probe, Topology
 
 from .traffic import NODE, TARGET_PORT, landings, service
 
@@ -444,3 +444,26 @@ def test_sctp_is_programmed(topo: Topology, net: Net) -> None:
         for backend in net.backends[:2]:
             target = f"[{backend}]" if net.v6 else backend
             assert f"meta l4proto sctp dnat to {target}:8080" in listing
+
+
+def test_node_originated_traffic(topo: Topology, net: Net) -> None:
+    """The node's own connections: masqueraded to cluster IPs (the node is not a pod);
+    NodePorts on its own address work; an ETP Local frontend serves it from every endpoint."""
+    ingress = {"loadBalancer": {"ingress": [{"ip": net.ext(9)}]}}
+    objs = [
+        net.svc("web", 10, type="NodePort", port_extra={"nodePort": 30010}),
+        net.slice("web", 0, 1, 2),
+        net.svc(
+            "etp", 11, type="LoadBalancer", externalTrafficPolicy="Local",
+            port_extra={"nodePort": 30011}, status=ingress,
+        ),
+        net.slice("etp", net.ep(0), net.ep(1, local=True), net.ep(2)),
+    ]  # fmt: skip
+    load(topo, net, objs)
+    result = topo.connect(net.vip(10), 80, from_ns="node")
+    assert result.ok and result.peer_ip == net.node_backend_side  # masqueraded
+    assert topo.connect(net.node_ip, 30010, from_ns="node").ok
+    probes = [Probe(net.ext(9), 80)] * 40
+    results = topo.connect_many(probes, from_ns="node", timeout=2.0)
+    assert all(r.ok for r in results)
+    assert {r.server_ip for r in results} == net.b(0, 1, 2)
