@@ -4,8 +4,9 @@ IP families.
 
 Two empty network namespaces per layout and family: in ``incremental``, the first state is
 loaded whole (``NftablesApplier.apply_full``) and every later one through
-``NftablesApplier.apply_changes`` (element updates for the flat layout, kube-proxy's partial
-sync for its layout, or a full replace when the ruleset says so); in ``reference`` the final
+``NftablesApplier.apply_changes`` as the nftables mode does it (the flat layout recompiled
+incrementally from the previous ruleset, its changed ports' elements sent; kube-proxy's
+partial sync for its layout; a full replace when the ruleset says so); in ``reference`` the final
 state is loaded whole. The two ``nft list table`` outputs must be equal once normalised:
 top-level objects sorted by name (incrementally added chains come last in the kernel's
 order), set and map elements sorted (hash order); rule order within a chain is kept.
@@ -123,10 +124,17 @@ def test_incremental_applies_equal_a_full_load(
                 diff(old, new, tracker)
                 snap = tracker.snapshot(family)
                 assert snap.changed is not None
-                following = compile_ruleset(snap.state, options)
-                applier.apply_changes(
-                    ruleset, following, changed_ports(ruleset, following, snap.changed)
-                )
+                # As the nftables mode does: the flat layout recompiles only the changed
+                # Services and sends their ports' elements; kube-proxy's compiles in full.
+                if layout == "flat":
+                    following = compile_nftables(snap.state, options, ruleset, snap.changed)
+                    ports = following.changed
+                    assert ports is not None
+                    assert ports == frozenset(changed_ports(ruleset, following, snap.changed))
+                else:
+                    following = compile_ruleset(snap.state, options)
+                    ports = frozenset(changed_ports(ruleset, following, snap.changed))
+                applier.apply_changes(ruleset, following, ports)
                 ruleset = following
             assert applier.full_applies + applier.incremental_applies >= 1
         with NftablesApplier(netns=reference) as applier:
