@@ -11,7 +11,7 @@ import json
 import secrets
 import subprocess
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -168,25 +168,30 @@ def test_endpoint_change_is_elements_only_and_equals_a_fresh_load(
     assert "10.200.0.1" in nft(ns, "list", "table", "ip", "minikproxy")
 
 
-def test_skeleton_change_falls_back_to_a_full_replace(
+def test_new_endpoint_count_adds_its_chain_incrementally_and_options_replace_the_table(
     netns: Callable[[], str], tracker: ClusterTracker
 ) -> None:
     before = compile_nftables(tracker.snapshot(IPV4).state, OPTIONS)
     ns, reference = netns(), netns()
-    # A new endpoint count (5) needs a new pick chain: a skeleton change.
+    # A new endpoint count (5) needs a new pick chain, added in the same transaction.
     obj = synthetic_slice(3, ENDPOINTS + 1)
     obj["metadata"]["resourceVersion"] = "2"
     tracker.upsert_endpoint_slice(obj)
     snap = tracker.snapshot(IPV4)
     assert snap.changed is not None
     after = compile_nftables(snap.state, OPTIONS)
+    changed = ports_of(snap.state, snap.changed)
     with NftablesApplier(netns=ns) as applier:
         applier.apply_full(before)
-        assert applier.apply_changes(before, after, ports_of(snap.state, snap.changed)) is True
+        assert applier.apply_changes(before, after, changed) is False
+        assert (applier.full_applies, applier.incremental_applies) == (1, 1)
+        assert "ip minikproxy pick-5" in chains(ns)
+        nft(reference, "-f", "-", stdin=after.render())
+        assert normalized(ns) == normalized(reference)
+        # Other options: the fixed skeleton differs, the table is replaced whole.
+        other = compile_nftables(snap.state, replace(OPTIONS, masquerade_all=True))
+        assert applier.apply_changes(after, other, changed) is True
         assert applier.full_applies == 2
-    assert "ip minikproxy pick-5" in chains(ns)
-    nft(reference, "-f", "-", stdin=after.render())
-    assert normalized(ns) == normalized(reference)
 
 
 @dataclass(frozen=True)

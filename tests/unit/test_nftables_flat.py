@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -396,8 +397,40 @@ def test_update_script_is_element_only_and_respects_shared_elements() -> None:
         "add element ip minikproxy cluster-endpoints-tcp "
         "{ 10.96.0.10 . 80 . 1 : 10.244.9.9 . 8080 }\n"
     )  # 10.244.1.2's hairpin element stays: port b still holds it
+
+
+def test_update_script_adds_and_deletes_count_class_chains() -> None:
+    a = ServicePort(ServicePortName("ns", "web", "a", "TCP"), IPV4, "10.96.0.10", 80)
+    b = ServicePort(ServicePortName("ns", "web", "b", "TCP"), IPV4, "10.96.0.10", 81)
+    before = compile_nftables(state((a, eps(2)), (b, eps(2))), OPTIONS)
     three = compile_nftables(state((a, eps(3)), (b, eps(2))), OPTIONS)
-    assert three.update_script(before, [a.name]) is None  # pick-3 is a new chain
+    script = three.update_script(before, [a.name])
+    assert script is not None
+    lines = script.splitlines()
+    new_chain = lines.index("add chain ip minikproxy pick-3")
+    assert [line.split(" dnat")[0] for line in lines[new_chain + 1 : new_chain + 4]] == [
+        f"add rule ip minikproxy pick-3 meta l4proto {p}" for p in ("tcp", "udp", "sctp")
+    ]
+    assert (
+        lines.index("delete element ip minikproxy service-dispatch { 10.96.0.10 . tcp . 80 }")
+        < (new_chain)
+        < lines.index(
+            "add element ip minikproxy service-dispatch { 10.96.0.10 . tcp . 80 : goto pick-3 }"
+        )
+    )
+    assert "delete chain" not in script  # port b still uses pick-2
+    # Both at 3: pick-2 goes, after the elements that referred to it.
+    both = compile_nftables(state((a, eps(3)), (b, eps(3))), OPTIONS)
+    script = both.update_script(three, [b.name])
+    assert script is not None
+    lines = script.splitlines()
+    assert lines.index("delete chain ip minikproxy pick-2") > lines.index(
+        "delete element ip minikproxy service-dispatch { 10.96.0.10 . tcp . 81 }"
+    )
+    assert "flush chain ip minikproxy pick-2" in lines and "add chain" not in script
+    # Other options change the fixed skeleton: only a full load will do.
+    other = compile_nftables(state((a, eps(3)), (b, eps(3))), replace(OPTIONS, masquerade_all=True))
+    assert other.update_script(both, [a.name, b.name]) is None
 
 
 def test_ipv6_affinity_keys_by_digest_and_takes_the_port_from_affinity_ports() -> None:

@@ -8,7 +8,7 @@ frontend with n endpoints), which DNAT to ``daddr . dport . numgen random mod n`
 a per-protocol endpoint map: the kernel scales a 32-bit random value to ``[0, n)``, so each
 endpoint gets exactly 1/n of new connections. Adding, removing or (un)readying an endpoint
 changes elements only; a new endpoint count also needs its (constant-size) ``pick-<n>``
-chain, which is part of the skeleton.
+chain, added in the same transaction (and deleted when no frontend has n endpoints any more).
 
 The per-protocol endpoint maps (``typeof ... : ip daddr . tcp dport``) avoid nft 1.0.6's
 ``th dport``-in-map-data bug (rules added in later transactions fail); see
@@ -29,6 +29,7 @@ about M^2 / 2^97 for M live entries (1e-17 at a million).
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections import Counter
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -248,8 +249,8 @@ class NftablesRuleset:
     ``skeleton`` holds the ``add`` commands of the table, its chains (the count-class and
     affinity chains this ruleset needs included), sets, maps and rules; ``services`` the
     elements of every service port; ``notes`` what of the input it cannot express.
-    :meth:`render` is the complete ``nft -f`` script; :meth:`update_script` the element-only
-    transaction from a previous ruleset.
+    :meth:`render` is the complete ``nft -f`` script; :meth:`update_script` the transaction
+    from a previous ruleset (elements, plus count-class chains that come or go).
     """
 
     options: NftablesOptions
@@ -328,15 +329,22 @@ class NftablesRuleset:
     def update_script(
         self, previous: NftablesRuleset, changed: Iterable[ServicePortName]
     ) -> str | None:
-        """The element-only transaction taking the kernel from ``previous`` to this ruleset,
-        given every port whose elements may differ; None if the skeleton differs (a new count
-        class or affinity timeout, other options): then :meth:`render` it whole.
+        """The transaction taking the kernel from ``previous`` to this ruleset, given every
+        port whose elements may differ: element deletions and additions, plus the count-class
+        and affinity chains (``pick-<n>``, ``local-pick-<n>``, ``affinity-<seconds>``) that
+        appear or disappear with them; None if the rest of the skeleton differs (other
+        options): then :meth:`render` it whole.
 
-        Deletions come first (a map key whose data changes is deleted, then added); a shared
-        element is deleted only when no port holds it any more.
+        Deletions come first (a map key whose data changes is deleted, then added), then
+        chains nothing refers to any more are deleted (kernel 6.2+ allows this in the
+        transaction that removes the last reference), new chains and their rules are added,
+        and new elements last. A shared element is deleted only when no port holds it any more.
+        The table itself stays, so the affinity maps keep what they learned.
         """
-        if previous.skeleton != self.skeleton:
+        delta = _skeleton_delta(previous.skeleton, self.skeleton)
+        if delta is None:
             return None
+        gone_chains, new_lines = delta
         deletes: dict[str, list[str]] = {}
         adds: dict[str, list[str]] = {}
         refs = self.shared_refs
@@ -352,7 +360,11 @@ class NftablesRuleset:
             for item in new.elements if new else ():
                 if item not in old_items:
                     adds.setdefault(item[0], []).append(item[1])
+        prefix = self.family_prefix
         out = self.element_commands("delete", _in_set_order(deletes))
+        for chain_name in gone_chains:
+            out += [f"flush chain {prefix} {chain_name}\n", f"delete chain {prefix} {chain_name}\n"]
+        out += new_lines
         out += self.element_commands("add", _in_set_order(adds))
         return "".join(out)
 
@@ -364,6 +376,30 @@ class NftablesRuleset:
     def render_service(self, name: NamespacedName) -> str:
         """:meth:`render_services` for one Service."""
         return self.render_services({name})
+
+
+#: Skeleton lines that depend on the services (count-class and affinity-timeout chains).
+_VARIABLE_LINE = re.compile(r"^add (chain|rule) \S+ \S+ ((?:local-)?pick-\d+|affinity-\d+)[ \n]")
+
+
+def _skeleton_delta(old: Sequence[str], new: Sequence[str]) -> tuple[list[str], list[str]] | None:
+    """The chains to delete and the ``add chain``/``add rule`` lines to send when ``old``
+    and ``new`` differ only in count-class and affinity chains; None otherwise."""
+    if old == new:
+        return [], []
+    old_lines, new_lines = set(old), set(new)
+    removed = [line for line in old if line not in new_lines]
+    added = [line for line in new if line not in old_lines]
+    gone: list[str] = []
+    for line in removed:
+        match = _VARIABLE_LINE.match(line)
+        if match is None:
+            return None
+        if match.group(1) == "chain":
+            gone.append(match.group(2))
+    if any(_VARIABLE_LINE.match(line) is None for line in added):
+        return None
+    return gone, added
 
 
 def _shared_items(svc: ServiceElements) -> Iterator[tuple[str, str]]:
