@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from minikproxy.config import ProxyConfig
+from minikproxy.dataplane.nftables import NftablesApplier
 from minikproxy.model.names import IPV4, IPV6, IPFamily
 from minikproxy.render import render_objects
 from minikproxy.sources.manifests import SourcedObject
@@ -150,16 +151,15 @@ def node_object(pod_cidrs: tuple[str, ...] = ("10.10.3.0/24", "fd00:10:3::/64"))
     }
 
 
-def load(
-    topo: Topology,
+def compiled(
     net: Net,
     objs: list[Any],
     *,
     cluster_cidr: str = "",
     pod_cidrs: tuple[str, ...] | None = None,
     **config: Any,
-) -> str:
-    """Render ``objs`` for node-1 with ``net``'s layout and family, load it, return it."""
+) -> Any:
+    """The ruleset of ``objs`` for node-1 with ``net``'s layout and family."""
     cfg = ProxyConfig(
         hostname_override=NODE,
         mode="nftables",
@@ -172,7 +172,22 @@ def load(
     sourced = [SourcedObject(o, "test") for o in [node, *objs]]
     result = render_objects(sourced, cfg, families=[net.family], node_addresses=NODE_ADDRESSES)
     assert result.problems == []
-    script = result.payloads[net.family]
+    return result.rulesets[net.family]
+
+
+def load(
+    topo: Topology,
+    net: Net,
+    objs: list[Any],
+    *,
+    cluster_cidr: str = "",
+    pod_cidrs: tuple[str, ...] | None = None,
+    **config: Any,
+) -> str:
+    """Render ``objs`` for node-1 with ``net``'s layout and family, load it, return it."""
+    script: str = compiled(
+        net, objs, cluster_cidr=cluster_cidr, pod_cidrs=pod_cidrs, **config
+    ).render()
     topo.load_nft(script)
     return script
 
@@ -471,3 +486,39 @@ def test_node_originated_traffic(topo: Topology, net: Net) -> None:
     results = topo.connect_many(probes, from_ns="node", timeout=2.0)
     assert all(r.ok for r in results)
     assert {r.server_ip for r in results} == net.b(0, 1, 2)
+
+
+def test_affinity_to_a_removed_endpoint_is_forgotten(topo: Topology, net: Net) -> None:
+    """Through the applier, as a running proxy: when a client's affinity endpoint goes away,
+    its next connection is balanced over the endpoints left, and clients of endpoints that
+    stay keep their affinity (as kube-proxy, whose per-endpoint affinity sets go with the
+    endpoint)."""
+    config = {"clientIP": {"timeoutSeconds": 600}}
+    sticky = net.svc("sticky", 75, sessionAffinity="ClientIP", sessionAffinityConfig=config)
+    plan = topo.v6 if net.v6 else topo.v4
+    base = plan.clients[0].rsplit("." if not net.v6 else ":", 1)[0]
+    sep = ":" if net.v6 else "."
+    clients = [f"{base}{sep}{k}" for k in range(20, 32)]  # 12 clients
+    topo.exec_in("client", ["ip", "-batch", "-"], input="".join(
+        f"addr add {c}/{plan.prefixlen} dev eth0{' nodad' if net.v6 else ''}\n" for c in clients
+    ))  # fmt: skip
+    try:
+        before = compiled(net, [sticky, net.slice("sticky", 0, 1, 2)])
+        with NftablesApplier(netns=topo.namespaces["node"]) as applier:
+            applier.apply_full(before)
+            chosen = {c: topo.connect(net.vip(75), 80, src_ip=c).server_ip for c in clients}
+            gone = chosen[clients[0]]
+            staying = {c: ip for c, ip in chosen.items() if ip != gone}
+            assert staying  # 11 clients all on the same endpoint: p = 3^-11
+            left = [i for i, ip in enumerate(net.backends) if ip != gone]
+            after = compiled(net, [sticky, net.slice("sticky", *left)])
+            applier.apply_changes(before, after, list(after.services))
+            moved = {c: topo.connect(net.vip(75), 80, src_ip=c).server_ip for c in clients}
+            assert gone not in moved.values()
+            assert {c: moved[c] for c in staying} == staying
+            again = {c: topo.connect(net.vip(75), 80, src_ip=c).server_ip for c in clients}
+            assert again == moved  # the moved clients stick to their new endpoints
+    finally:
+        topo.exec_in("client", ["ip", "-batch", "-"], input="".join(
+            f"addr del {c}/{plan.prefixlen} dev eth0\n" for c in clients
+        ))  # fmt: skip

@@ -478,3 +478,52 @@ def test_topology_hints_select_same_zone_endpoints() -> None:
         "10.96.0.10 . 80 . 0 : 10.244.1.1 . 8080",
         "10.96.0.10 . 80 . 1 : 10.244.1.3 . 8080",
     ]
+
+
+def test_affinity_cleanup_names_entries_of_endpoints_that_left() -> None:
+    port = ServicePort(spn("web"), IPV4, "10.96.0.10", 80, session_affinity_client_ip=True)
+    before = compile_nftables(state((port, eps(3))), OPTIONS)
+    after = compile_nftables(state((port, (eps(3)[0], eps(3)[2]))), OPTIONS)
+    assert (
+        compile_nftables(state((port, eps(4))), OPTIONS).affinity_cleanup(before, [port.name])
+        is None
+    )
+    cleanup = after.affinity_cleanup(before, [port.name])
+    assert cleanup is not None and cleanup.maps == ("affinity-tcp",)
+    assert cleanup.stale == {"affinity-tcp": {"10.244.1.2 . 8080": frozenset({"10.96.0.10 . 80"})}}
+
+    def entry(client: str, vip: str, ep: str) -> list[object]:
+        key = {"elem": {"val": {"concat": [client, vip, 80]}, "timeout": 600, "expires": 9}}
+        return [key, {"concat": [ep, 8080]}]
+
+    listing = {
+        "affinity-tcp": [
+            entry("10.1.1.1", "10.96.0.10", "10.244.1.2"),  # stale
+            entry("10.1.1.2", "10.96.0.10", "10.244.1.3"),  # its endpoint stays
+            entry("10.1.1.3", "10.96.0.99", "10.244.1.2"),  # another Service's frontend
+        ]
+    }
+    assert cleanup.commands(listing) == (
+        "add element ip minikproxy affinity-tcp "
+        "{ 10.1.1.1 . 10.96.0.10 . 80 : 10.244.1.2 . 8080 }\n"
+        "delete element ip minikproxy affinity-tcp { 10.1.1.1 . 10.96.0.10 . 80 }\n"
+    )
+    # The port gone, or its affinity off: every endpoint's entries go.
+    gone = compile_nftables(state(), OPTIONS).affinity_cleanup(before, [port.name])
+    assert gone is not None and len(gone.stale["affinity-tcp"]) == 3
+
+
+def test_affinity_cleanup_ipv6_matches_the_endpoint_address() -> None:
+    port = ServicePort(spn("web", "UDP"), IPV6, "fd00::10", 53, session_affinity_client_ip=True)
+    two = (make_endpoint("fd00:1::2", 53), make_endpoint("fd00:1::3", 53))
+    before = compile_nftables(state((port, two), family=IPV6), OPTIONS6)
+    after = compile_nftables(state((port, two[:1]), family=IPV6), OPTIONS6)
+    cleanup = after.affinity_cleanup(before, [port.name])
+    assert cleanup is not None and cleanup.stale == {"affinity-udp": {"fd00:1::3": None}}
+    listing = {
+        "affinity-udp": [[{"concat": [1, 2, 3]}, "fd00:1::3"], [{"concat": [4, 5, 6]}, "fd00:1::2"]]
+    }
+    assert cleanup.commands(listing) == (
+        "add element ip6 minikproxy affinity-udp { 1 . 2 . 3 : fd00:1::3 }\n"
+        "delete element ip6 minikproxy affinity-udp { 1 . 2 . 3 }\n"
+    )

@@ -34,7 +34,7 @@ from collections import Counter
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from minikproxy.compile.cidr import cidr_contains
 from minikproxy.compile.nftables_options import NftablesOptions
@@ -242,6 +242,49 @@ def compile_service_port(
     )
 
 
+@dataclass(frozen=True)
+class AffinityCleanup:
+    """Stale ClientIP affinity entries to delete (:meth:`NftablesRuleset.affinity_cleanup`).
+
+    ``stale`` maps each affinity map to the endpoint data (``ip . port``, or ``ip`` in the
+    ``ip6`` table) whose entries go; for IPv4 only entries whose key's frontend
+    (``VIP . port``) is in the given set, for IPv6 (keys are digests) every entry.
+    """
+
+    family_prefix: str
+    stale: Mapping[str, Mapping[str, frozenset[str] | None]]
+
+    @property
+    def maps(self) -> tuple[str, ...]:
+        """The affinity maps to read."""
+        return tuple(self.stale)
+
+    def commands(self, elements: Mapping[str, Sequence[Any]]) -> str:
+        """The transaction deleting the stale entries among ``elements`` (each map's ``elem``
+        list as ``nft -j list map`` gives it). Each entry is added, then deleted, so an entry
+        that timed out since it was read is no error."""
+        out: list[str] = []
+        for mapname, entries in self.stale.items():
+            for item in elements.get(mapname, ()):
+                key_obj, data_obj = item
+                key_obj = key_obj.get("elem", {}).get("val", key_obj)
+                key = " . ".join(str(part) for part in key_obj["concat"])
+                if isinstance(data_obj, dict):
+                    data = " . ".join(str(part) for part in data_obj["concat"])
+                else:
+                    data = str(data_obj)
+                if data not in entries:
+                    continue
+                frontends = entries[data]
+                parts = key.split(" . ")
+                if frontends is not None and " . ".join(parts[1:]) not in frontends:
+                    continue
+                target = f"{self.family_prefix} {mapname}"
+                out.append(f"add element {target} {{ {key} : {data} }}\n")
+                out.append(f"delete element {target} {{ {key} }}\n")
+        return "".join(out)
+
+
 @dataclass(frozen=True, eq=False)
 class NftablesRuleset:
     """A compiled flat-layout ruleset for one IP family.
@@ -367,6 +410,50 @@ class NftablesRuleset:
         out += new_lines
         out += self.element_commands("add", _in_set_order(adds))
         return "".join(out)
+
+    def affinity_cleanup(
+        self, previous: NftablesRuleset, changed: Iterable[ServicePortName]
+    ) -> AffinityCleanup | None:
+        """What the packet path learned that ``changed`` ports made stale: ClientIP affinity
+        entries pointing to an endpoint that left its port (removed, no longer ready, the
+        port gone or its affinity off). None when there is none. The kernel does not know:
+        those entries would keep sending their clients to the old endpoint until they time
+        out; kube-proxy's per-endpoint affinity sets go with their endpoint."""
+        v4 = self.options.family == IPV4
+        stale: dict[str, dict[str, set[str] | None]] = {}
+        for name in changed:
+            old = previous.services.get(name)
+            if old is None or not old.affinity_timeouts:
+                continue
+            new = self.services.get(name)
+            kept = new.categorized.reachable if new is not None and new.affinity_timeouts else ()
+            live = {f"{ep.ip} . {ep.port}" if v4 else ep.ip for ep in kept}
+            frontends = {
+                " . ".join(key.split(" . ")[::2])  # VIP . proto . port -> VIP . port
+                for setname, key in old.elements
+                if setname == AFFINITY_SERVICES
+            }
+            entries = stale.setdefault(affinity_map(name.protocol.lower()), {})
+            for ep in old.categorized.reachable:
+                data = f"{ep.ip} . {ep.port}" if v4 else ep.ip
+                if data in live:
+                    continue
+                if not v4:  # the key is a digest: any frontend's entries go
+                    entries[data] = None
+                    continue
+                current = entries.setdefault(data, set())
+                if current is not None:
+                    current.update(frontends)
+        if not any(stale.values()):
+            return None
+        return AffinityCleanup(
+            self.family_prefix,
+            {
+                m: {d: None if f is None else frozenset(f) for d, f in e.items()}
+                for m, e in sorted(stale.items())
+                if e
+            },
+        )
 
     def render_services(self, services: Collection[NamespacedName]) -> str:
         """Only the elements of ``services``' ports, as ``add element`` commands (for reading)."""

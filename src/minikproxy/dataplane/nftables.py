@@ -9,7 +9,10 @@ table, and ``minikproxy.compile.nftables_kubeproxy.KubeProxyNftRuleset``, kube-p
   ruleset's ``render()`` starts with ``add table`` + ``delete table``);
 * :meth:`~NftablesApplier.apply_changes` sends only the difference from the previous ruleset
   (element additions and deletions for the flat layout) as one transaction, or falls back to a
-  full replace when the ruleset says the skeleton changed; it returns whether it did;
+  full replace when the ruleset says the skeleton changed; it returns whether it did. For the
+  flat layout it also deletes, in the same transaction, the ClientIP affinity entries the
+  kernel learned that point to endpoints the change removed (read from the affinity maps only
+  when such endpoints exist), then sweeps once more for entries written meanwhile;
 * :meth:`~NftablesApplier.table_intact` is the canary: it counts the rules of one small base
   chain (``nat-prerouting``, which always jumps to ``services``) with one kernel-filtered
   netlink dump (:mod:`minikproxy.dataplane.nftnetlink`), not through libnftables, whose
@@ -40,7 +43,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol, Self, TypeVar
 
 from minikproxy.dataplane.closing import Closing
@@ -77,6 +80,25 @@ class NftRuleset(Protocol):
     def incremental_script(self, previous: Self, changed: Iterable[ServicePortName]) -> str | None:
         """The transaction from ``previous`` to this ruleset, given the ports that may have
         changed; None when only a full :meth:`render` will do."""
+        ...
+
+
+class AffinityCleanupPlan(Protocol):
+    """Stale affinity entries a ruleset wants deleted with an incremental apply (the flat
+    layout's ``affinity_cleanup``; kube-proxy's layout deletes whole affinity sets itself)."""
+
+    @property
+    def family_prefix(self) -> str:
+        """``ip minikproxy`` or ``ip6 minikproxy``."""
+        ...
+
+    @property
+    def maps(self) -> tuple[str, ...]:
+        """The maps to read."""
+        ...
+
+    def commands(self, elements: Mapping[str, Sequence[Any]]) -> str:
+        """The transaction deleting the stale entries among the maps' elements."""
         ...
 
 
@@ -128,14 +150,36 @@ class NftablesApplier(Closing):
         """Take the kernel from ``previous`` (installed) to ``ruleset`` in one transaction,
         sending only what ``changed_ports`` changed; return True if that needed a full replace
         (the skeleton changed). An empty difference sends nothing."""
-        script = ruleset.incremental_script(previous, changed_ports)
+        changed = list(changed_ports)
+        script = ruleset.incremental_script(previous, changed)
         if script is None:
             self.apply_full(ruleset)
             return True
+        cleanup_of = getattr(ruleset, "affinity_cleanup", None)
+        cleanup: AffinityCleanupPlan | None = cleanup_of(previous, changed) if cleanup_of else None
+        if cleanup is not None:
+            script += cleanup.commands(self._affinity_elements(cleanup))
         if script:
             self._run(script, "incremental sync")
             self.incremental_applies += 1
+        if cleanup is not None:
+            # Entries the packet path wrote between the read and the commit.
+            late = cleanup.commands(self._affinity_elements(cleanup))
+            if late:
+                self._run(late, "affinity cleanup")
         return False
+
+    def _affinity_elements(self, cleanup: AffinityCleanupPlan) -> dict[str, list[Any]]:
+        """The elements of the cleanup's affinity maps, as ``nft -j list map`` gives them."""
+        out: dict[str, list[Any]] = {}
+        for name in cleanup.maps:
+            listing = json.loads(
+                self.context.run(f"list map {cleanup.family_prefix} {name}", json=True)
+            )
+            for item in listing.get("nftables", []):
+                if "map" in item:
+                    out[name] = item["map"].get("elem", [])
+        return out
 
     def table_intact(self, ruleset: NftRuleset) -> bool:
         """Whether the ruleset's table is present and not flushed (its canary chain still has
