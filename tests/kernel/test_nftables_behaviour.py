@@ -492,7 +492,7 @@ def test_affinity_to_a_removed_endpoint_is_forgotten(topo: Topology, net: Net) -
     """Through the applier, as a running proxy: when a client's affinity endpoint goes away,
     its next connection is balanced over the endpoints left, and clients of endpoints that
     stay keep their affinity (as kube-proxy, whose per-endpoint affinity sets go with the
-    endpoint)."""
+    endpoint); a full sync keeps every client's affinity."""
     config = {"clientIP": {"timeoutSeconds": 600}}
     sticky = net.svc("sticky", 75, sessionAffinity="ClientIP", sessionAffinityConfig=config)
     plan = topo.v6 if net.v6 else topo.v4
@@ -518,6 +518,9 @@ def test_affinity_to_a_removed_endpoint_is_forgotten(topo: Topology, net: Net) -
             assert {c: moved[c] for c in staying} == staying
             again = {c: topo.connect(net.vip(75), 80, src_ip=c).server_ip for c in clients}
             assert again == moved  # the moved clients stick to their new endpoints
+            # A full sync (the table replaced) keeps what clients learned, as kube-proxy's.
+            applier.apply_full(after)
+            assert {c: topo.connect(net.vip(75), 80, src_ip=c).server_ip for c in clients} == moved
     finally:
         topo.exec_in("client", ["ip", "-batch", "-"], input="".join(
             f"addr del {c}/{plan.prefixlen} dev eth0\n" for c in clients

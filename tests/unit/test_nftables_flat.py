@@ -527,3 +527,27 @@ def test_affinity_cleanup_ipv6_matches_the_endpoint_address() -> None:
         "add element ip6 minikproxy affinity-udp { 1 . 2 . 3 : fd00:1::3 }\n"
         "delete element ip6 minikproxy affinity-udp { 1 . 2 . 3 }\n"
     )
+
+
+def test_affinity_restore_keeps_entries_of_live_endpoints_only() -> None:
+    port = ServicePort(spn("web"), IPV4, "10.96.0.10", 80, session_affinity_client_ip=True)
+    ruleset = compile_nftables(state((port, eps(2))), OPTIONS)
+    assert ruleset.affinity_maps == ("affinity-tcp", "affinity-udp", "affinity-sctp")
+
+    def entry(client: str, vip: str, ep: str, expires: int = 90) -> list[object]:
+        key = {"elem": {"val": {"concat": [client, vip, 80]}, "timeout": 600, "expires": expires}}
+        return [key, {"concat": [ep, 8080]}]
+
+    listing = {
+        "affinity-tcp": [
+            entry("10.1.1.1", "10.96.0.10", "10.244.1.2"),  # live: kept
+            entry("10.1.1.2", "10.96.0.10", "10.244.1.9"),  # endpoint gone
+            entry("10.1.1.3", "10.96.0.99", "10.244.1.2"),  # not this frontend
+            entry("10.1.1.4", "10.96.0.10", "10.244.1.1", expires=0),  # expiring now
+        ]
+    }
+    assert ruleset.affinity_restore(listing) == (
+        "add element ip minikproxy affinity-tcp { 10.1.1.1 . 10.96.0.10 . 80 timeout 600s "
+        "expires 90s : 10.244.1.2 . 8080 }\n"
+    )
+    assert ruleset.affinity_restore({}) == ""

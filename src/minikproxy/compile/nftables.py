@@ -455,6 +455,49 @@ class NftablesRuleset:
             },
         )
 
+    @property
+    def affinity_maps(self) -> tuple[str, ...]:
+        """The dynamic maps the packet path fills with ClientIP affinity."""
+        return tuple(affinity_map(proto) for proto in PROTOCOLS)
+
+    def affinity_restore(self, elements: Mapping[str, Sequence[Any]]) -> str:
+        """``add element`` commands re-creating, with their timeout and the time they have
+        left, the affinity entries among ``elements`` (each affinity map's ``elem`` list as
+        ``nft -j list map`` gives it, read from the table this ruleset replaces) that still
+        point to a live endpoint of their frontend: appended to :meth:`render`, a full replace
+        keeps what clients learned, as kube-proxy's full syncs keep its affinity sets."""
+        v4 = self.options.family == IPV4
+        live: set[str] = set()
+        for svc in self.services.values():
+            if not svc.affinity_timeouts:
+                continue
+            ends = {f"{ep.ip} . {ep.port}" if v4 else ep.ip for ep in svc.categorized.reachable}
+            if not v4:
+                live |= ends
+                continue
+            for setname, key in svc.elements:
+                if setname == AFFINITY_SERVICES:
+                    frontend = " . ".join(key.split(" . ")[::2])
+                    live.update(f"{frontend} -> {end}" for end in ends)
+        restored: dict[str, list[str]] = {}
+        for mapname in self.affinity_maps:
+            for key_obj, data_obj in elements.get(mapname, ()):
+                meta = key_obj.get("elem", {})
+                timeout, expires = meta.get("timeout"), meta.get("expires")
+                if not timeout or not expires:
+                    continue
+                parts = [str(part) for part in meta["val"]["concat"]]
+                if isinstance(data_obj, dict):
+                    data = " . ".join(str(part) for part in data_obj["concat"])
+                else:
+                    data = str(data_obj)
+                wanted = f"{' . '.join(parts[1:])} -> {data}" if v4 else data
+                if wanted in live:
+                    restored.setdefault(mapname, []).append(
+                        f"{' . '.join(parts)} timeout {timeout}s expires {expires}s : {data}"
+                    )
+        return "".join(self.element_commands("add", restored))
+
     def render_services(self, services: Collection[NamespacedName]) -> str:
         """Only the elements of ``services``' ports, as ``add element`` commands (for reading)."""
         wanted = [n for n in self.order if n.service in services]

@@ -16,9 +16,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import ipaddress
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 from minikproxy.compile.cidr import cidr_contains
 from minikproxy.compile.nftables_options import NftablesOptions
@@ -369,6 +370,38 @@ class KubeProxyNftRuleset:
         lines += [f"delete chain {fam} {TABLE} {chain}" for chain in stale]
         lines += [f"delete set {fam} {TABLE} {name}" for name in sorted(old_sets - new_sets)]
         return "\n".join(lines) + "\n" if lines else ""
+
+    #: What :attr:`affinity_maps` are (the applier lists them as such).
+    affinity_kind = "set"
+
+    @property
+    def affinity_maps(self) -> tuple[str, ...]:
+        """The per-endpoint affinity sets the packet path fills (``update @affinity-*``)."""
+        return tuple(
+            sorted({_set_name(line) for frag in self.services.values() for line in frag.sets})
+        )
+
+    def affinity_restore(self, elements: Mapping[str, Sequence[Any]]) -> str:
+        """``add element`` commands re-creating, with the time they have left, the entries
+        among ``elements`` (each affinity set's ``elem`` list as ``nft -j list set`` gives it,
+        read from the table this ruleset replaces) of the affinity sets this ruleset still
+        has: appended to :meth:`render`, a full replace keeps what clients learned, as
+        kube-proxy's full syncs (which never delete its table) do."""
+        lines: list[str] = []
+        for name in self.affinity_maps:
+            restored = []
+            for item in elements.get(name, ()):
+                meta = item.get("elem", {}) if isinstance(item, dict) else {}
+                expires = meta.get("expires")
+                if not expires:
+                    continue
+                timeout = f" timeout {meta['timeout']}s" if meta.get("timeout") else ""
+                restored.append(f"{meta['val']}{timeout} expires {expires}s")
+            if restored:
+                lines.append(
+                    f"add element {self.family} {TABLE} {name} {{ {', '.join(restored)} }}"
+                )
+        return "".join(f"{line}\n" for line in lines)
 
     def chain_names(self) -> set[str]:
         """The names of all per-service chains (kube-proxy's: they contain a ``/``)."""

@@ -140,8 +140,17 @@ class NftablesApplier(Closing):
             raise
 
     def apply_full(self, ruleset: NftRuleset) -> None:
-        """Replace (or create) the ruleset's whole table in one transaction."""
-        self._run(ruleset.render(), "full sync")
+        """Replace (or create) the ruleset's whole table in one transaction. For the flat
+        layout, the ClientIP affinity entries of the table replaced that still point to a live
+        endpoint are carried over in the same transaction (with the time they have left)."""
+        script = ruleset.render()
+        restore = getattr(ruleset, "affinity_restore", None)
+        if restore is not None:
+            family, table = ruleset.nft_table
+            maps: tuple[str, ...] = getattr(ruleset, "affinity_maps", ())
+            kind: str = getattr(ruleset, "affinity_kind", "map")
+            script += restore(self._affinity_elements(f"{family} {table}", maps, kind))
+        self._run(script, "full sync")
         self.full_applies += 1
 
     def apply_changes(
@@ -158,27 +167,34 @@ class NftablesApplier(Closing):
         cleanup_of = getattr(ruleset, "affinity_cleanup", None)
         cleanup: AffinityCleanupPlan | None = cleanup_of(previous, changed) if cleanup_of else None
         if cleanup is not None:
-            script += cleanup.commands(self._affinity_elements(cleanup))
+            elements = self._affinity_elements(cleanup.family_prefix, cleanup.maps)
+            script += cleanup.commands(elements)
         if script:
             self._run(script, "incremental sync")
             self.incremental_applies += 1
         if cleanup is not None:
             # Entries the packet path wrote between the read and the commit.
-            late = cleanup.commands(self._affinity_elements(cleanup))
+            elements = self._affinity_elements(cleanup.family_prefix, cleanup.maps)
+            late = cleanup.commands(elements)
             if late:
                 self._run(late, "affinity cleanup")
         return False
 
-    def _affinity_elements(self, cleanup: AffinityCleanupPlan) -> dict[str, list[Any]]:
-        """The elements of the cleanup's affinity maps, as ``nft -j list map`` gives them."""
+    def _affinity_elements(
+        self, prefix: str, maps: Iterable[str], kind: str = "map"
+    ) -> dict[str, list[Any]]:
+        """The elements of the affinity ``maps`` (or sets, ``kind``) of table ``prefix``
+        (``ip minikproxy``), as ``nft -j list map`` gives them; none for one (or a table)
+        that is not there."""
         out: dict[str, list[Any]] = {}
-        for name in cleanup.maps:
-            listing = json.loads(
-                self.context.run(f"list map {cleanup.family_prefix} {name}", json=True)
-            )
+        for name in maps:
+            try:
+                listing = json.loads(self.context.run(f"list {kind} {prefix} {name}", json=True))
+            except NftablesError:
+                continue
             for item in listing.get("nftables", []):
-                if "map" in item:
-                    out[name] = item["map"].get("elem", [])
+                if kind in item:
+                    out[name] = item[kind].get("elem", [])
         return out
 
     def table_intact(self, ruleset: NftRuleset) -> bool:
