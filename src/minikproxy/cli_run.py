@@ -14,8 +14,8 @@ def add_subcommands(sub: Any) -> None:
     run = sub.add_parser(
         "run",
         help="watch the API server and keep this node's rules in sync (kube-proxy's job)",
-        description="Watch Services, EndpointSlices and this Node and keep the node's "
-        "iptables rules in sync, with partial syncs, metrics and health endpoints.",
+        description="Watch Services, EndpointSlices, ServiceCIDRs and this Node and keep the "
+        "node's iptables rules in sync, with partial syncs, metrics and health endpoints.",
     )
     add_node_flags(run)
     run.add_argument("--kubeconfig", default=None, help="default: in-cluster, then $KUBECONFIG")

@@ -135,6 +135,17 @@ def test_context_binds_to_its_namespace_only(netns: Callable[[], str]) -> None:
     assert marker not in nft(None, "list", "tables")
 
 
+def test_dropping_the_cache_keeps_the_context_working(netns: Callable[[], str]) -> None:
+    ns = netns()
+    with NftContext(ns) as ctx:
+        ctx.run("add table ip t\nadd set ip t s { type ipv4_addr; }\n")
+        ctx.drop_cache()
+        ctx.run("add element ip t s { 10.0.0.1 }\n")  # the new context reads back the set
+        assert "10.0.0.1" in nft(ns, "list", "set", "ip", "t", "s")
+    with pytest.raises(RuntimeError, match="closed"):
+        ctx.drop_cache()
+
+
 def test_context_for_a_missing_namespace_fails_clearly() -> None:
     with pytest.raises(OSError, match=r"setns|No such file"):
         NftContext(f"mkpmissing{secrets.token_hex(4)}")

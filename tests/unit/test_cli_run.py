@@ -352,6 +352,8 @@ def test_a_port_already_taken_is_one_line_not_a_traceback(
         ["--proxy-mode", "ipvs"],
         ["--iptables-backend", "xdp"],
         ["--masquerade-all", "perhaps"],
+        ["--service-cidr", "10.96.0.0"],  # no prefix length: not a CIDR for kube-proxy
+        ["--service-cidr", "10.96.0.0/12,10.97.0.0/16"],
         ["--no-such-flag"],
     ],
 )

@@ -328,7 +328,16 @@ def test_cli_service_cidr(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.parametrize(
-    "value", ["10.96.0.0/33", "nonsense", "10.96.0.0/12,10.97.0.0/16", "a,b,c", ""]
+    "value",
+    [
+        "10.96.0.0/33",
+        "nonsense",
+        "10.96.0.0/12,10.97.0.0/16",
+        "a,b,c",
+        "",
+        "10.96.0.0",
+        "10.96.0.0/255.240.0.0",
+    ],
 )
 def test_cli_service_cidr_errors(capsys: pytest.CaptureFixture[str], value: str) -> None:
     with pytest.raises(SystemExit) as exc:

@@ -28,11 +28,12 @@ about M^2 / 2^97 for M live entries (1e-17 at a million).
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import re
 from collections import Counter
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from typing import Any, NamedTuple
 
@@ -303,6 +304,10 @@ class NftablesRuleset:
     notes: tuple[str, ...] = ()
     #: Ports recompiled from the previous ruleset (None: compiled from scratch).
     changed: frozenset[ServicePortName] | None = None
+    #: The port names of each Service (the compiled state's ``ports_by_service``).
+    port_index: Mapping[NamespacedName, tuple[ServicePortName, ...]] = field(
+        default_factory=dict, repr=False
+    )
 
     @property
     def family_prefix(self) -> str:
@@ -739,42 +744,77 @@ def compile_nftables(
         return _compile_all(state, options)
     changed = frozenset(changed_services)
     services = dict(previous.services)
-    dropped = [services.pop(name) for name in previous.order if name.service in changed]
-    recompiled = [name for name in state.services if name.service in changed]
+    old_index, new_index = previous.port_index, state.ports_by_service
+    dropped = [services.pop(name) for key in changed for name in old_index.get(key, ())]
+    recompiled = [name for key in changed for name in new_index.get(key, ())]
     for name in recompiled:
         port = state.services[name]
         services[name] = compile_service_port(port, state.categorize(port), options)
     ports = frozenset(recompiled).union(svc.name for svc in dropped)
     if not ports:
         return NftablesRuleset(
-            options, previous.skeleton, services, previous.order, previous.notes, frozenset()
-        )
+            options, previous.skeleton, services, previous.order, previous.notes, frozenset(),
+            new_index,
+        )  # fmt: skip
     added = [services[name] for name in recompiled]
-    same_ports = len(services) == len(previous.services) and all(
-        name in previous.services for name in recompiled
-    )
-    order = previous.order if same_ports else tuple(sorted(services))
-    refs = previous.skeleton_refs.copy()
-    for svc in dropped:
-        refs.subtract(_skeleton_refs(svc))
-    for svc in added:
-        refs.update(_skeleton_refs(svc))
-    refs = +refs  # drop the zero counts
+    order = _updated_order(previous.order, previous.services, services, dropped, recompiled)
+    # The reference counts move from the previous ruleset to this one (updated for the ports
+    # recompiled: a copy would cost a pass over every port); the previous one recounts its
+    # own if it is ever asked again.
+    had_skeleton_refs = set(previous.skeleton_refs)
+    refs = previous.__dict__.pop("skeleton_refs")
+    _move_refs(refs, map(_skeleton_refs, dropped), map(_skeleton_refs, added))
     skeleton = previous.skeleton
-    if refs.keys() != previous.skeleton_refs.keys():
+    if refs.keys() != had_skeleton_refs:
         skeleton = _skeleton_of(options, services.values())
-    ruleset = NftablesRuleset(
-        options, skeleton, services, order, _notes(state, options, order, services), ports
+    notes = (
+        _notes(state, options, order, services) if previous.notes or options.family != IPV4 else ()
     )
+    ruleset = NftablesRuleset(options, skeleton, services, order, notes, ports, new_index)
     ruleset.__dict__["skeleton_refs"] = refs
-    if "shared_refs" in previous.__dict__:  # carry the reference counts forward
-        shared = previous.shared_refs.copy()
-        for svc in dropped:
-            shared.subtract(_shared_items(svc))
-        for svc in added:
-            shared.update(_shared_items(svc))
-        ruleset.__dict__["shared_refs"] = +shared
+    if "shared_refs" in previous.__dict__:
+        shared = previous.__dict__.pop("shared_refs")
+        _move_refs(shared, map(_shared_items, dropped), map(_shared_items, added))
+        ruleset.__dict__["shared_refs"] = shared
     return ruleset
+
+
+def _updated_order(
+    order: tuple[ServicePortName, ...],
+    before: Mapping[ServicePortName, object],
+    after: Mapping[ServicePortName, object],
+    dropped: Iterable[ServiceElements],
+    recompiled: Iterable[ServicePortName],
+) -> tuple[ServicePortName, ...]:
+    """``order`` (sorted port names) with the ports that went away removed and the new ones
+    inserted in place: no re-sort of every port for one Service added or deleted."""
+    gone = {svc.name for svc in dropped if svc.name not in after}
+    new = sorted(name for name in recompiled if name not in before)
+    if not gone and not new:
+        return order
+    names = list(order)
+    for name in gone:  # by bisection: hashing every port name to filter costs more
+        del names[bisect.bisect_left(names, name)]
+    for name in new:
+        bisect.insort(names, name)
+    return tuple(names)
+
+
+def _move_refs(
+    refs: Counter[Any], removed: Iterable[Iterable[Any]], added: Iterable[Iterable[Any]]
+) -> None:
+    """Update reference counts in place: drop ``removed``'s references, take ``added``'s, and
+    forget what nothing refers to any more."""
+    touched: list[Any] = []
+    for items in removed:
+        for item in items:
+            refs[item] -= 1
+            touched.append(item)
+    for items in added:
+        refs.update(items)
+    for item in touched:
+        if refs.get(item, 0) <= 0:
+            refs.pop(item, None)
 
 
 def _skeleton_refs(svc: ServiceElements) -> Iterator[tuple[str, int]]:
@@ -822,10 +862,16 @@ def _compile_all(state: ProxyState, options: NftablesOptions) -> NftablesRuleset
             for name, port in state.services.items()
         }
     order = tuple(sorted(services))
-    return NftablesRuleset(
+    ruleset = NftablesRuleset(
         options=options,
         skeleton=_skeleton_of(options, services.values()),
         services=services,
         order=order,
         notes=_notes(state, options, order, services),
+        port_index=state.ports_by_service,
     )
+    # Counted now, with the full compile, not by the first incremental one (which then
+    # carries them forward): an endpoint change must not pay a pass over every port.
+    ruleset.shared_refs  # noqa: B018
+    ruleset.skeleton_refs  # noqa: B018
+    return ruleset

@@ -21,7 +21,7 @@ from minikproxy.model.names import IPFamily, NamespacedName, ServicePortName
 from minikproxy.model.parse import NodeInfo
 from minikproxy.model.state import ProxyState
 from minikproxy.model.topology import CategorizedEndpoints
-from minikproxy.modes.base import FrontendOptions, ProxyMode
+from minikproxy.modes.base import CategorizedView, FrontendOptions, ProxyMode
 from minikproxy.nodeopts import nftables_options
 
 if TYPE_CHECKING:
@@ -81,7 +81,7 @@ class NftablesMode(ProxyMode[Any]):
 
     def categorized(self, plan: NftPlan) -> Mapping[ServicePortName, CategorizedEndpoints]:
         """Each port's categorisation, as compiled."""
-        return {name: frag.categorized for name, frag in plan.services.items()}
+        return CategorizedView(plan.services)
 
     def describe(self, old: NftPlan | None, new: NftPlan) -> Iterator[str]:
         """Per service port: the elements (flat) or chains, rules and elements (kube-proxy)
