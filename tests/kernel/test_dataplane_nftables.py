@@ -22,6 +22,7 @@ from minikproxy.compile.nftables_kubeproxy import KubeProxyNftRuleset, compile_n
 from minikproxy.compile.nftables_options import LocalMatch, NftablesOptions
 from minikproxy.dataplane.libnftables import NftablesError, NftContext
 from minikproxy.dataplane.nftables import NftablesApplier
+from minikproxy.dataplane.nftnetlink import RuleCounter
 from minikproxy.model.names import IPV4, NamespacedName, ServicePortName
 from minikproxy.model.state import ProxyState
 from minikproxy.testing.synthetic import synthetic_cluster, synthetic_slice
@@ -341,3 +342,27 @@ def test_kube_proxy_layout_full_and_incremental(
         applier.apply_full(after)
     nft(reference, "-f", "-", stdin=after.render())
     assert normalized(ns, table="kube-proxy") == normalized(reference, table="kube-proxy")
+
+
+def test_set_elements_are_read_over_netlink(netns: Callable[[], str]) -> None:
+    """The affinity maps' elements as the applier reads them (raw register layout)."""
+    ns = netns()
+    nft(
+        ns,
+        "-f",
+        "-",
+        stdin="add table ip t\n"
+        "add map ip t m { typeof ip saddr . ip daddr . tcp dport : ip daddr . tcp dport ; "
+        "flags dynamic,timeout ; timeout 3h ; }\n"
+        "add element ip t m { 10.1.1.1 . 10.96.0.1 . 80 timeout 60s : 10.2.2.2 . 8080 }\n"
+        "add set ip t s { type ipv4_addr ; }\n"
+        "add element ip t s { 10.3.3.3 }\n",
+    )
+    with RuleCounter(ns) as counter:
+        (element,) = counter.elements("ip", "t", "m")
+        assert element.key == bytes([10, 1, 1, 1, 10, 96, 0, 1, 0, 80, 0, 0])
+        assert element.data == bytes([10, 2, 2, 2, 0x1F, 0x90, 0, 0])
+        assert element.timeout_ms == 60000 and 0 < (element.expires_ms or 0) <= 60000
+        assert counter.elements("ip", "t", "s") == [(bytes([10, 3, 3, 3]), None, None, None)]
+        assert counter.elements("ip", "t", "missing") == []
+        assert counter.elements("ip", "missing", "m") == []

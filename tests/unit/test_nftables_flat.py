@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import socket
+import struct
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -489,6 +491,25 @@ def test_topology_hints_select_same_zone_endpoints() -> None:
     ]
 
 
+def raw4(
+    client: str,
+    vip: str,
+    endpoint: str,
+    *,
+    timeout_ms: int | None = 600000,
+    expires_ms: int = 90000,
+) -> tuple[bytes, bytes, int | None, int]:
+    """An IPv4 affinity element as the kernel reports it (port 80 -> 8080)."""
+    key = b"".join(socket.inet_pton(socket.AF_INET, a) for a in (client, vip))
+    data = socket.inet_pton(socket.AF_INET, endpoint) + struct.pack("!H2x", 8080)
+    return key + struct.pack("!H2x", 80), data, timeout_ms, expires_ms
+
+
+def raw6(digest: tuple[int, int, int], endpoint: str) -> tuple[bytes, bytes, int, int]:
+    """An IPv6 affinity element as the kernel reports it."""
+    return struct.pack("=III", *digest), socket.inet_pton(socket.AF_INET6, endpoint), 1000, 900
+
+
 def test_affinity_cleanup_names_entries_of_endpoints_that_left() -> None:
     port = ServicePort(spn("web"), IPV4, "10.96.0.10", 80, session_affinity_client_ip=True)
     before = compile_nftables(state((port, eps(3))), OPTIONS)
@@ -501,15 +522,11 @@ def test_affinity_cleanup_names_entries_of_endpoints_that_left() -> None:
     assert cleanup is not None and cleanup.maps == ("affinity-tcp",)
     assert cleanup.stale == {"affinity-tcp": {"10.244.1.2 . 8080": frozenset({"10.96.0.10 . 80"})}}
 
-    def entry(client: str, vip: str, ep: str) -> list[object]:
-        key = {"elem": {"val": {"concat": [client, vip, 80]}, "timeout": 600, "expires": 9}}
-        return [key, {"concat": [ep, 8080]}]
-
     listing = {
         "affinity-tcp": [
-            entry("10.1.1.1", "10.96.0.10", "10.244.1.2"),  # stale
-            entry("10.1.1.2", "10.96.0.10", "10.244.1.3"),  # its endpoint stays
-            entry("10.1.1.3", "10.96.0.99", "10.244.1.2"),  # another Service's frontend
+            raw4("10.1.1.1", "10.96.0.10", "10.244.1.2"),  # stale
+            raw4("10.1.1.2", "10.96.0.10", "10.244.1.3"),  # its endpoint stays
+            raw4("10.1.1.3", "10.96.0.99", "10.244.1.2"),  # another Service's frontend
         ]
     }
     assert cleanup.commands(listing) == (
@@ -529,9 +546,7 @@ def test_affinity_cleanup_ipv6_matches_the_endpoint_address() -> None:
     after = compile_nftables(state((port, two[:1]), family=IPV6), OPTIONS6)
     cleanup = after.affinity_cleanup(before, [port.name])
     assert cleanup is not None and cleanup.stale == {"affinity-udp": {"fd00:1::3": None}}
-    listing = {
-        "affinity-udp": [[{"concat": [1, 2, 3]}, "fd00:1::3"], [{"concat": [4, 5, 6]}, "fd00:1::2"]]
-    }
+    listing = {"affinity-udp": [raw6((1, 2, 3), "fd00:1::3"), raw6((4, 5, 6), "fd00:1::2")]}
     assert cleanup.commands(listing) == (
         "add element ip6 minikproxy affinity-udp { 1 . 2 . 3 : fd00:1::3 }\n"
         "delete element ip6 minikproxy affinity-udp { 1 . 2 . 3 }\n"
@@ -543,20 +558,18 @@ def test_affinity_restore_keeps_entries_of_live_endpoints_only() -> None:
     ruleset = compile_nftables(state((port, eps(2))), OPTIONS)
     assert ruleset.affinity_maps == ("affinity-tcp", "affinity-udp", "affinity-sctp")
 
-    def entry(client: str, vip: str, ep: str, expires: int = 90) -> list[object]:
-        key = {"elem": {"val": {"concat": [client, vip, 80]}, "timeout": 600, "expires": expires}}
-        return [key, {"concat": [ep, 8080]}]
-
     listing = {
         "affinity-tcp": [
-            entry("10.1.1.1", "10.96.0.10", "10.244.1.2"),  # live: kept
-            entry("10.1.1.2", "10.96.0.10", "10.244.1.9"),  # endpoint gone
-            entry("10.1.1.3", "10.96.0.99", "10.244.1.2"),  # not this frontend
-            entry("10.1.1.4", "10.96.0.10", "10.244.1.1", expires=0),  # expiring now
+            raw4("10.1.1.1", "10.96.0.10", "10.244.1.2"),  # live: kept
+            raw4("10.1.1.2", "10.96.0.10", "10.244.1.9"),  # endpoint gone
+            raw4("10.1.1.3", "10.96.0.99", "10.244.1.2"),  # not this frontend
+            raw4("10.1.1.4", "10.96.0.10", "10.244.1.1", expires_ms=0),  # expiring now
+            raw4("10.1.1.5", "10.96.0.10", "10.244.1.1", timeout_ms=None),  # map's default
         ]
     }
     assert ruleset.affinity_restore(listing) == (
-        "add element ip minikproxy affinity-tcp { 10.1.1.1 . 10.96.0.10 . 80 timeout 600s "
-        "expires 90s : 10.244.1.2 . 8080 }\n"
+        "add element ip minikproxy affinity-tcp { 10.1.1.1 . 10.96.0.10 . 80 timeout 600000ms "
+        "expires 90000ms : 10.244.1.2 . 8080, 10.1.1.5 . 10.96.0.10 . 80 expires 90000ms : "
+        "10.244.1.1 . 8080 }\n"
     )
     assert ruleset.affinity_restore({}) == ""

@@ -229,11 +229,12 @@ def test_affinity_restore_refills_the_affinity_sets_still_there() -> None:
     )
     ruleset = compile_nftables_kubeproxy(tracker.snapshot(IPV4).state, NftablesOptions())
     (name,) = ruleset.affinity_maps
-    assert name.startswith("affinity-") and ruleset.affinity_kind == "set"
+    assert name.startswith("affinity-")
+    address = bytes([10, 1, 1, 1])
     listing = {
-        name: [{"elem": {"val": "10.1.1.1", "expires": 5}}, {"elem": {"val": "10.1.1.2"}}],
-        "affinity-gone": [{"elem": {"val": "10.1.1.3", "expires": 5}}],
+        name: [(address, None, None, 5000), (bytes([10, 1, 1, 2]), None, None, None)],
+        "affinity-gone": [(bytes([10, 1, 1, 3]), None, None, 5000)],
     }
     assert ruleset.affinity_restore(listing) == (
-        f"add element ip kube-proxy {name} {{ 10.1.1.1 expires 5s }}\n"
+        f"add element ip kube-proxy {name} {{ 10.1.1.1 expires 5000ms }}\n"
     )

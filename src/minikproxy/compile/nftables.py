@@ -31,6 +31,8 @@ from __future__ import annotations
 import bisect
 import ipaddress
 import re
+import socket
+import struct
 from collections import Counter
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -260,30 +262,47 @@ class AffinityCleanup:
         """The affinity maps to read."""
         return tuple(self.stale)
 
-    def commands(self, elements: Mapping[str, Sequence[Any]]) -> str:
-        """The transaction deleting the stale entries among ``elements`` (each map's ``elem``
-        list as ``nft -j list map`` gives it). Each entry is added, then deleted, so an entry
-        that timed out since it was read is no error."""
+    def commands(self, elements: Mapping[str, Sequence[RawElement]]) -> str:
+        """The transaction deleting the stale entries among ``elements`` (each map's elements
+        as the kernel reports them: ``(key, data, timeout_ms, expires_ms)``). Each entry is
+        added, then deleted, so an entry that timed out since it was read is no error."""
+        v4 = self.family_prefix.startswith("ip ")
         out: list[str] = []
         for mapname, entries in self.stale.items():
-            for item in elements.get(mapname, ()):
-                key_obj, data_obj = item
-                key_obj = key_obj.get("elem", {}).get("val", key_obj)
-                key = " . ".join(str(part) for part in key_obj["concat"])
-                if isinstance(data_obj, dict):
-                    data = " . ".join(str(part) for part in data_obj["concat"])
-                else:
-                    data = str(data_obj)
-                if data not in entries:
+            target = f"{self.family_prefix} {mapname}"
+            for raw in elements.get(mapname, ()):
+                parts, data = decode_affinity_entry(v4, raw[0], raw[1])
+                frontends = entries.get(data, ())
+                if frontends == ():
                     continue
-                frontends = entries[data]
-                parts = key.split(" . ")
                 if frontends is not None and " . ".join(parts[1:]) not in frontends:
                     continue
-                target = f"{self.family_prefix} {mapname}"
+                key = " . ".join(parts)
                 out.append(f"add element {target} {{ {key} : {data} }}\n")
                 out.append(f"delete element {target} {{ {key} }}\n")
         return "".join(out)
+
+
+#: A set or map element as the kernel reports it: key and data bytes (register layout),
+#: timeout and time left in milliseconds.
+RawElement = tuple[bytes, bytes | None, int | None, int | None]
+
+
+def decode_affinity_entry(v4: bool, key: bytes, data: bytes | None) -> tuple[list[str], str]:
+    """An affinity map element's key parts and data as nft writes them: ``client``, ``VIP``,
+    ``port`` and ``endpoint . port`` (IPv4); the three digest values and the endpoint
+    address (IPv6). Each concatenated part fills 4 bytes (16 for an IPv6 address)."""
+    value = data or b""
+    if v4:
+        parts = [
+            socket.inet_ntop(socket.AF_INET, key[0:4]),
+            socket.inet_ntop(socket.AF_INET, key[4:8]),
+            str(int.from_bytes(key[8:10], "big")),
+        ]
+        ep = f"{socket.inet_ntop(socket.AF_INET, value[0:4])} . {int.from_bytes(value[4:6], 'big')}"
+        return parts, ep
+    digest = [str(part) for part in struct.unpack("=III", key[:12])]
+    return digest, socket.inet_ntop(socket.AF_INET6, value[:16])
 
 
 @dataclass(frozen=True, eq=False)
@@ -465,12 +484,12 @@ class NftablesRuleset:
         """The dynamic maps the packet path fills with ClientIP affinity."""
         return tuple(affinity_map(proto) for proto in PROTOCOLS)
 
-    def affinity_restore(self, elements: Mapping[str, Sequence[Any]]) -> str:
+    def affinity_restore(self, elements: Mapping[str, Sequence[RawElement]]) -> str:
         """``add element`` commands re-creating, with their timeout and the time they have
-        left, the affinity entries among ``elements`` (each affinity map's ``elem`` list as
-        ``nft -j list map`` gives it, read from the table this ruleset replaces) that still
-        point to a live endpoint of their frontend: appended to :meth:`render`, a full replace
-        keeps what clients learned, as kube-proxy's full syncs keep its affinity sets."""
+        left, the affinity entries among ``elements`` (each affinity map's elements as the
+        kernel reports them, read from the table this ruleset replaces) that still point to a
+        live endpoint of their frontend: appended to :meth:`render`, a full replace keeps what
+        clients learned, as kube-proxy's full syncs keep its affinity sets."""
         v4 = self.options.family == IPV4
         live: set[str] = set()
         for svc in self.services.values():
@@ -486,20 +505,15 @@ class NftablesRuleset:
                     live.update(f"{frontend} -> {end}" for end in ends)
         restored: dict[str, list[str]] = {}
         for mapname in self.affinity_maps:
-            for key_obj, data_obj in elements.get(mapname, ()):
-                meta = key_obj.get("elem", {})
-                timeout, expires = meta.get("timeout"), meta.get("expires")
-                if not timeout or not expires:
+            for raw, data, timeout_ms, expires_ms in elements.get(mapname, ()):
+                if not expires_ms:
                     continue
-                parts = [str(part) for part in meta["val"]["concat"]]
-                if isinstance(data_obj, dict):
-                    data = " . ".join(str(part) for part in data_obj["concat"])
-                else:
-                    data = str(data_obj)
-                wanted = f"{' . '.join(parts[1:])} -> {data}" if v4 else data
+                parts, endpoint = decode_affinity_entry(v4, raw, data)
+                wanted = f"{' . '.join(parts[1:])} -> {endpoint}" if v4 else endpoint
                 if wanted in live:
+                    timeout = f" timeout {timeout_ms}ms" if timeout_ms else ""
                     restored.setdefault(mapname, []).append(
-                        f"{' . '.join(parts)} timeout {timeout}s expires {expires}s : {data}"
+                        f"{' . '.join(parts)}{timeout} expires {expires_ms}ms : {endpoint}"
                     )
         return "".join(self.element_commands("add", restored))
 

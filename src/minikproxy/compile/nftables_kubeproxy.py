@@ -16,10 +16,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import ipaddress
+import socket
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
 
 from minikproxy.compile.cidr import cidr_contains
 from minikproxy.compile.nftables_options import NftablesOptions
@@ -371,9 +371,6 @@ class KubeProxyNftRuleset:
         lines += [f"delete set {fam} {TABLE} {name}" for name in sorted(old_sets - new_sets)]
         return "\n".join(lines) + "\n" if lines else ""
 
-    #: What :attr:`affinity_maps` are (the applier lists them as such).
-    affinity_kind = "set"
-
     @property
     def affinity_maps(self) -> tuple[str, ...]:
         """The per-endpoint affinity sets the packet path fills (``update @affinity-*``)."""
@@ -381,22 +378,23 @@ class KubeProxyNftRuleset:
             sorted({_set_name(line) for frag in self.services.values() for line in frag.sets})
         )
 
-    def affinity_restore(self, elements: Mapping[str, Sequence[Any]]) -> str:
+    def affinity_restore(
+        self, elements: Mapping[str, Sequence[tuple[bytes, bytes | None, int | None, int | None]]]
+    ) -> str:
         """``add element`` commands re-creating, with the time they have left, the entries
-        among ``elements`` (each affinity set's ``elem`` list as ``nft -j list set`` gives it,
-        read from the table this ruleset replaces) of the affinity sets this ruleset still
-        has: appended to :meth:`render`, a full replace keeps what clients learned, as
-        kube-proxy's full syncs (which never delete its table) do."""
+        among ``elements`` (each affinity set's elements as the kernel reports them: ``(key,
+        data, timeout_ms, expires_ms)``, read from the table this ruleset replaces) of the
+        affinity sets this ruleset still has: appended to :meth:`render`, a full replace keeps
+        what clients learned, as kube-proxy's full syncs (which never delete its table) do."""
+        af = socket.AF_INET if self.options.family == IPV4 else socket.AF_INET6
         lines: list[str] = []
         for name in self.affinity_maps:
             restored = []
-            for item in elements.get(name, ()):
-                meta = item.get("elem", {}) if isinstance(item, dict) else {}
-                expires = meta.get("expires")
-                if not expires:
+            for key, _data, timeout_ms, expires_ms in elements.get(name, ()):
+                if not expires_ms:
                     continue
-                timeout = f" timeout {meta['timeout']}s" if meta.get("timeout") else ""
-                restored.append(f"{meta['val']}{timeout} expires {expires}s")
+                timeout = f" timeout {timeout_ms}ms" if timeout_ms else ""
+                restored.append(f"{socket.inet_ntop(af, key)}{timeout} expires {expires_ms}ms")
             if restored:
                 lines.append(
                     f"add element {self.family} {TABLE} {name} {{ {', '.join(restored)} }}"
