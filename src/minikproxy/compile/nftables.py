@@ -270,7 +270,12 @@ class AffinityCleanup:
         out: list[str] = []
         for mapname, entries in self.stale.items():
             target = f"{self.family_prefix} {mapname}"
+            wanted = {_encode_endpoint(v4, data) for data in entries}
+            adds: list[str] = []
+            keys: list[str] = []
             for raw in elements.get(mapname, ()):
+                if raw[1] not in wanted:  # compared raw: decoding every entry costs more
+                    continue
                 parts, data = decode_affinity_entry(v4, raw[0], raw[1])
                 frontends = entries.get(data, ())
                 if frontends == ():
@@ -278,14 +283,26 @@ class AffinityCleanup:
                 if frontends is not None and " . ".join(parts[1:]) not in frontends:
                     continue
                 key = " . ".join(parts)
-                out.append(f"add element {target} {{ {key} : {data} }}\n")
-                out.append(f"delete element {target} {{ {key} }}\n")
+                adds.append(f"{key} : {data}")
+                keys.append(key)
+            for start in range(0, len(keys), ELEMENTS_PER_COMMAND):
+                end = start + ELEMENTS_PER_COMMAND
+                out.append(f"add element {target} {{ {', '.join(adds[start:end])} }}\n")
+                out.append(f"delete element {target} {{ {', '.join(keys[start:end])} }}\n")
         return "".join(out)
 
 
 #: A set or map element as the kernel reports it: key and data bytes (register layout),
 #: timeout and time left in milliseconds.
 RawElement = tuple[bytes, bytes | None, int | None, int | None]
+
+
+def _encode_endpoint(v4: bool, data: str) -> bytes:
+    """The kernel's bytes of affinity data ``ip . port`` (IPv4) or ``ip`` (IPv6)."""
+    if not v4:
+        return socket.inet_pton(socket.AF_INET6, data)
+    ip, _, port = data.partition(" . ")
+    return socket.inet_pton(socket.AF_INET, ip) + int(port).to_bytes(2, "big") + b"\0\0"
 
 
 def decode_affinity_entry(v4: bool, key: bytes, data: bytes | None) -> tuple[list[str], str]:

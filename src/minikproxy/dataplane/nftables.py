@@ -10,9 +10,10 @@ table, and ``minikproxy.compile.nftables_kubeproxy.KubeProxyNftRuleset``, kube-p
 * :meth:`~NftablesApplier.apply_changes` sends only the difference from the previous ruleset
   (element additions and deletions for the flat layout) as one transaction, or falls back to a
   full replace when the ruleset says the skeleton changed; it returns whether it did. For the
-  flat layout it also deletes, in the same transaction, the ClientIP affinity entries the
-  kernel learned that point to endpoints the change removed (read from the affinity maps only
-  when such endpoints exist), then sweeps once more for entries written meanwhile;
+  flat layout it then deletes, in a second transaction, the ClientIP affinity entries the
+  kernel learned that point to endpoints the change removed (the affinity maps are read over
+  netlink, and only when such endpoints exist): until then, for the few milliseconds between
+  the two, those clients still reach the endpoint that left;
 * :meth:`~NftablesApplier.table_intact` is the canary: it counts the rules of one small base
   chain (``nat-prerouting``, which always jumps to ``services``) with one kernel-filtered
   netlink dump (:mod:`minikproxy.dataplane.nftnetlink`), not through libnftables, whose
@@ -167,20 +168,17 @@ class NftablesApplier(Closing):
         if script is None:
             self.apply_full(ruleset)
             return True
-        cleanup_of = getattr(ruleset, "affinity_cleanup", None)
-        cleanup: AffinityCleanupPlan | None = cleanup_of(previous, changed) if cleanup_of else None
-        if cleanup is not None:
-            elements = self._affinity_elements(cleanup.family_prefix, cleanup.maps)
-            script += cleanup.commands(elements)
         if script:
             self._run(script, "incremental sync")
             self.incremental_applies += 1
+        cleanup_of = getattr(ruleset, "affinity_cleanup", None)
+        cleanup: AffinityCleanupPlan | None = cleanup_of(previous, changed) if cleanup_of else None
         if cleanup is not None:
-            # Entries the packet path wrote between the read and the commit.
-            elements = self._affinity_elements(cleanup.family_prefix, cleanup.maps)
-            late = cleanup.commands(elements)
-            if late:
-                self._run(late, "affinity cleanup")
+            # After the commit no new connection can pick the endpoints that left, so one
+            # read finds every entry pointing to them.
+            stale = cleanup.commands(self._affinity_elements(cleanup.family_prefix, cleanup.maps))
+            if stale:
+                self._run(stale, "affinity cleanup")
         return False
 
     def _affinity_elements(self, prefix: str, maps: Iterable[str]) -> dict[str, list[SetElement]]:

@@ -185,26 +185,52 @@ def _attrs(data: bytes) -> list[tuple[int, bytes]]:
     return out
 
 
-def _value(nested: bytes) -> bytes:
-    return next((payload for kind, payload in _attrs(nested) if kind == NFTA_DATA_VALUE), b"")
+_ATTR = struct.Struct("=HH")
+_U64 = struct.Struct("!Q")
+
+
+def _value(data: bytes, start: int, end: int) -> bytes:
+    """The ``NFTA_DATA_VALUE`` payload inside the nested attribute at ``data[start:end]``."""
+    while start + 4 <= end:
+        size, kind = _ATTR.unpack_from(data, start)
+        if size < 4:
+            break
+        if kind & 0x3FFF == NFTA_DATA_VALUE:
+            return data[start + 4 : start + size]
+        start += (size + 3) & ~3
+    return b""
 
 
 def _parse_elements(data: bytes) -> list[SetElement]:
+    """The elements of an ``NFTA_SET_ELEM_LIST_ELEMENTS`` payload (offsets, not slices: a dump
+    of a large map is parsed at a few microseconds per element)."""
     out: list[SetElement] = []
-    for kind, element in _attrs(data):
-        if kind != NFTA_LIST_ELEM:
-            continue
-        key, value, timeout, expires = b"", None, None, None
-        for attr, payload in _attrs(element):
-            if attr == NFTA_SET_ELEM_KEY:
-                key = _value(payload)
-            elif attr == NFTA_SET_ELEM_DATA:
-                value = _value(payload)
-            elif attr == NFTA_SET_ELEM_TIMEOUT:
-                (timeout,) = struct.unpack("!Q", payload[:8])
-            elif attr == NFTA_SET_ELEM_EXPIRATION:
-                (expires,) = struct.unpack("!Q", payload[:8])
-        out.append(SetElement(key, value, timeout, expires))
+    unpack = _ATTR.unpack_from
+    offset, total = 0, len(data)
+    while offset + 4 <= total:
+        size, kind = unpack(data, offset)
+        if size < 4:
+            break
+        end = offset + size
+        if kind & 0x3FFF == NFTA_LIST_ELEM:
+            key, value, timeout, expires = b"", None, None, None
+            inner = offset + 4
+            while inner + 4 <= end:
+                attr_size, attr = unpack(data, inner)
+                if attr_size < 4:
+                    break
+                attr &= 0x3FFF
+                if attr == NFTA_SET_ELEM_KEY:
+                    key = _value(data, inner + 4, inner + attr_size)
+                elif attr == NFTA_SET_ELEM_DATA:
+                    value = _value(data, inner + 4, inner + attr_size)
+                elif attr == NFTA_SET_ELEM_TIMEOUT:
+                    (timeout,) = _U64.unpack_from(data, inner + 4)
+                elif attr == NFTA_SET_ELEM_EXPIRATION:
+                    (expires,) = _U64.unpack_from(data, inner + 4)
+                inner += (attr_size + 3) & ~3
+            out.append(SetElement(key, value, timeout, expires))
+        offset += (size + 3) & ~3
     return out
 
 
