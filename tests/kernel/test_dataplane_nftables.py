@@ -11,7 +11,7 @@ import json
 import secrets
 import subprocess
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -179,25 +179,30 @@ def test_endpoint_change_is_elements_only_and_equals_a_fresh_load(
     assert "10.200.0.1" in nft(ns, "list", "table", "ip", "minikproxy")
 
 
-def test_skeleton_change_falls_back_to_a_full_replace(
+def test_new_endpoint_count_adds_its_chain_incrementally_and_options_replace_the_table(
     netns: Callable[[], str], tracker: ClusterTracker
 ) -> None:
     before = compile_nftables(tracker.snapshot(IPV4).state, OPTIONS)
     ns, reference = netns(), netns()
-    # A new endpoint count (5) needs a new pick chain: a skeleton change.
+    # A new endpoint count (5) needs a new pick chain, added in the same transaction.
     obj = synthetic_slice(3, ENDPOINTS + 1)
     obj["metadata"]["resourceVersion"] = "2"
     tracker.upsert_endpoint_slice(obj)
     snap = tracker.snapshot(IPV4)
     assert snap.changed is not None
     after = compile_nftables(snap.state, OPTIONS)
+    changed = ports_of(snap.state, snap.changed)
     with NftablesApplier(netns=ns) as applier:
         applier.apply_full(before)
-        assert applier.apply_changes(before, after, ports_of(snap.state, snap.changed)) is True
+        assert applier.apply_changes(before, after, changed) is False
+        assert (applier.full_applies, applier.incremental_applies) == (1, 1)
+        assert "ip minikproxy pick-5" in chains(ns)
+        nft(reference, "-f", "-", stdin=after.render())
+        assert normalized(ns) == normalized(reference)
+        # Other options: the fixed skeleton differs, the table is replaced whole.
+        other = compile_nftables(snap.state, replace(OPTIONS, masquerade_all=True))
+        assert applier.apply_changes(after, other, changed) is True
         assert applier.full_applies == 2
-    assert "ip minikproxy pick-5" in chains(ns)
-    nft(reference, "-f", "-", stdin=after.render())
-    assert normalized(ns) == normalized(reference)
 
 
 @dataclass(frozen=True)
@@ -340,7 +345,7 @@ def test_kube_proxy_layout_full_and_incremental(
 
 def test_set_elements_reads_one_sets_elements_over_netlink(netns: Callable[[], str]) -> None:
     """Raw keys and data (each part of a concatenation padded to 4 bytes), the element's own
-    timeout (0 when it is the set's default) and the time left; missing reads as empty."""
+    timeout (None when it is the set's default) and the time left; missing reads as empty."""
     ns = netns()
     nft(
         ns,
@@ -363,26 +368,37 @@ def test_set_elements_reads_one_sets_elements_over_netlink(netns: Callable[[], s
         (element,) = applier.set_elements("ip", "t", "m")
         assert element.key == bytes([10, 10, 1, 2, 10, 96, 0, 10, 0, 80, 0, 0])
         assert element.data == bytes([10, 10, 2, 3, 0x1F, 0x90, 0, 0])
-        assert element.timeout_ms == 100_000 and 40_000 < element.expires_ms <= 50_000
+        assert element.timeout_ms == 100_000 and 40_000 < (element.expires_ms or 0) <= 50_000
         (member,) = applier.set_elements("ip", "t", "s")
-        assert (member.key, member.data, member.timeout_ms) == (bytes([10, 10, 1, 2]), None, 0)
-        assert 3_500_000 < member.expires_ms <= 3_600_000
+        assert (member.key, member.data, member.timeout_ms) == (bytes([10, 10, 1, 2]), None, None)
+        assert 3_500_000 < (member.expires_ms or 0) <= 3_600_000
         assert applier.set_elements("ip", "t", "nothing") == []
         assert applier.set_elements("ip", "nothing", "m") == []
 
 
-def test_a_rejected_carry_over_does_not_keep_the_table_out(
+class _BadAffinity:
+    """A ruleset whose carried-over affinity entries nft rejects."""
+
+    def __init__(self, ruleset: NftablesRuleset) -> None:
+        self._ruleset = ruleset
+        self.nft_table = ruleset.nft_table
+        self.affinity_maps: tuple[str, ...] = ()
+
+    def render(self) -> str:
+        return self._ruleset.render()
+
+    def affinity_restore(self, elements: Any) -> str:
+        return "add element ip minikproxy no-such-set { 10.0.0.1 }\n"
+
+    def incremental_script(self, previous: Any, changed: Iterable[ServicePortName]) -> str | None:
+        return None
+
+
+def test_rejected_affinity_carry_over_does_not_keep_the_table_out(
     netns: Callable[[], str], tracker: ClusterTracker
 ) -> None:
     ruleset = compile_nftables(tracker.snapshot(IPV4).state, OPTIONS)
     ns = netns()
     with NftablesApplier(netns=ns) as applier:
-        applier.carry_over = lambda _: "add element ip minikproxy no-such-set { 10.0.0.1 }\n"
-        applier.apply_full(ruleset)
+        applier.apply_full(_BadAffinity(ruleset))
         assert applier.table_intact(ruleset) and applier.rejected == 1
-        applier.carry_over = None
-        applier.context.run("add element ip minikproxy cluster-ips { 10.96.255.1 }\n")
-        applier.carry_over = lambda _: "add element ip minikproxy cluster-ips { 10.96.255.2 }\n"
-        applier.apply_full(ruleset)  # what is carried over goes in the same transaction
-        listed = nft(ns, "list", "set", "ip", "minikproxy", "cluster-ips")
-        assert "10.96.255.2" in listed and "10.96.255.1" not in listed

@@ -16,11 +16,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from minikproxy.compile.nftables import (
-    AFFINITY_SERVICES,
-    PROTOCOLS,
     SERVICE_DISPATCH,
     NftablesRuleset,
-    affinity_map,
     compile_nftables,
 )
 from minikproxy.compile.nftables_kubeproxy import (
@@ -48,10 +45,6 @@ log = logging.getLogger(__name__)
 
 NftPlan = NftablesRuleset | KubeProxyNftRuleset
 
-#: The flat layout's affinity maps' default timeout (``timeout 3h``): the kernel reports an
-#: element's own timeout only when it differs.
-FLAT_AFFINITY_TIMEOUT_MS = 3 * 3600 * 1000
-
 IPPROTO_UDP = 17
 
 
@@ -66,8 +59,6 @@ class NftablesMode(ProxyMode[Any]):
             raise ValueError(f"unknown nftables layout {layout!r}")
         self.applier = applier
         self.layout = layout
-        if applier is not None:
-            applier.carry_over = self._affinity_carry_over
 
     @property
     def dry_run(self) -> bool:
@@ -149,78 +140,6 @@ class NftablesMode(ProxyMode[Any]):
             changed = frozenset(applied.services) | frozenset(new.services)
         self.applier.apply_changes(applied, new, changed)
 
-    def _affinity_carry_over(self, plan: NftPlan) -> str:
-        """Commands that re-add, in a full sync's transaction, the ClientIP affinity entries
-        of the table it replaces, each with the time it had left: kube-proxy's full syncs
-        keep its affinity sets, so a full sync (hourly, after a failure, at a restart, or
-        for a new endpoint count in the flat layout) must not move clients. Only entries
-        whose Service still has affinity and whose endpoint is still one of its endpoints
-        are kept. A table that cannot be read costs affinity once (logged), never the sync."""
-        assert self.applier is not None
-        family_name, table = plan.nft_table
-        try:
-            if isinstance(plan, NftablesRuleset):
-                return "".join(self._flat_affinity(plan))
-            return "".join(self._kube_proxy_affinity(plan))
-        except (OSError, ValueError) as err:
-            log.warning(
-                "cannot carry ClientIP affinity over the full sync of %s %s (clients may "
-                "switch endpoints once): %s",
-                family_name,
-                table,
-                err,
-            )
-            return ""
-
-    def _flat_affinity(self, plan: NftablesRuleset) -> Iterator[str]:
-        """The flat layout's affinity entries still valid in ``plan`` (IPv4 only: the
-        layout has no affinity in IPv6)."""
-        assert self.applier is not None
-        sticky = _flat_sticky(plan)
-        if not sticky or plan.options.family != IPV4:
-            return
-        family_name, table = plan.nft_table
-        for proto in PROTOCOLS:
-            name = affinity_map(proto)
-            for element in self.applier.set_elements(family_name, table, name):
-                key, data = element.key, element.data
-                if len(key) != 12 or data is None or len(data) != 8 or not element.expires_ms:
-                    continue
-                saddr, daddr = _ipv4(key[0:4]), _ipv4(key[4:8])
-                dport = int.from_bytes(key[8:10], "big")
-                target = f"{_ipv4(data[0:4])} . {int.from_bytes(data[4:6], 'big')}"
-                if (proto, daddr, str(dport), target) in sticky:
-                    timeout = element.timeout_ms or FLAT_AFFINITY_TIMEOUT_MS
-                    expires = min(element.expires_ms, timeout)
-                    yield (
-                        f"add element {family_name} {table} {name} {{ {saddr} . {daddr} . "
-                        f"{dport} timeout {timeout}ms expires {expires}ms : {target} }}\n"
-                    )
-
-    def _kube_proxy_affinity(self, plan: KubeProxyNftRuleset) -> Iterator[str]:
-        """The kube-proxy layout's per-endpoint affinity sets that ``plan`` still has: their
-        client addresses (a removed endpoint's set, and its entries, are gone)."""
-        assert self.applier is not None
-        family_name, table = plan.nft_table
-        size = 4 if plan.options.family == IPV4 else 16
-        for frag in plan.services.values():
-            for line in frag.sets:
-                words = line.split()
-                name = words[4]
-                if not name.startswith("affinity-"):
-                    continue
-                default_ms = int(words[words.index("timeout") + 1].rstrip("s;")) * 1000
-                for element in self.applier.set_elements(family_name, table, name):
-                    if len(element.key) != size or not element.expires_ms:
-                        continue
-                    client = ipaddress.ip_address(element.key)
-                    timeout = element.timeout_ms or default_ms
-                    expires = min(element.expires_ms, timeout)
-                    yield (
-                        f"add element {family_name} {table} {name} "
-                        f"{{ {client} timeout {timeout}ms expires {expires}ms }}\n"
-                    )
-
     def _remember_udp_frontends(self, plan: NftPlan) -> None:
         """Read the UDP Service frontends of the table a previous run left (as iptables mode
         reads its old rules), so that the flows of Services deleted while we were down go
@@ -290,25 +209,6 @@ class NftablesMode(ProxyMode[Any]):
             self.applier.close()
 
 
-def _flat_sticky(plan: NftablesRuleset) -> set[tuple[str, str, str, str]]:
-    """(protocol, frontend IP, frontend port, ``endpoint IP . port``) of every endpoint of
-    every frontend with ClientIP affinity in ``plan``: the affinity entries worth keeping."""
-    affine: set[tuple[str, str, str]] = set()
-    endpoints: list[tuple[str, str, str, str]] = []
-    for svc in plan.services.values():
-        if not svc.affinity_timeouts:  # no affinity: skip its elements (cheap at 10k)
-            continue
-        for container, text in svc.elements:
-            if container == AFFINITY_SERVICES:
-                ip, proto, port = text.split(" . ")
-                affine.add((proto, ip, port))
-            elif container.startswith(("cluster-endpoints-", "local-endpoints-")):
-                key, _, target = text.partition(" : ")
-                ip, port, _index = key.split(" . ")
-                endpoints.append((container.rsplit("-", 1)[1], ip, port, target))
-    return {e for e in endpoints if e[:3] in affine}
-
-
 def _keys(elements: Sequence[SetElement]) -> Iterator[bytes]:
     return (element.key for element in elements)
 
@@ -316,10 +216,6 @@ def _keys(elements: Sequence[SetElement]) -> Iterator[bytes]:
 def _port(padded: bytes) -> int:
     """A port from a concatenation part (2 bytes, network order, padded to 4)."""
     return int.from_bytes(padded[:2], "big")
-
-
-def _ipv4(packed: bytes) -> str:
-    return str(ipaddress.IPv4Address(packed))
 
 
 def _label(name: ServicePortName) -> str:
