@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from minikproxy.config import NFTABLES_LAYOUTS
 from minikproxy.dataplane.execer import DEFAULT_TIMEOUT
 from minikproxy.flags import add_node_flags, duration
 
@@ -33,6 +34,12 @@ def add_subcommands(sub: Any) -> None:
         choices=("auto", "nft", "legacy"),
         default="auto",
         help="iptables backend; auto picks the one that already holds rules",
+    )
+    run.add_argument(
+        "--nftables-layout",
+        choices=NFTABLES_LAYOUTS,
+        default=None,
+        help="nftables mode: minikproxy's flat table (default) or kube-proxy's own layout",
     )
     run.add_argument(
         "--exec-timeout",

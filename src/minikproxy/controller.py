@@ -159,7 +159,7 @@ class Controller:
         """Start servers, watches and the sync loop (returns at once)."""
         self.proxier.initial_load_gc.hold()
         if self.execer is not None:
-            remove_other_modes(self.config.mode, self.execer)
+            remove_other_modes(self.config.mode, self.execer, self.config.nftables_layout)
         if (
             self.execer is not None
             and self.config.mode == "iptables"
@@ -251,12 +251,15 @@ class Controller:
         self.proxier.initial_load_gc.release()
         for server in self._servers:
             server.stop()
+        if "sync-loop" in stuck:
+            # A sync is still running (it ends when its kernel call returns): closing what
+            # it uses under it would turn a late success into a crash. The process is ending.
+            return
         if self.proxier.service_health is not None:
             self.proxier.service_health.stop()
         if self.proxier.conntrack is not None:
             self.proxier.conntrack.close()
-        if not stuck:  # else the sync thread may still be using it
-            self.mode.close()
+        self.mode.close()
 
     @property
     def servers(self) -> list[Any]:

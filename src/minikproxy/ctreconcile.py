@@ -288,9 +288,16 @@ class ConntrackReconciler:
         -t nat`` output) as the last ones reconciled: those no Service has any more (deleted
         while minikproxy was down) lose their flows at the first reconcile."""
         frontends, node_ports = udp_frontends_in_rules(saved_nat)
+        self.remember_frontends(family, frontends, node_ports)
+
+    def remember_frontends(
+        self, family: IPFamily, frontends: Iterable[Frontend], node_ports: Iterable[int] = ()
+    ) -> None:
+        """:meth:`remember_rules` for a mode that read its old rules itself: the UDP
+        ``frontends`` and NodePorts (on any NodePort address) they routed to Services."""
         memory = self._memory.setdefault(family, _FamilyMemory())
-        memory.gone |= frontends
-        memory.gone_node_ports |= node_ports
+        memory.gone |= frozenset(frontends)
+        memory.gone_node_ports |= frozenset(node_ports)
 
     def reconcile(
         self,

@@ -330,11 +330,12 @@ class Proxier:
                 versions = dict(self._resource_versions)
                 snapshots = {f: self.tracker.snapshot(f) for f in self.families}
                 node = self.tracker.node
+                service_cidrs = self.service_cidrs  # one value for every family of the sync
                 self.tracker.checkout_pending()
                 self.metrics.service_changes_pending.set(0)
                 self.metrics.endpoint_changes_pending.set(0)
             for family in self.families:
-                self._sync_family(family, snapshots[family], node, full)
+                self._sync_family(family, snapshots[family], node, service_cidrs, full)
             end = self.clock()
             duration = end - start
             self.initial_load_gc.release()
@@ -391,14 +392,19 @@ class Proxier:
         return False
 
     def _sync_family(
-        self, family: IPFamily, snapshot: Snapshot, node: NodeInfo, full: bool
+        self,
+        family: IPFamily,
+        snapshot: Snapshot,
+        node: NodeInfo,
+        service_cidrs: Sequence[str],
+        full: bool,
     ) -> None:
         state = self._families[family]
         mode = self._mode
         addresses: Sequence[str] = ()
         if self.config.nodeport_addresses and self.local_addresses is not None:
             addresses = self.local_addresses(family)
-        options = mode.options(self.config, node, family, addresses, self.service_cidrs)
+        options = mode.options(self.config, node, family, addresses, service_cidrs)
         base = state.compiled if mode.dry_run else state.applied
         previous = None if full else base
         plan = mode.compile(
@@ -485,7 +491,9 @@ class Proxier:
                     local[svc] = family_local.get(svc, 0)
         if not synced:
             return
-        if self.config.nodeport_addresses:  # else the server's own (every address)
+        # As the mode applies the setting (nftables mode: ``primary`` when unset); if none,
+        # the server's own addresses (every address).
+        if nodeport_address_setting(self.config):
             self.service_health.set_bind_addresses(_health_check_addresses(synced))
         self.service_health.sync_services(ports)
         self.service_health.sync_endpoints(local)

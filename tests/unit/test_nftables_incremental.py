@@ -12,7 +12,7 @@ from minikproxy.changes import ClusterTracker
 from minikproxy.compile.nftables import NftablesRuleset, compile_nftables
 from minikproxy.compile.nftables_options import LocalMatch, NftablesOptions
 from minikproxy.model.names import IPV4, IPV6, IPFamily
-from minikproxy.testing.strategies import NODE
+from minikproxy.testing.strategies import NODE, feed_change
 
 from .test_iptables_properties import PROPERTY_SETTINGS, cluster_and_change
 
@@ -27,9 +27,26 @@ def element_table(ruleset: NftablesRuleset) -> set[tuple[str, str]]:
     return {(name, text) for name, texts in ruleset.elements_by_set().items() for text in texts}
 
 
-def apply_update(table: set[tuple[str, str]], script: str) -> None:
-    """Apply ``delete``/``add element`` commands to ``table`` as nft would (maps by key)."""
+def apply_update(table: set[tuple[str, str]], skeleton: set[str], script: str) -> None:
+    """Apply ``delete``/``add element`` commands to ``table`` as nft would (maps by key), and
+    the chain commands to ``skeleton`` (the ``add chain``/``add rule`` lines)."""
     for line in script.splitlines():
+        if " element " not in line:
+            verb, what, family, name, chain = line.split(" ", 5)[:5]
+            if verb == "add":
+                assert what in ("chain", "rule") and line + "\n" not in skeleton, line
+                if what == "rule":
+                    assert f"add chain {family} {name} {chain}\n" in skeleton, line
+                skeleton.add(line + "\n")
+            elif verb == "flush":
+                prefix = f"add rule {family} {name} {chain} "
+                skeleton -= {rule for rule in skeleton if rule.startswith(prefix)}
+            else:
+                assert not any(
+                    rule.startswith(f"add rule {family} {name} {chain} ") for rule in skeleton
+                )
+                skeleton.remove(f"add chain {family} {name} {chain}\n")
+            continue
         verb, _, _, _, setname, rest = line.split(" ", 5)
         items = rest.strip().removeprefix("{ ").removesuffix(" }").split(", ")
         for item in items:
@@ -58,17 +75,7 @@ def test_incremental_compile_equals_full_compile(
     first = compile_nftables(tracker.snapshot(family).state, options(family))
     first.shared_refs  # noqa: B018 - computed, so the incremental compile carries it forward
 
-    def key(o: dict[str, Any]) -> tuple[str, str, str]:
-        return (o["kind"], o["metadata"].get("namespace", ""), o["metadata"]["name"])
-
-    old = {key(o): o for o in before}
-    new = {key(o): o for o in after}
-    for k, o in old.items():
-        if k not in new and o["kind"] == "Service":
-            tracker.delete_service(o)
-        elif k not in new and o["kind"] == "EndpointSlice":
-            tracker.delete_endpoint_slice(o)
-    tracker.add_objects(o for k, o in new.items() if old.get(k) != o)
+    feed_change(tracker, before, after)  # as watch events would arrive
     snapshot = tracker.snapshot(family)
     assert snapshot.changed is not None
     partial = compile_nftables(snapshot.state, options(family), first, snapshot.changed)
@@ -78,12 +85,11 @@ def test_incremental_compile_equals_full_compile(
     assert partial.shared_refs == full.shared_refs
     assert partial.skeleton_refs == full.skeleton_refs
     script = partial.update_script(first, partial.changed)
-    if script is None:
-        assert first.skeleton != full.skeleton
-        return
-    table = element_table(first)
-    apply_update(table, script)
+    assert script is not None  # same options: count-class chains travel with the elements
+    table, skeleton = element_table(first), set(first.skeleton)
+    apply_update(table, skeleton, script)
     assert table == element_table(full)
+    assert skeleton == set(full.skeleton)
 
 
 def test_nothing_changed_reuses_everything() -> None:
