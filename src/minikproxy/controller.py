@@ -18,7 +18,7 @@ from typing import Any, TextIO
 from minikproxy.config import ConfigError, ProxyConfig
 from minikproxy.ctreconcile import ConntrackReconciler
 from minikproxy.dataplane.ctnetlink import NetlinkConntrack
-from minikproxy.dataplane.execer import Execer, RealExecer
+from minikproxy.dataplane.execer import Execer, ExecError, RealExecer
 from minikproxy.dataplane.iptables import (
     BackendDetectionError,
     IptablesBackend,
@@ -66,6 +66,26 @@ def usable_families(execer: Execer, backend: IptablesBackend) -> list[IPFamily]:
         families.append(IPV6)
     except IptablesError as err:
         logger.info("IPv6 disabled: ip6tables is not usable here (%s)", err)
+    return families
+
+
+def usable_nft_families(execer: Execer) -> list[IPFamily]:
+    """IPv4, plus IPv6 when nftables accepts an ``ip6`` table here (checked with ``nft
+    --check``: nothing is committed), as kube-proxy's nftables mode runs single-stack when a
+    family's nftables does not work."""
+    families: list[IPFamily] = [IPV4]
+    try:
+        result = execer.run(["nft", "--check", "add table ip6 minikproxy-probe"])
+    except (OSError, ExecError) as err:
+        logger.info("IPv6 disabled: cannot check ip6 nftables (%s)", err)
+        return families
+    if result.returncode == 0:
+        families.append(IPV6)
+    else:
+        logger.info(
+            "IPv6 disabled: nftables refuses ip6 tables here (%s)",
+            result.stderr.decode(errors="replace").strip(),
+        )
     return families
 
 
@@ -339,7 +359,7 @@ def main_run(args: argparse.Namespace) -> int:
         families = usable_families(execer, backend)
         where = f"iptables backend {backend}"
     elif execer is not None:
-        families = [IPV4, IPV6] if os.path.exists("/proc/net/if_inet6") else [IPV4]
+        families = usable_nft_families(execer)
         where = f"layout {config.nftables_layout}"
     logger.info("Using %s proxier (%s)", config.mode, where)
     logger.info("Node name %r; families %s", node_name, ", ".join(families))

@@ -192,7 +192,7 @@ class ProxyMetrics:
             "Cumulative proxy iptables partial restore failures",
             mode="iptables",
         )
-        # sync_proxy_rules_nftables_sync_failures_total: transactions nft rejected.
+        # sync_proxy_rules_nftables_sync_failures_total: sync transactions nft rejected.
         self.nftables_sync_failures_total = counter(
             "sync_proxy_rules_nftables_sync_failures_total",
             "Cumulative proxy nftables sync failures",

@@ -376,7 +376,7 @@ class Proxier:
         else:
             detail = f"{type(err).__name__}: {err}"
             logger.exception("%s sync failed unexpectedly, keeping the previous rules", _kind(full))
-        self._mode.record_failure(self.metrics, full)
+        self._mode.record_failure(self.metrics, full, err)
         with self._lock:
             self._needs_full = True
         self._failures += 1

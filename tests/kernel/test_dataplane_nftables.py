@@ -402,3 +402,36 @@ def test_rejected_affinity_carry_over_does_not_keep_the_table_out(
     with NftablesApplier(netns=ns) as applier:
         applier.apply_full(_BadAffinity(ruleset))
         assert applier.table_intact(ruleset) and applier.rejected == 1
+
+
+def test_a_failed_affinity_cleanup_does_not_fail_the_committed_change(
+    netns: Callable[[], str],
+) -> None:
+    """The change's transaction is in the kernel: a failure to read the affinity maps
+    afterwards leaves stale entries to expire; it must not make the sync fail (which would
+    report the previous rules as kept)."""
+    svc = synthetic_cluster(1, 2)[1]
+    svc["spec"]["sessionAffinity"] = "ClientIP"
+    svc["spec"]["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": 300}}
+    tracker = ClusterTracker("node-0")
+    tracker.add_objects([svc, synthetic_slice(0, 2)])
+    before = compile_nftables(tracker.snapshot(IPV4).state, OPTIONS)
+    one_left = synthetic_slice(0, 2)
+    one_left["endpoints"] = one_left["endpoints"][:1]
+    tracker.add_objects([one_left])
+    snapshot = tracker.snapshot(IPV4)
+    after = compile_nftables(snapshot.state, OPTIONS, before, snapshot.changed)
+    gone = synthetic_slice(0, 2)["endpoints"][1]["addresses"][0]
+    ns = netns()
+    with NftablesApplier(netns=ns) as applier:
+        applier.apply_full(before)
+
+        def broken(*_args: object) -> list[Any]:
+            raise OSError(105, "No buffer space available")
+
+        applier._counter.elements = broken  # type: ignore[method-assign]
+        assert after.changed
+        applier.apply_changes(before, after, after.changed)  # no exception
+        assert applier.affinity_cleanup_failures == 1
+        listed = nft(ns, "list", "map", "ip", "minikproxy", "cluster-endpoints-tcp")
+        assert gone not in listed  # the change itself is in

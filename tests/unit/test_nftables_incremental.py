@@ -14,6 +14,7 @@ from minikproxy.compile.nftables_options import LocalMatch, NftablesOptions
 from minikproxy.model.names import IPV4, IPV6, IPFamily
 from minikproxy.testing.strategies import NODE, feed_change
 
+from .api_objects import endpoint_slice, service
 from .test_iptables_properties import PROPERTY_SETTINGS, cluster_and_change
 
 
@@ -99,3 +100,18 @@ def test_nothing_changed_reuses_everything() -> None:
     assert again.changed == frozenset()
     assert again.skeleton is first.skeleton
     assert again.update_script(first, ()) == ""
+
+
+def test_a_compile_with_no_port_of_this_family_changed_hands_the_counts_on() -> None:
+    """An IPv4-only Service's change reaches the IPv6 compile with nothing to recompile: the
+    reference counts must still move on, or the next partial sync recounts every port."""
+    tracker = ClusterTracker(NODE)
+    tracker.add_objects([service("a", "10.96.0.1"), endpoint_slice("a", "10.244.0.1")])
+    first6 = compile_nftables(tracker.snapshot(IPV6).state, options(IPV6))
+    tracker.snapshot(IPV4)
+    tracker.add_objects([endpoint_slice("a", "10.244.0.1", "10.244.0.2")])
+    snap6 = tracker.snapshot(IPV6)
+    assert snap6.changed  # every family is told of the IPv4 Service's change
+    again = compile_nftables(snap6.state, options(IPV6), first6, snap6.changed)
+    assert again.changed == frozenset()
+    assert "skeleton_refs" in again.__dict__ and "shared_refs" in again.__dict__

@@ -783,10 +783,14 @@ def compile_nftables(
         services[name] = compile_service_port(port, state.categorize(port), options)
     ports = frozenset(recompiled).union(svc.name for svc in dropped)
     if not ports:
-        return NftablesRuleset(
+        same = NftablesRuleset(
             options, previous.skeleton, services, previous.order, previous.notes, frozenset(),
             new_index,
         )  # fmt: skip
+        for counts in ("skeleton_refs", "shared_refs"):  # handed on, as below
+            if counts in previous.__dict__:
+                same.__dict__[counts] = previous.__dict__.pop(counts)
+        return same
     added = [services[name] for name in recompiled]
     order = _updated_order(previous.order, previous.services, services, dropped, recompiled)
     # The reference counts move from the previous ruleset to this one (updated for the ports

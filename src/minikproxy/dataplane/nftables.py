@@ -125,6 +125,8 @@ class NftablesApplier(Closing):
         self.rejected = 0
         self.full_applies = 0
         self.incremental_applies = 0
+        #: Affinity cleanups after a committed change that failed (entries left to expire).
+        self.affinity_cleanup_failures = 0
 
     def _run(self, script: str, what: str) -> None:
         try:
@@ -193,10 +195,20 @@ class NftablesApplier(Closing):
         cleanup: AffinityCleanupPlan | None = cleanup_of(previous, changed) if cleanup_of else None
         if cleanup is not None:
             # After the commit no new connection can pick the endpoints that left, so one
-            # read finds every entry pointing to them.
-            stale = cleanup.commands(self._affinity_elements(cleanup.family_prefix, cleanup.maps))
-            if stale:
-                self._run(stale, "affinity cleanup")
+            # read finds every entry pointing to them. The rules are in: a failure here only
+            # leaves entries to expire, it does not fail the sync.
+            try:
+                elements = self._affinity_elements(cleanup.family_prefix, cleanup.maps)
+                stale = cleanup.commands(elements)
+                if stale:
+                    self._run(stale, "affinity cleanup")
+            except (OSError, NftablesError) as err:
+                self.affinity_cleanup_failures += 1
+                log.warning(
+                    "ClientIP affinity entries of removed endpoints not deleted (they expire "
+                    "with their timeout): %s",
+                    err,
+                )
         return False
 
     def _affinity_elements(self, prefix: str, maps: Iterable[str]) -> dict[str, list[SetElement]]:

@@ -135,8 +135,8 @@ class ProxyMode(ABC, Generic[P]):
         """Set the mode's own gauges after a successful sync (rule counts and the like)."""
 
     @abstractmethod
-    def record_failure(self, metrics: ProxyMetrics, full: bool) -> None:
-        """Count a failed sync in the mode's own failure counters."""
+    def record_failure(self, metrics: ProxyMetrics, full: bool, err: Exception) -> None:
+        """Count a failed sync (``err`` is why) in the mode's own failure counters."""
 
     def expected_error(self, err: Exception) -> str | None:
         """The detail to log for a failure the mode expects (a rejected transaction), or

@@ -190,7 +190,7 @@ class IptablesMode(ProxyMode[IptablesRuleset]):
                 metrics.iptables_rules_last_sync.labels(table=table).set(count)
         self._written_rules = {"filter": 0, "nat": 0}
 
-    def record_failure(self, metrics: ProxyMetrics, full: bool) -> None:
+    def record_failure(self, metrics: ProxyMetrics, full: bool, err: Exception) -> None:
         """``sync_proxy_rules_iptables_restore_failures_total`` (and the partial one)."""
         metrics.iptables_restore_failures_total.inc()
         if not full:

@@ -215,7 +215,7 @@ class IpvsMode(ProxyMode[IpvsPlan]):
             logger.warning("cannot check the IPVS state: %s", err)
         return None
 
-    def record_failure(self, metrics: ProxyMetrics, full: bool) -> None:
+    def record_failure(self, metrics: ProxyMetrics, full: bool, err: Exception) -> None:
         """``sync_proxy_rules_iptables_restore_failures_total`` (kube-proxy's only IPVS
         failure counter)."""
         metrics.iptables_restore_failures_total.inc()

@@ -189,9 +189,11 @@ class NftablesMode(ProxyMode[Any]):
                 return None  # cannot tell now; the next check tries again
         return None
 
-    def record_failure(self, metrics: ProxyMetrics, full: bool) -> None:
-        """``sync_proxy_rules_nftables_sync_failures_total``."""
-        metrics.nftables_sync_failures_total.inc()
+    def record_failure(self, metrics: ProxyMetrics, full: bool, err: Exception) -> None:
+        """``sync_proxy_rules_nftables_sync_failures_total``: as kube-proxy, transactions nft
+        rejected (not every failed sync)."""
+        if isinstance(err, NftablesError):
+            metrics.nftables_sync_failures_total.inc()
 
     def expected_error(self, err: Exception) -> str | None:
         """A transaction nft rejected (with the offending script line)."""
