@@ -1,0 +1,199 @@
+"""Compile, first load and data path of one mode at one size (no controller).
+
+* compile: a full compile and render (chain-name hashes already cached, as in every sync
+  after the first); one EndpointSlice change: the model's snapshot plus the mode's
+  incremental compile and render of what it sends to the kernel; the ruleset's size.
+* load: the complete ruleset into a new, empty namespace, as a first sync does: our process's
+  share (compile and render) and the tool's and kernel's (``iptables-restore`` as a process;
+  the libnftables transaction for nftables).
+* data path: with the ruleset loaded in a topology's node, new TCP connections from the
+  client namespace to a ClusterIP whose endpoints answer in the backend namespace.
+"""
+
+from __future__ import annotations
+
+import copy
+import secrets
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from minikproxy.benchmark.adapters import ModeAdapter, RulesetSize
+from minikproxy.benchmark.cluster import DATAPATH_VIP, NODE, PORT, cluster_objects
+from minikproxy.benchmark.probing import Prober
+from minikproxy.changes import ClusterTracker, Snapshot
+from minikproxy.model.names import IPV4
+from minikproxy.testing.synthetic import synthetic_slice
+
+
+@dataclass
+class Cluster:
+    """One synthetic cluster in a tracker, and its first IPv4 snapshot."""
+
+    size: int
+    endpoints: int
+    objects: list[dict[str, Any]]
+    tracker: ClusterTracker
+    snapshot: Snapshot
+
+
+def build_cluster(size: int, endpoints: int) -> Cluster:
+    """The cluster of ``size`` synthetic Services (plus the benchmark's own)."""
+    objects = cluster_objects(size, endpoints)
+    tracker = ClusterTracker(NODE)
+    tracker.add_objects(objects)
+    return Cluster(size, endpoints, objects, tracker, tracker.snapshot(IPV4))
+
+
+@dataclass
+class CompileResults:
+    """Seconds per round, and the ruleset's size."""
+
+    full: list[float] = field(default_factory=list)
+    incremental: list[float] = field(default_factory=list)
+    size: RulesetSize | None = None
+    compiled: Any = None
+    text: str = ""
+
+
+def _changed_slice(cluster: Cluster, generation: int) -> dict[str, Any]:
+    obj = copy.deepcopy(
+        synthetic_slice(cluster.size // 2, cluster.endpoints, generation=generation)
+    )
+    obj["metadata"]["resourceVersion"] = str(generation + 2)
+    return obj
+
+
+def measure_compile(
+    adapter: ModeAdapter, cluster: Cluster, rounds: int, tick: Callable[[], None] = lambda: None
+) -> CompileResults:
+    """Full and one-change compiles, ``rounds`` of each."""
+    out = CompileResults()
+    state = cluster.snapshot.state
+    compiled = adapter.compile(state)  # warms the chain-name caches
+    for _ in range(rounds):
+        start = time.perf_counter()
+        compiled = adapter.compile(state)
+        text = adapter.render(compiled)
+        out.full.append(time.perf_counter() - start)
+    out.compiled, out.text = compiled, text
+    out.size = adapter.size(compiled, text)
+    # Alternate between the original slice and a changed one: every round is one real change.
+    tracker = cluster.tracker
+    original = synthetic_slice(cluster.size // 2, cluster.endpoints)
+    changed = _changed_slice(cluster, 1)
+    versions = [compiled, None]
+    for i in range(rounds):
+        obj = changed if i % 2 == 0 else original
+        start = time.perf_counter()
+        tracker.upsert_endpoint_slice(obj)
+        snap = tracker.snapshot(IPV4)
+        adapter.increment(versions[i % 2], snap)
+        out.incremental.append(time.perf_counter() - start)
+        if versions[(i + 1) % 2] is None:
+            versions[(i + 1) % 2] = adapter.compile(snap.state)
+        tick()
+    if rounds % 2:
+        tracker.upsert_endpoint_slice(original)
+        tracker.snapshot(IPV4)
+    return out
+
+
+class Scratch:
+    """Empty network namespaces named ``<prefix>-ldN``, created one at a time and all
+    deleted by :meth:`close` (also on an interrupt)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self._live: list[str] = []
+        self._n = 0
+
+    def fresh(self) -> str:
+        """A new empty namespace."""
+        self._n += 1
+        name = f"{self.prefix}-ld{self._n}"
+        self._live.append(name)
+        subprocess.run(["ip", "netns", "add", name], check=True)
+        return name
+
+    def drop(self, name: str) -> None:
+        """Delete one namespace made by :meth:`fresh`."""
+        subprocess.run(["ip", "netns", "del", name], check=False)
+        self._live.remove(name)
+
+    def close(self) -> None:
+        """Delete every namespace still there."""
+        while self._live:
+            self.drop(self._live[-1])
+
+
+@contextmanager
+def scratch_namespaces(prefix: str | None = None) -> Iterator[Scratch]:
+    """A :class:`Scratch` that is emptied on leaving."""
+    scratch = Scratch(prefix or f"mkpb{secrets.token_hex(3)}")
+    try:
+        yield scratch
+    finally:
+        scratch.close()
+
+
+@dataclass
+class LoadResults:
+    """Seconds per round: our process (compile + render), the tool and kernel, both."""
+
+    ours: list[float] = field(default_factory=list)
+    kernel: list[float] = field(default_factory=list)
+
+    @property
+    def total(self) -> list[float]:
+        """Per round, the sum of both shares."""
+        return [a + b for a, b in zip(self.ours, self.kernel, strict=True)]
+
+
+def measure_load(
+    adapter: ModeAdapter,
+    cluster: Cluster,
+    scratch: Scratch,
+    rounds: int,
+    tick: Callable[[], None] = lambda: None,
+) -> LoadResults:
+    """``rounds`` first full loads, each into a new empty namespace (made outside the timing)."""
+    out = LoadResults()
+    for _ in range(rounds):
+        netns = scratch.fresh()
+        try:
+            start = time.perf_counter()
+            compiled = adapter.compile(cluster.snapshot.state)
+            text = adapter.render(compiled)
+            middle = time.perf_counter()
+            adapter.load(compiled, text, netns)
+            end = time.perf_counter()
+        finally:
+            scratch.drop(netns)
+        out.ours.append(middle - start)
+        out.kernel.append(end - middle)
+        tick()
+    return out
+
+
+@dataclass
+class DatapathResults:
+    """Seconds per connection; connections per second per round."""
+
+    latencies: list[float]
+    rates: list[float]
+
+
+def measure_datapath(
+    prober: Prober, connections: int, rate_rounds: int, rate_seconds: float
+) -> DatapathResults:
+    """Connect latency of ``connections`` new connections to the answering ClusterIP, then
+    ``rate_rounds`` rounds of connections per second for ``rate_seconds`` each. The rules
+    must be loaded in the topology's node and its backends serving."""
+    prober.connect_latencies(DATAPATH_VIP, PORT, 20)  # warm-up: neighbour entries, caches
+    latencies = prober.connect_latencies(DATAPATH_VIP, PORT, connections)
+    rates = [prober.connection_rate(DATAPATH_VIP, PORT, rate_seconds) for _ in range(rate_rounds)]
+    return DatapathResults(latencies, rates)
