@@ -5,161 +5,17 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
-from typing import Any
 
-from minikproxy import __version__
-from minikproxy.config import (
-    HEALTHZ_PORT,
-    METRICS_PORT,
-    NFTABLES_LAYOUTS,
-    PROXY_MODES,
-    ConfigError,
-    ProxyConfig,
-    append_port_if_needed,
-    load_config,
-    parse_duration,
-    validate_config,
-)
+from minikproxy import __version__, cli_run
+from minikproxy.config import NFTABLES_LAYOUTS, ConfigError
+from minikproxy.flags import add_node_flags, config_from_args, service_name
 from minikproxy.gcutil import gc_paused
-from minikproxy.model.names import IPV4, IPV6, IPFamily, NamespacedName
-from minikproxy.model.parse import canonical_cidr
-from minikproxy.nodeopts import split_list
+from minikproxy.model.names import IPV4, IPV6, IPFamily
+from minikproxy.nodeopts import config_warnings, split_list
+
+__all__ = ["EXIT_USAGE", "build_parser", "config_from_args", "main"]
 
 EXIT_USAGE = 2
-
-
-def _bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("true", "1", "yes", "t"):
-        return True
-    if lowered in ("false", "0", "no", "f"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _duration(text: str) -> float:
-    try:
-        return parse_duration(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def _cidr_list(text: str) -> tuple[str, ...]:
-    cidrs = split_list(text)
-    if not cidrs or len(cidrs) > 2:
-        raise argparse.ArgumentTypeError(f"expected one CIDR or two (IPv4,IPv6), got {text!r}")
-    families = []
-    for cidr in cidrs:
-        parsed = canonical_cidr(cidr)
-        if parsed is None:
-            raise argparse.ArgumentTypeError(f"invalid CIDR {cidr!r}")
-        families.append(parsed[1])
-    if len(set(families)) != len(families):
-        raise argparse.ArgumentTypeError(f"two CIDRs must be of different families: {text!r}")
-    return cidrs
-
-
-def _service_name(text: str) -> NamespacedName:
-    namespace, sep, name = text.partition("/")
-    if not sep or not namespace or not name:
-        raise argparse.ArgumentTypeError(f"expected NAMESPACE/NAME, got {text!r}")
-    return NamespacedName(namespace, name)
-
-
-def add_node_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags shared by ``render`` and ``run``: node identity, masquerading, NodePorts."""
-    parser.add_argument("--config", help="a KubeProxyConfiguration (v1alpha1) file; flags win")
-    parser.add_argument("--proxy-mode", choices=PROXY_MODES, default=None)
-    parser.add_argument("--hostname-override", default=None, help="this node's name")
-    parser.add_argument(
-        "--node-ip", default=None, help="the node's primary IP(s), comma-separated (per family)"
-    )
-    parser.add_argument("--cluster-cidr", default=None, help="pod CIDR(s), comma-separated")
-    parser.add_argument(
-        "--detect-local-mode",
-        choices=("ClusterCIDR", "NodeCIDR", "BridgeInterface", "InterfaceNamePrefix"),
-        default=None,
-    )
-    parser.add_argument("--pod-bridge-interface", default=None)
-    parser.add_argument("--pod-interface-name-prefix", default=None)
-    parser.add_argument(
-        "--masquerade-all", nargs="?", const=True, type=_bool, default=None, metavar="BOOL"
-    )
-    parser.add_argument("--iptables-masquerade-bit", type=int, default=None, metavar="BIT")
-    parser.add_argument(
-        "--nodeport-addresses", default=None, help="CIDRs (comma-separated) or 'primary'"
-    )
-    parser.add_argument(
-        "--iptables-localhost-nodeports", type=_bool, default=None, metavar="true|false"
-    )
-    parser.add_argument(
-        "--service-cidr",
-        type=_cidr_list,
-        default=None,
-        metavar="CIDR[,CIDR]",
-        help="the cluster's service CIDR(s), for nftables mode's checks of unallocated IPs",
-    )
-
-
-_FLAGS = {
-    "mode": "--proxy-mode",
-    "hostname_override": "--hostname-override",
-    "cluster_cidr": "--cluster-cidr",
-    "detect_local_mode": "--detect-local-mode",
-    "bridge_interface": "--pod-bridge-interface",
-    "interface_name_prefix": "--pod-interface-name-prefix",
-    "masquerade_all": "--masquerade-all",
-    "masquerade_bit": "--iptables-masquerade-bit",
-    "localhost_nodeports": "--iptables-localhost-nodeports",
-    "service_cidrs": "--service-cidr",
-    "nftables_layout": "--nftables-layout",
-    "node_ips": "--node-ip",
-    "nodeport_addresses": "--nodeport-addresses",
-    "min_sync_period": "--min-sync-period",
-    "sync_period": "--sync-period",
-    "kubeconfig": "--kubeconfig",
-    "healthz_bind_address": "--healthz-bind-address",
-    "metrics_bind_address": "--metrics-bind-address",
-}
-
-
-def config_from_args(args: argparse.Namespace) -> ProxyConfig:
-    """The config file (if any) with the explicitly given flags applied on top, validated as
-    kube-proxy validates its configuration (errors name the flag or the file and field)."""
-    config = load_config(args.config) if args.config else ProxyConfig()
-    overrides: dict[str, Any] = {
-        "mode": args.proxy_mode,
-        "hostname_override": args.hostname_override,
-        "cluster_cidr": args.cluster_cidr,
-        "detect_local_mode": args.detect_local_mode,
-        "bridge_interface": args.pod_bridge_interface,
-        "interface_name_prefix": args.pod_interface_name_prefix,
-        "masquerade_all": args.masquerade_all,
-        "masquerade_bit": args.iptables_masquerade_bit,
-        "localhost_nodeports": args.iptables_localhost_nodeports,
-        "service_cidrs": args.service_cidr,
-        "nftables_layout": getattr(args, "nftables_layout", None),
-    }
-    if args.node_ip is not None:
-        overrides["node_ips"] = split_list(args.node_ip)
-    if args.nodeport_addresses is not None:
-        overrides["nodeport_addresses"] = split_list(args.nodeport_addresses)
-    for name in ("min_sync_period", "sync_period", "kubeconfig"):
-        if getattr(args, name, None) is not None:
-            overrides[name] = getattr(args, name)
-    for name, port in (
-        ("healthz_bind_address", HEALTHZ_PORT),
-        ("metrics_bind_address", METRICS_PORT),
-    ):
-        value = getattr(args, name, None)
-        if value is not None:  # "" disables the server
-            overrides[name] = append_port_if_needed(value, port) if value else ""
-    given = {name for name, value in overrides.items() if value is not None}
-    config = config.with_overrides(**overrides)
-    config = replace(config, origins={**config.origins, **{n: _FLAGS[n] for n in given}})
-    validate_config(config)
-    return config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,16 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="nftables mode: minikproxy's flat table (default) or kube-proxy's own layout",
     )
     render.add_argument(
-        "--service", action="append", type=_service_name, default=[], metavar="NS/NAME",
+        "--service", action="append", type=service_name, default=[], metavar="NS/NAME",
         help="print only the chains and rules of these Services (for reading, not loading)",
     )  # fmt: skip
     render.add_argument(
         "--strict", action="store_true", help="exit 2 if any object is invalid, printing nothing"
     )
 
-    from minikproxy import cli_run  # the controller's flags live with the controller
-
-    cli_run.add_subcommands(sub, add_node_flags, _duration)
+    cli_run.add_subcommands(sub)
     return parser
 
 
@@ -226,12 +80,8 @@ def _render(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    if config.mode == "nftables" and args.iptables_localhost_nodeports:
-        print(
-            "warning: localhost NodePorts are not supported in nftables mode (as in "
-            "kube-proxy); --iptables-localhost-nodeports is ignored",
-            file=sys.stderr,
-        )
+    for warning in config_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
     for note in result.notes:
         print(f"warning: {note}", file=sys.stderr)
     for problem in result.problems:
@@ -261,6 +111,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A one-shot run building ~10^6 acyclic objects: collections would only rescan them.
         with gc_paused():
             return _render(args)
-    from minikproxy import cli_run
-
     return cli_run.dispatch(args)

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from typing import Any
 
 from minikproxy.dataplane.execer import DEFAULT_TIMEOUT
+from minikproxy.flags import add_node_flags, duration
 
 
-def add_subcommands(
-    sub: Any,
-    add_node_flags: Callable[[argparse.ArgumentParser], None],
-    duration: Callable[[str], float],
-) -> None:
+def add_subcommands(sub: Any) -> None:
     """Register ``run`` and ``cleanup`` on the top-level subparsers."""
     run = sub.add_parser(
         "run",
@@ -56,7 +52,7 @@ def add_subcommands(
 
 def dispatch(args: argparse.Namespace) -> int:
     """Run the ``run`` or ``cleanup`` subcommand."""
-    from minikproxy.controller import main_cleanup, main_run
+    from minikproxy.controller import main_cleanup, main_run  # heavy: only when running
 
     if args.command == "run":
         return main_run(args)

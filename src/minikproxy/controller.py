@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from minikproxy.cleanup import cleanup_iptables
 from minikproxy.config import ConfigError, ProxyConfig
 from minikproxy.ctreconcile import ConntrackReconciler
 from minikproxy.dataplane.ctnetlink import NetlinkConntrack
@@ -27,12 +26,21 @@ from minikproxy.dataplane.iptables import (
     RealIptables,
     detect_backend,
 )
+from minikproxy.dataplane.libnftables import NftablesError
 from minikproxy.dataplane.netinfo import NetInfoError, local_addresses
 from minikproxy.dataplane.sysctl import SysctlError, ensure_sysctl
 from minikproxy.events import record_starting
 from minikproxy.healthz import HealthzServer, ProxierHealth, ServiceHealthServer
 from minikproxy.metrics import MetricsServer, ProxyMetrics
 from minikproxy.model.names import IPV4, IPV6, IPFamily
+from minikproxy.modes.factory import build_mode
+from minikproxy.modes.leftovers import (
+    CleanupError,
+    remove_iptables_state,
+    remove_nftables_state,
+    remove_other_modes,
+)
+from minikproxy.nodeopts import config_warnings
 from minikproxy.proxier import Proxier
 from minikproxy.runner import BoundedFrequencyRunner
 from minikproxy.sources.kubeapi import ENDPOINT_SLICES, SERVICES, Reflector, node_spec
@@ -77,20 +85,21 @@ class Controller:
     healthz_bind_address: str | None = None
     service_health_addresses: Sequence[str] = ("",)
     reflector_options: dict[str, Any] = field(default_factory=dict)
-    metrics: ProxyMetrics = field(default_factory=ProxyMetrics)
+    metrics: ProxyMetrics = field(default_factory=ProxyMetrics)  # replaced if of another mode
     record_events: bool = True  # the Starting Event on the Node (never in dry-run)
     node_wait_log_interval: float = 10.0  # seconds between "waiting for the Node" lines
 
     def __post_init__(self) -> None:
         self.stop_event = threading.Event()
         self.health = ProxierHealth(health_timeout=2 * self.config.sync_period)
-        dataplanes = None
+        if self.metrics.proxy_mode != self.config.mode:
+            self.metrics = ProxyMetrics(proxy_mode=self.config.mode)
         conntrack = None
         addresses: Callable[[IPFamily], Sequence[str]] | None = None
         service_health = None
+        self.mode = build_mode(self.config, self.families, self.execer, self.backend)
         if self.execer is not None:
             execer = self.execer
-            dataplanes = {f: RealIptables(execer, f, self.backend) for f in self.families}
             # The flows of the namespace the rules go to (a test's node namespace, if any).
             conntrack = ConntrackReconciler(NetlinkConntrack(getattr(execer, "netns", None)))
             addresses = self._local_addresses
@@ -101,7 +110,7 @@ class Controller:
             families=self.families,
             metrics=self.metrics,
             health=self.health,
-            dataplanes=dataplanes,
+            mode=self.mode,
             conntrack=conntrack,
             service_health=service_health,
             local_addresses=addresses,
@@ -137,7 +146,14 @@ class Controller:
     def start(self) -> None:
         """Start servers, watches and the sync loop (returns at once)."""
         self.proxier.initial_load_gc.hold()
-        if self.execer is not None and self.config.localhost_nodeports and IPV4 in self.families:
+        if self.execer is not None:
+            remove_other_modes(self.config.mode, self.execer)
+        if (
+            self.execer is not None
+            and self.config.mode == "iptables"
+            and self.config.localhost_nodeports
+            and IPV4 in self.families
+        ):
             self._enable_route_localnet(self.execer)
         if self.metrics_bind_address:
             server = MetricsServer(self.metrics_bind_address, self.metrics, self.config.mode)
@@ -221,6 +237,8 @@ class Controller:
             self.proxier.service_health.stop()
         if self.proxier.conntrack is not None:
             self.proxier.conntrack.close()
+        if not stuck:  # else the sync thread may still be using it
+            self.mode.close()
 
     @property
     def servers(self) -> list[Any]:
@@ -252,7 +270,7 @@ def _close_when(stop: threading.Event, execer: RealExecer) -> None:
 
 def main_run(args: argparse.Namespace) -> int:
     """``minikproxy run``."""
-    from minikproxy.cli import config_from_args
+    from minikproxy.flags import config_from_args
     from minikproxy.sources.kubeclient import KubeConfigError, load_api_client
 
     _setup_logging()
@@ -261,13 +279,14 @@ def main_run(args: argparse.Namespace) -> int:
     except ConfigError as err:
         logger.error("%s", err)
         return 2
-    if config.mode != "iptables":
-        logger.error("proxy mode %s is not supported by run yet (render supports it)", config.mode)
-        return 2
+    for warning in config_warnings(config):
+        logger.warning("%s", warning)
     node_name = node_name_from(config)
     dry_run = bool(args.dry_run)
     if not dry_run and os.geteuid() != 0:
-        logger.error("minikproxy run needs root (NET_ADMIN) to program iptables; use --dry-run")
+        logger.error(
+            "minikproxy run needs root (NET_ADMIN) to program %s; use --dry-run", config.mode
+        )
         return 1
     execer = None if dry_run else RealExecer(timeout=args.exec_timeout or None)
     stop = threading.Event()
@@ -289,18 +308,19 @@ def main_run(args: argparse.Namespace) -> int:
         ).start()
     backend: IptablesBackend = "nft"
     families: list[IPFamily] = [IPV4, IPV6]
-    if execer is not None:
+    where = "dry-run: the kernel is never touched"
+    if execer is not None and config.mode == "iptables":
         try:
             backend = _choose_backend(execer, args.iptables_backend)
         except BackendDetectionError as err:
             logger.error("%s", err)
             return 2
         families = usable_families(execer, backend)
-    logger.info(
-        "Using %s proxier%s",
-        config.mode,
-        " (dry-run: the kernel is never touched)" if dry_run else f", iptables backend {backend}",
-    )
+        where = f"iptables backend {backend}"
+    elif execer is not None:
+        families = [IPV4, IPV6] if os.path.exists("/proc/net/if_inet6") else [IPV4]
+        where = f"layout {config.nftables_layout}"
+    logger.info("Using %s proxier (%s)", config.mode, where)
     logger.info("Node name %r; families %s", node_name, ", ".join(families))
     logger.info(
         "Node IPs: %s",
@@ -333,10 +353,10 @@ def main_run(args: argparse.Namespace) -> int:
             metrics_bind_address=config.metrics_bind_address or None,
             healthz_bind_address=config.healthz_bind_address or None,
         )
-    except IptablesError as err:
+    except (IptablesError, NftablesError, OSError) as err:
         if stop.is_set():
             return 0
-        logger.error("%s", err)
+        logger.error("cannot start: %s", err)
         return 1
     try:
         controller.start()
@@ -350,34 +370,30 @@ def main_run(args: argparse.Namespace) -> int:
 
 
 def main_cleanup(args: argparse.Namespace) -> int:
-    """``minikproxy cleanup``: remove our chains and rules in both families and backends."""
+    """``minikproxy cleanup``: remove every mode's state (ours and kube-proxy's): iptables
+    chains and rules in both families and backends, and the nftables tables."""
     _setup_logging()
     if os.geteuid() != 0:
         logger.error("minikproxy cleanup needs root")
         return 1
     execer = RealExecer()
-    backends: list[IptablesBackend] = (
-        [args.iptables_backend] if args.iptables_backend in ("nft", "legacy") else ["nft", "legacy"]
-    )
-    removed_any = failed = False
-    for backend in backends:
-        for family in (IPV4, IPV6):
-            ipt = RealIptables(execer, family, backend)
-            try:
-                report = cleanup_iptables(ipt)
-            except IptablesError as err:
-                if backend == "legacy" and args.iptables_backend == "auto":
-                    logger.debug("legacy %s cleanup skipped: %s", family, err)
-                    continue
-                logger.error("%s %s cleanup failed: %s", backend, family, err)
-                failed = True
-                continue
-            for rule in report.jump_rules:
-                print(f"removed jump rule ({backend} {family}): {rule}")
-            for table, chains in report.chains.items():
-                where = f"{table} ({backend} {family})"
-                print(f"removed {len(chains)} chains from {where}: {' '.join(chains)}")
-            removed_any = removed_any or not report.empty
-    if not removed_any and not failed:
-        print("nothing to remove: no minikproxy or kube-proxy iptables rules found")
+    removed: list[str] = []
+    failed = False
+    steps: list[Callable[[], list[str]]] = []
+    if args.iptables_backend in ("nft", "legacy"):
+        steps.append(lambda: remove_iptables_state(execer, [args.iptables_backend], strict=True))
+    else:  # the legacy tools may be missing or unusable: only nft must work
+        steps.append(lambda: remove_iptables_state(execer, ["nft"], strict=True))
+        steps.append(lambda: remove_iptables_state(execer, ["legacy"]))
+    steps.append(lambda: remove_nftables_state(execer))
+    for step in steps:
+        try:
+            removed += step()
+        except CleanupError as err:
+            logger.error("cleanup failed: %s", err)
+            failed = True
+    for line in removed:
+        print(f"removed {line}")
+    if not removed and not failed:
+        print("nothing to remove: no minikproxy or kube-proxy iptables rules or nftables tables")
     return 1 if failed else 0

@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Sample
 
-from minikproxy.healthz import NOT_FOUND, AppServer, Response
+from minikproxy.httpserver import NOT_FOUND, AppServer, Response
 
 __all__ = [
     "METRICS_CONTENT_TYPE",
@@ -85,18 +85,24 @@ class ProxyMetrics:
     ``kubeproxy_`` plus the name shown in its comment.
     """
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, proxy_mode: str = "iptables"
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.proxy_mode = proxy_mode
         reg = self.registry
 
         def histogram(name: str, doc: str, buckets: Sequence[float]) -> Histogram:
             return Histogram(name, doc, namespace=SUBSYSTEM, buckets=buckets, registry=reg)
 
-        def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
-            return Gauge(name, doc, labels, namespace=SUBSYSTEM, registry=reg)
+        def gauge(name: str, doc: str, labels: tuple[str, ...] = (), mode: str = "") -> Gauge:
+            registry = reg if mode in ("", proxy_mode) else None
+            return Gauge(name, doc, labels, namespace=SUBSYSTEM, registry=registry)
 
-        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
-            return Counter(name, doc, labels, namespace=SUBSYSTEM, registry=reg)
+        def counter(name: str, doc: str, labels: tuple[str, ...] = (), mode: str = "") -> Counter:
+            # A mode's own metrics are exposed in that mode only, as kube-proxy registers them.
+            registry = reg if mode in ("", proxy_mode) else None
+            return Counter(name, doc, labels, namespace=SUBSYSTEM, registry=registry)
 
         # sync_proxy_rules_duration_seconds: latency of one successful sync, full or partial,
         # the UDP conntrack reconcile after the rules included (as in kube-proxy, whose
@@ -177,24 +183,34 @@ class ProxyMetrics:
         self.iptables_restore_failures_total = counter(
             "sync_proxy_rules_iptables_restore_failures_total",
             "Cumulative proxy iptables restore failures",
+            mode="iptables",
         )
         # sync_proxy_rules_iptables_partial_restore_failures_total: partial restores that
         # failed and fell back to a full one.
         self.iptables_partial_restore_failures_total = counter(
             "sync_proxy_rules_iptables_partial_restore_failures_total",
             "Cumulative proxy iptables partial restore failures",
+            mode="iptables",
+        )
+        # sync_proxy_rules_nftables_sync_failures_total: transactions nft rejected.
+        self.nftables_sync_failures_total = counter(
+            "sync_proxy_rules_nftables_sync_failures_total",
+            "Cumulative proxy nftables sync failures",
+            mode="nftables",
         )
         # sync_proxy_rules_iptables_total{table}: a gauge, despite its name.
         self.iptables_rules_total = gauge(
             "sync_proxy_rules_iptables_total",
             "Total number of iptables rules owned by kube-proxy",
             ("table",),
+            mode="iptables",
         )
         # sync_proxy_rules_iptables_last{table}: rules written by the last sync.
         self.iptables_rules_last_sync = gauge(
             "sync_proxy_rules_iptables_last",
             "Number of iptables rules written by kube-proxy in last sync",
             ("table",),
+            mode="iptables",
         )
         # sync_proxy_rules_no_local_endpoints_total{traffic_policy="internal"|"external"}:
         # a gauge, recounted each sync.

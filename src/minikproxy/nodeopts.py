@@ -116,6 +116,36 @@ def iptables_options(
     )
 
 
+def nodeport_address_setting(config: ProxyConfig) -> tuple[str, ...]:
+    """``--nodeport-addresses`` as the mode applies it: nftables mode defaults to the node's
+    primary IP (``primary``), iptables mode to every local address (empty)."""
+    if config.mode == "nftables" and not config.nodeport_addresses:
+        return (PRIMARY,)
+    return tuple(config.nodeport_addresses)
+
+
+def config_warnings(config: ProxyConfig) -> list[str]:
+    """Settings the chosen mode ignores, to say so once at start-up."""
+    warnings: list[str] = []
+    if config.mode == "nftables":
+        if config.localhost_nodeports and "localhost_nodeports" in config.origins:
+            where = config.origins["localhost_nodeports"]
+            warnings.append(
+                "localhost NodePorts are not supported in nftables mode (as in kube-proxy); "
+                f"{where} is ignored"
+            )
+        for text in config.nodeport_addresses:
+            parsed = canonical_cidr(text) if text != PRIMARY else None
+            if parsed is not None and ipaddress.ip_network(parsed[0]).overlaps(
+                ipaddress.ip_network("127.0.0.0/8" if ":" not in parsed[0] else "::1/128")
+            ):
+                warnings.append(
+                    f"--nodeport-addresses {text}: NodePorts on loopback addresses are not "
+                    "supported in nftables mode (as in kube-proxy)"
+                )
+    return warnings
+
+
 def nftables_options(
     config: ProxyConfig,
     node: NodeInfo,
@@ -130,7 +160,7 @@ def nftables_options(
     primary IP (``primary``), not every local address. ``service_cidrs`` may mix families;
     only this family's are kept.
     """
-    if not config.nodeport_addresses:
+    if not config.nodeport_addresses:  # nftables mode's default
         config = config.with_overrides(nodeport_addresses=(PRIMARY,))
     node_ips = primary_node_ips(config, node, family)
     cidrs: list[str] = []

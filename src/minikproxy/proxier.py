@@ -10,7 +10,6 @@ off and make the next sync full.
 from __future__ import annotations
 
 import logging
-import shlex
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -19,12 +18,10 @@ from datetime import datetime
 from typing import Any, Protocol, TextIO
 
 from minikproxy.changes import ClusterTracker, Snapshot
-from minikproxy.compile.iptables import IptablesRuleset, compile_iptables, jump_rules
-from minikproxy.compile.names import KUBE_MARK_MASQ, KUBE_PROXY_CANARY, is_service_chain
 from minikproxy.config import ProxyConfig
 from minikproxy.ctreconcile import ConntrackReconciler, ReconcileError
 from minikproxy.dataplane.execer import ExecCancelledError
-from minikproxy.dataplane.iptables import IptablesError, IptablesRunner, parse_chains
+from minikproxy.dataplane.iptables import IptablesRunner
 from minikproxy.gcutil import InitialLoadGC
 from minikproxy.healthz import ProxierHealth, ServiceHealthServer
 from minikproxy.metrics import ProxyMetrics
@@ -32,22 +29,14 @@ from minikproxy.model.names import IPV6, IPFamily, NamespacedName
 from minikproxy.model.parse import NodeInfo
 from minikproxy.model.problems import ObjectProblem
 from minikproxy.model.state import ProxyState
-from minikproxy.nodeopts import PRIMARY, iptables_options, primary_family
-from minikproxy.plan import describe_changes
+from minikproxy.modes.base import Plan, ProxyMode, no_local_endpoints
+from minikproxy.modes.iptables import NFT_FULL_SYNC_BATCH, IptablesMode
+from minikproxy.nodeopts import PRIMARY, nodeport_address_setting, primary_family
 
 logger = logging.getLogger(__name__)
 
 FULL_SYNC_PERIOD = 3600.0
 """A full sync runs at least this often (kube-proxy's ``FullSyncPeriod``)."""
-
-NFT_FULL_SYNC_BATCH = 50
-"""Services per ``iptables-restore --noflush`` in a full sync on the nf_tables backend.
-
-Measured here at 10k Services x 10 endpoints: one --noflush restore of the whole ruleset did
-not finish in 300 s on nf_tables (its cost grows faster than linearly with the size of one
-transaction), batches of 50 take ~13 s in all, batches of 1000 ~70 s. Legacy iptables loads
-the same ruleset in one restore in ~12 s, so it is not batched.
-"""
 
 
 class Runner(Protocol):
@@ -74,7 +63,6 @@ class SyncResult:
 
     full: bool
     ok: bool
-    restored_bytes: int = 0
     duration: float = 0.0
     error: str = ""
     resource_versions: Mapping[str, str] = field(default_factory=dict)
@@ -91,18 +79,21 @@ class SyncResult:
 
 @dataclass
 class _FamilyState:
-    applied: IptablesRuleset | None = None
+    applied: Any = None  # the mode's Plan the kernel holds
     applied_state: ProxyState | None = None
-    compiled: IptablesRuleset | None = None
+    compiled: Any = None  # the last Plan compiled (dry-run: the one printed)
 
 
 @dataclass
 class Proxier:
-    """Keeps one node's iptables rules in sync with the tracked cluster state.
+    """Keeps one node's proxy rules in sync with the tracked cluster state, in any mode.
 
-    ``dataplanes`` maps each IP family to its iptables runner; None means dry-run: compile as
-    in production and print the plan to ``out``, never touching the kernel. ``local_addresses``
-    returns the node's interface addresses for ``--nodeport-addresses`` CIDR matching.
+    ``mode`` is the :class:`~minikproxy.modes.base.ProxyMode` that compiles and installs the
+    rules; a mode without kernel handles is a dry-run: compile as in production and print the
+    plan to ``out``, never touching the kernel. Without ``mode``, iptables mode is built from
+    ``dataplanes`` (each IP family's iptables runner; None: dry-run), ``nft_batch`` and
+    ``rewrite_top_level``. ``local_addresses`` returns the node's interface addresses for
+    ``--nodeport-addresses`` CIDR matching.
     """
 
     config: ProxyConfig
@@ -110,6 +101,7 @@ class Proxier:
     families: Sequence[IPFamily]
     metrics: ProxyMetrics
     health: ProxierHealth
+    mode: ProxyMode[Any] | None = None
     dataplanes: Mapping[IPFamily, IptablesRunner] | None = None
     conntrack: ConntrackReconciler | None = None
     service_health: ServiceHealthServer | None = None
@@ -123,6 +115,7 @@ class Proxier:
     runner: Runner | None = None
     last_sync: SyncResult | None = None
     on_sync: Callable[[SyncResult], None] | None = None  # called after every sync
+    service_cidrs: tuple[str, ...] = ()  # --service-cidr or the API's ServiceCIDRs
     tracker: ClusterTracker = field(init=False)
 
     def __post_init__(self) -> None:
@@ -137,16 +130,18 @@ class Proxier:
         self._last_full = -float("inf")
         self._failures = 0
         self._families: dict[IPFamily, _FamilyState] = {f: _FamilyState() for f in self.families}
-        self._written_rules = {"filter": 0, "nat": 0}
         self._logged_node_addresses: list[Any] | None = None
         self._node_exists = False
         self._started = False  # the first sync was queued
         self._start_lock = threading.Lock()
         # Held by the controller while the initial lists arrive; released after the first sync.
         self.initial_load_gc = InitialLoadGC()
-        self._random_fully = {
-            f: ipt.has_random_fully() for f, ipt in (self.dataplanes or {}).items()
-        }
+        if self.mode is None:
+            self.mode = IptablesMode(
+                self.dataplanes, nft_batch=self.nft_batch, rewrite_top_level=self.rewrite_top_level
+            )
+        self._mode: ProxyMode[Any] = self.mode
+        self._mode.conntrack = self.conntrack
 
     # --- handlers --------------------------------------------------------------------------
 
@@ -165,7 +160,7 @@ class Proxier:
         """What in the configuration needs this node's Node object ("" if nothing does)."""
         if self.config.detect_local_mode == "NodeCIDR":
             return "detectLocalMode NodeCIDR (the Node's spec.podCIDRs)"
-        if PRIMARY in self.config.nodeport_addresses and not self.config.node_ips:
+        if PRIMARY in nodeport_address_setting(self.config) and not self.config.node_ips:
             return "nodePortAddresses: [primary] (the Node's addresses)"
         return ""
 
@@ -285,26 +280,31 @@ class Proxier:
             self._needs_full = True
         self.sync()
 
-    def check_canaries(self) -> bool:
-        """Check the KUBE-PROXY-CANARY chains; if someone flushed them, force a full sync.
+    def set_service_cidrs(self, cidrs: Sequence[str]) -> None:
+        """Take the cluster's service CIDRs (``--service-cidr`` or the ServiceCIDR objects);
+        a change makes the next sync full (the nftables mode's service-CIDR checks use them)."""
+        new = tuple(cidrs)
+        with self._lock:
+            if new == self.service_cidrs:
+                return
+            self.service_cidrs = new
+        if self._started:
+            self.force_full_sync(f"service CIDRs now {', '.join(new) or 'none'}")
 
-        Returns True when they are all there (or nothing has been written yet).
-        """
-        if not self.dataplanes or self._needs_full:
+    def check_canaries(self) -> bool:
+        """Ask the mode whether our state is still in the kernel (iptables: the
+        KUBE-PROXY-CANARY chains; nftables: the table and its rules); if someone removed it,
+        force a full sync. Returns True when it is there (or nothing has been written yet)."""
+        if self._mode.dry_run or self._needs_full:
             return True
-        for family, ipt in self.dataplanes.items():
-            if self._families[family].applied is None:
-                continue
-            for table in ("mangle", "nat", "filter"):
-                try:
-                    present = ipt.chain_exists(table, KUBE_PROXY_CANARY)
-                except IptablesError as err:
-                    logger.warning("cannot check the %s canary in %s: %s", family, table, err)
-                    return True
-                if not present:
-                    self.force_full_sync(f"{family} canary chain gone from table {table}")
-                    return False
-        return True
+        applied = {f: s.applied for f, s in self._families.items() if s.applied is not None}
+        if not applied:
+            return True
+        reason = self._mode.intact(applied)
+        if reason is None:
+            return True
+        self.force_full_sync(reason)
+        return False
 
     # --- the sync --------------------------------------------------------------------------
 
@@ -329,17 +329,15 @@ class Proxier:
                 self.tracker.checkout_pending()
                 self.metrics.service_changes_pending.set(0)
                 self.metrics.endpoint_changes_pending.set(0)
-            restored = 0
-            self._written_rules = {"filter": 0, "nat": 0}
             for family in self.families:
-                restored += self._sync_family(family, snapshots[family], node, full)
+                self._sync_family(family, snapshots[family], node, full)
             end = self.clock()
             duration = end - start
             self.initial_load_gc.release()
             self._failures = 0
             if full:
                 self._last_full = start
-            result = SyncResult(full, True, restored, duration, "", versions, end)
+            result = SyncResult(full, True, duration, "", versions, end)
             self.last_sync = result
             self._after_success(snapshots, full)
         except Exception as err:
@@ -366,17 +364,14 @@ class Proxier:
             with self._lock:
                 self._needs_full = True
             return False
-        detail = str(err)
-        if isinstance(err, IptablesError) and err.line is not None:
-            detail += f" (input line {err.line}: {err.line_text!r})"
-        if isinstance(err, IptablesError | OSError | ValueError):
+        expected = self._mode.expected_error(err)
+        if expected is not None:
+            detail = expected
             logger.error("%s sync failed, keeping the previous rules: %s", _kind(full), detail)
         else:
-            detail = f"{type(err).__name__}: {detail}"
+            detail = f"{type(err).__name__}: {err}"
             logger.exception("%s sync failed unexpectedly, keeping the previous rules", _kind(full))
-        self.metrics.iptables_restore_failures_total.inc()
-        if not full:
-            self.metrics.iptables_partial_restore_failures_total.inc()
+        self._mode.record_failure(self.metrics, full)
         with self._lock:
             self._needs_full = True
         self._failures += 1
@@ -386,83 +381,33 @@ class Proxier:
             backoff = min(self.config.sync_period, 0.5 * 2 ** min(self._failures, 10))
             self.runner.retry_after(backoff)
         end = self.clock()
-        self.last_sync = SyncResult(full, False, 0, end - start, detail, versions, end)
+        self.last_sync = SyncResult(full, False, end - start, detail, versions, end)
         if self.on_sync is not None:
             self.on_sync(self.last_sync)
         return False
 
-    def _options(self, family: IPFamily, node: NodeInfo) -> Any:
+    def _sync_family(
+        self, family: IPFamily, snapshot: Snapshot, node: NodeInfo, full: bool
+    ) -> None:
+        state = self._families[family]
+        mode = self._mode
         addresses: Sequence[str] = ()
         if self.config.nodeport_addresses and self.local_addresses is not None:
             addresses = self.local_addresses(family)
-        return iptables_options(
-            self.config,
-            node,
-            family,
-            node_addresses=addresses,
-            random_fully=self._random_fully.get(family, True),
-        )
-
-    def _sync_family(self, family: IPFamily, snapshot: Snapshot, node: NodeInfo, full: bool) -> int:
-        state = self._families[family]
-        options = self._options(family, node)
-        base = state.compiled if self.dataplanes is None else state.applied
+        options = mode.options(self.config, node, family, addresses, self.service_cidrs)
+        base = state.compiled if mode.dry_run else state.applied
         previous = None if full else base
-        ruleset = compile_iptables(
-            snapshot.state,
-            options,
-            previous=previous,
-            changed_services=snapshot.changed if previous is not None else None,
+        plan = mode.compile(
+            snapshot.state, options, previous, snapshot.changed if previous is not None else None
         )
-        if self.dataplanes is None:
+        if mode.dry_run:
             if self.out is not None:
-                for line in describe_changes(state.compiled, ruleset, family):
+                for line in mode.describe(state.compiled, plan):
                     self.out.write(line + "\n")
                 self.out.flush()
-            state.compiled = ruleset
-            state.applied, state.applied_state = ruleset, snapshot.state
-            return 0
-        ipt = self.dataplanes[family]
-        if full or ruleset.changed is None:
-            written = self._apply_full(ipt, ruleset, first=state.applied is None)
         else:
-            data = ruleset.render_partial(rewrite_top_level=self.rewrite_top_level).encode()
-            written = self._restore(ipt, data) if data else 0
-        state.applied, state.applied_state, state.compiled = ruleset, snapshot.state, ruleset
-        return written
-
-    def _apply_full(self, ipt: IptablesRunner, ruleset: IptablesRuleset, first: bool) -> int:
-        for jump in jump_rules(ruleset.options):
-            ipt.ensure_chain(jump.table, jump.target)
-            ipt.ensure_rule_prepended(jump.table, jump.source, shlex.split(jump.args()))
-        ours = ruleset.all_chains()["nat"]
-        saved = ipt.save("nat")
-        if first and self.conntrack is not None:
-            # The rules a previous run left: Services deleted meanwhile lose their UDP flows.
-            self.conntrack.remember_rules(ruleset.options.family, saved.decode(errors="replace"))
-        stale = [c for c in parse_chains(saved) if is_service_chain(c) and c not in ours]
-        backend = getattr(ipt, "backend", "nft")
-        batch = self.nft_batch if backend == "nft" else 0
-        if batch and len(ruleset.order) > batch:
-            ipt.ensure_chain("nat", KUBE_MARK_MASQ)
-            written = 0
-            for i in range(0, len(ruleset.order), batch):
-                data = ruleset.render_service_batch(ruleset.order[i : i + batch]).encode()
-                written += self._restore(ipt, data)
-            data = ruleset.render_top_level(delete_chains=stale).encode()
-            return written + self._restore(ipt, data)
-        data = ruleset.render(jumps=False, canary=True, delete_chains=stale).encode()
-        return self._restore(ipt, data)
-
-    def _restore(self, ipt: IptablesRunner, data: bytes) -> int:
-        """``iptables-restore --noflush`` of ``data``, tallying the rules written per table
-        (``sync_proxy_rules_iptables_last``); returns the bytes written."""
-        ipt.restore(data, noflush=True, counters=True)
-        for section in data.split(b"\n*"):  # one per table; bytes ops: this can be MBs
-            table = section[:64].lstrip(b"*").split(b"\n", 1)[0].strip().decode(errors="replace")
-            if table in self._written_rules:
-                self._written_rules[table] += section.count(b"\n-A ")
-        return len(data)
+            mode.apply(plan, state.applied, full)
+        state.applied, state.applied_state, state.compiled = plan, snapshot.state, plan
 
     # --- after a successful sync -----------------------------------------------------------
 
@@ -486,28 +431,24 @@ class Proxier:
                     stamp = _timestamp(text)
                     if stamp is not None and stamp > self._started_at:
                         metrics.network_programming_latency.observe(max(0.0, now - stamp))
-        counts = {"filter": 0, "nat": 0}
-        applied = [s.applied for s in self._families.values() if s.applied is not None]
-        for ruleset in applied:
-            for table, count in ruleset.rule_counts().items():
-                counts[table] += count
+        mode = self._mode
+        applied: dict[IPFamily, Plan] = {
+            f: s.applied for f, s in self._families.items() if s.applied is not None
+        }
         # Recounted over every family when any changed: a partial sync of one family must
         # not drop the other family's services from the sum.
-        if full or any(ruleset.changed for ruleset in applied):
+        if full or any(mode.changed_ports(plan) for plan in applied.values()):
             no_local = {"internal": 0, "external": 0}
-            for ruleset in applied:
-                for rules in ruleset.services.values():
-                    no_local["internal"] += rules.no_local_internal
-                    no_local["external"] += rules.no_local_external
+            for family, plan in applied.items():
+                state = self._families[family].applied_state
+                assert state is not None
+                for policy, count in no_local_endpoints(state, mode.categorized(plan)).items():
+                    no_local[policy] += count
             for policy, total in no_local.items():
                 metrics.sync_proxy_rules_no_local_endpoints_total.labels(traffic_policy=policy).set(
                     total
                 )
-        for table, count in counts.items():
-            metrics.iptables_rules_total.labels(table=table).set(count)
-        if self.dataplanes is not None:
-            for table, count in self._written_rules.items():
-                metrics.iptables_rules_last_sync.labels(table=table).set(count)
+        mode.record_metrics(metrics, applied)
         for family in self.families:
             self.health.updated(family)
         self._sync_service_health()
@@ -546,7 +487,7 @@ class Proxier:
     def _reconcile_conntrack(self) -> None:
         """Delete stale UDP flows of every family (see :mod:`minikproxy.ctreconcile`).
         A failure is logged and counted, never fails the sync: the next sync retries."""
-        if self.conntrack is None or self.dataplanes is None:
+        if self.conntrack is None or self._mode.dry_run:
             return
         for family, fam in self._families.items():
             if fam.applied is None or fam.applied_state is None:

@@ -165,7 +165,7 @@ def test_cleanup_command_reports_then_finds_nothing(topology: Topology) -> None:
     second = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     assert second.returncode == 0, second.stderr
     assert second.stdout == (
-        "nothing to remove: no minikproxy or kube-proxy iptables rules found\n"
+        "nothing to remove: no minikproxy or kube-proxy iptables rules or nftables tables\n"
     ), second.stdout
     for family in FAMILIES:
         assert_clean(topology, family, "nft")

@@ -17,16 +17,8 @@ from typing import Any
 
 import pytest
 
-from minikproxy.healthz import (
-    WORKERS,
-    BackgroundHTTPServer,
-    HealthzServer,
-    ProxierHealth,
-    ServerLimits,
-    ServiceHealthServer,
-    format_go_time,
-    split_host_port,
-)
+from minikproxy.healthz import HealthzServer, ProxierHealth, ServiceHealthServer, format_go_time
+from minikproxy.httpserver import WORKERS, BackgroundHTTPServer, ServerLimits, split_host_port
 from minikproxy.metrics import ProxyMetrics
 from minikproxy.model.names import IPV4, IPV6, NamespacedName
 from minikproxy.runner import FakeClock
@@ -231,7 +223,7 @@ def test_client_reset_is_logged_quietly(
     capfd: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
     """A bare TCP probe that resets the connection (as load balancers do) prints no traceback."""
-    caplog.set_level(logging.DEBUG, logger="minikproxy.healthz")
+    caplog.set_level(logging.DEBUG, logger="minikproxy.httpserver")
     port = int(healthz_url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port)) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import Counter
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from typing import NamedTuple
@@ -236,6 +236,8 @@ class NftablesRuleset:
     services: dict[ServicePortName, ServiceElements]
     order: tuple[ServicePortName, ...]
     notes: tuple[str, ...] = ()
+    #: Ports recompiled from the previous ruleset (None: compiled from scratch).
+    changed: frozenset[ServicePortName] | None = None
 
     @property
     def family_prefix(self) -> str:
@@ -287,11 +289,19 @@ class NftablesRuleset:
         return "".join(self.render_parts())
 
     @cached_property
+    def skeleton_refs(self) -> Counter[tuple[str, int]]:
+        """How many ports use each count-class and affinity chain of the skeleton."""
+        refs: Counter[tuple[str, int]] = Counter()
+        for svc in self.services.values():
+            refs.update(_skeleton_refs(svc))
+        return refs
+
+    @cached_property
     def shared_refs(self) -> Counter[tuple[str, str]]:
         """How many ports hold each element of the :data:`SHARED_SETS`."""
         refs: Counter[tuple[str, str]] = Counter()
         for svc in self.services.values():
-            refs.update(item for item in svc.elements if item[0] in SHARED_SETS)
+            refs.update(_shared_items(svc))
         return refs
 
     def update_script(
@@ -333,6 +343,10 @@ class NftablesRuleset:
     def render_service(self, name: NamespacedName) -> str:
         """:meth:`render_services` for one Service."""
         return self.render_services({name})
+
+
+def _shared_items(svc: ServiceElements) -> Iterator[tuple[str, str]]:
+    return (item for item in svc.elements if item[0] in SHARED_SETS)
 
 
 def _in_set_order(elements: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -502,35 +516,104 @@ def _skeleton(
     return tuple(out)
 
 
-def compile_nftables(state: ProxyState, options: NftablesOptions) -> NftablesRuleset:
-    """Compile ``state`` into the flat-layout :class:`NftablesRuleset` for its family."""
+def compile_nftables(
+    state: ProxyState,
+    options: NftablesOptions,
+    previous: NftablesRuleset | None = None,
+    changed_services: Collection[NamespacedName] | None = None,
+) -> NftablesRuleset:
+    """Compile ``state`` into the flat-layout :class:`NftablesRuleset` for its family.
+
+    With ``previous`` (compiled with the same options) and ``changed_services``, only the
+    ports of those Services are recompiled and everything else is reused; the result's
+    ``changed`` names the ports recompiled. The output equals a from-scratch compile.
+    """
     if options.family != state.family:
         raise ValueError(f"options are for {options.family}, state is {state.family}")
+    if previous is None or changed_services is None or previous.options != options:
+        return _compile_all(state, options)
+    changed = frozenset(changed_services)
+    services = dict(previous.services)
+    dropped = [services.pop(name) for name in previous.order if name.service in changed]
+    recompiled = [name for name in state.services if name.service in changed]
+    for name in recompiled:
+        port = state.services[name]
+        services[name] = compile_service_port(port, state.categorize(port), options)
+    ports = frozenset(recompiled).union(svc.name for svc in dropped)
+    if not ports:
+        return NftablesRuleset(
+            options, previous.skeleton, services, previous.order, previous.notes, frozenset()
+        )
+    added = [services[name] for name in recompiled]
+    same_ports = len(services) == len(previous.services) and all(
+        name in previous.services for name in recompiled
+    )
+    order = previous.order if same_ports else tuple(sorted(services))
+    refs = previous.skeleton_refs.copy()
+    for svc in dropped:
+        refs.subtract(_skeleton_refs(svc))
+    for svc in added:
+        refs.update(_skeleton_refs(svc))
+    refs = +refs  # drop the zero counts
+    skeleton = previous.skeleton
+    if refs.keys() != previous.skeleton_refs.keys():
+        skeleton = _skeleton_of(options, services.values())
+    ruleset = NftablesRuleset(
+        options, skeleton, services, order, _notes(state, options, order), ports
+    )
+    ruleset.__dict__["skeleton_refs"] = refs
+    if "shared_refs" in previous.__dict__:  # carry the reference counts forward
+        shared = previous.shared_refs.copy()
+        for svc in dropped:
+            shared.subtract(_shared_items(svc))
+        for svc in added:
+            shared.update(_shared_items(svc))
+        ruleset.__dict__["shared_refs"] = +shared
+    return ruleset
+
+
+def _skeleton_refs(svc: ServiceElements) -> Iterator[tuple[str, int]]:
+    """The skeleton parts (count-class and affinity chains) ``svc``'s elements refer to."""
+    yield from (("pick", n) for n in svc.pick_counts)
+    yield from (("local-pick", n) for n in svc.local_pick_counts)
+    yield from (("affinity", t) for t in svc.affinity_timeouts)
+
+
+def _skeleton_of(options: NftablesOptions, services: Iterable[ServiceElements]) -> tuple[str, ...]:
+    picks: set[int] = set()
+    local_picks: set[int] = set()
+    timeouts: set[int] = set()
+    for svc in services:
+        picks |= svc.pick_counts
+        local_picks |= svc.local_pick_counts
+        timeouts |= svc.affinity_timeouts
+    return _skeleton(options, picks, local_picks, timeouts)
+
+
+def _notes(
+    state: ProxyState, options: NftablesOptions, order: Sequence[ServicePortName]
+) -> tuple[str, ...]:
+    if options.family == IPV4:
+        return ()
+    return tuple(
+        f"{name} ({name.protocol}): ClientIP session affinity is not supported for IPv6 "
+        "in the flat nftables layout (nft 1.0.6); connections are balanced without it"
+        for name in order
+        if state.services[name].session_affinity_client_ip
+    )
+
+
+def _compile_all(state: ProxyState, options: NftablesOptions) -> NftablesRuleset:
     with gc_paused():
         services = {
             name: compile_service_port(port, state.categorize(port), options)
             for name, port in state.services.items()
         }
-    picks: set[int] = set()
-    local_picks: set[int] = set()
-    timeouts: set[int] = set()
-    for svc in services.values():
-        picks |= svc.pick_counts
-        local_picks |= svc.local_pick_counts
-        timeouts |= svc.affinity_timeouts
     order = tuple(sorted(services))
-    notes: tuple[str, ...] = ()
-    if options.family != IPV4:
-        notes = tuple(
-            f"{name} ({name.protocol}): ClientIP session affinity is not supported for IPv6 "
-            "in the flat nftables layout (nft 1.0.6); connections are balanced without it"
-            for name in order
-            if state.services[name].session_affinity_client_ip
-        )
     return NftablesRuleset(
         options=options,
-        skeleton=_skeleton(options, picks, local_picks, timeouts),
+        skeleton=_skeleton_of(options, services.values()),
         services=services,
         order=order,
-        notes=notes,
+        notes=_notes(state, options, order),
     )

@@ -26,6 +26,7 @@ from minikproxy.model.endpoint import Endpoint
 from minikproxy.model.names import IPV4, NamespacedName, ServicePortName
 from minikproxy.model.serviceport import ServicePort
 from minikproxy.model.state import ProxyState
+from minikproxy.model.topology import CategorizedEndpoints
 
 TABLE = "kube-proxy"
 
@@ -143,6 +144,8 @@ class ServiceNft:
     chains: tuple[tuple[str, tuple[str, ...]], ...]
     sets: tuple[str, ...]
     elements: tuple[tuple[str, str], ...]
+    #: The endpoint categorisation the rules were compiled from (not part of equality).
+    categorized: CategorizedEndpoints = field(compare=False)
 
 
 @dataclass(frozen=True)
@@ -523,6 +526,7 @@ def _compile_port(state: ProxyState, port: ServicePort, opts: NftablesOptions) -
         tuple((chain, tuple(rules)) for chain, rules in chains.items()),
         tuple(sets),
         tuple(elements),
+        cat,
     )
 
 

@@ -53,6 +53,11 @@ class NftablesOptions:
         return f"{1 << self.masquerade_bit:#x}"
 
     @property
+    def localhost_nodeports_active(self) -> bool:
+        """Always False: NodePorts on 127.0.0.1 do not exist in nftables mode (kube-proxy's)."""
+        return False
+
+    @property
     def nft_family(self) -> str:
         """The nftables table family: ``ip`` or ``ip6``."""
         return "ip" if self.family == IPV4 else "ip6"

@@ -1,0 +1,87 @@
+"""Removing what each proxy mode leaves in the kernel (``minikproxy cleanup``, and the
+start-up removal of the *other* modes' state, as kube-proxy does since it made mode switches
+work without a reboot).
+
+Each remover returns one line per thing it removed and raises nothing for state that is not
+there: running it twice is safe.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+from minikproxy.cleanup import cleanup_iptables
+from minikproxy.dataplane.execer import Execer
+from minikproxy.dataplane.iptables import IptablesBackend, IptablesError, RealIptables
+from minikproxy.dataplane.libnftables import NftablesError
+from minikproxy.dataplane.nftables import NftablesApplier
+from minikproxy.model.names import IPV4, IPV6
+
+logger = logging.getLogger(__name__)
+
+
+class CleanupError(Exception):
+    """Some state could not be removed (the message says which)."""
+
+
+def remove_iptables_state(
+    execer: Execer, backends: Iterable[IptablesBackend] = ("nft", "legacy"), *, strict: bool = False
+) -> list[str]:
+    """Remove our (and kube-proxy's iptables mode's) chains and jumps from both families of
+    each backend. A backend that cannot be read is skipped (logged), unless ``strict``."""
+    removed: list[str] = []
+    errors: list[str] = []
+    for backend in backends:
+        for family in (IPV4, IPV6):
+            try:
+                report = cleanup_iptables(RealIptables(execer, family, backend))
+            except IptablesError as err:
+                if strict:
+                    errors.append(f"{backend} {family}: {err}")
+                else:
+                    logger.debug("%s %s iptables cleanup skipped: %s", backend, family, err)
+                continue
+            removed += [f"jump rule ({backend} {family}): {rule}" for rule in report.jump_rules]
+            for table, chains in report.chains.items():
+                removed.append(
+                    f"{len(chains)} chains from {table} ({backend} {family}): {' '.join(chains)}"
+                )
+    if errors:
+        raise CleanupError("; ".join(errors))
+    return removed
+
+
+def remove_nftables_state(execer: Execer) -> list[str]:
+    """Delete our ``minikproxy`` and kube-proxy's ``kube-proxy`` nftables tables (both
+    families) in the execer's network namespace."""
+    try:
+        with NftablesApplier(getattr(execer, "netns", None)) as applier:
+            return [f"nftables table {table}" for table in applier.cleanup()]
+    except (NftablesError, OSError) as err:
+        raise CleanupError(f"nftables: {err}") from err
+
+
+#: Every mode's remover, by ``--proxy-mode``.
+REMOVERS: dict[str, Callable[[Execer], list[str]]] = {
+    "iptables": remove_iptables_state,
+    "nftables": remove_nftables_state,
+}
+
+
+def remove_other_modes(mode: str, execer: Execer) -> list[str]:
+    """At start-up in ``mode``: remove every other mode's state; failures are logged, never
+    fatal (the proxy still works; the leftovers may shadow nothing or be cleaned later)."""
+    removed: list[str] = []
+    for other, remover in REMOVERS.items():
+        if other == mode:
+            continue
+        try:
+            found = remover(execer)
+        except CleanupError as err:
+            logger.warning("cannot remove %s mode's leftovers: %s", other, err)
+            continue
+        if found:
+            logger.info("removed %s mode's leftovers: %s", other, "; ".join(found))
+        removed += found
+    return removed
