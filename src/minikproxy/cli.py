@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from minikproxy import __version__, cli_run
+from minikproxy import __version__, cli_bench, cli_run
 from minikproxy.config import NFTABLES_LAYOUTS, ConfigError
 from minikproxy.flags import add_node_flags, config_from_args, service_name
 from minikproxy.gcutil import gc_paused
@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     cli_run.add_subcommands(sub)
+    cli_bench.add_subcommand(sub)
     return parser
 
 
@@ -111,4 +112,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A one-shot run building ~10^6 acyclic objects: collections would only rescan them.
         with gc_paused():
             return _render(args)
+    if args.command == "bench":
+        return cli_bench.main_bench(args)
     return cli_run.dispatch(args)

@@ -1,27 +1,34 @@
-"""One small adapter per proxy mode: how to compile a cluster, measure the ruleset, load it
-into an empty network namespace, and start the real controller in that mode.
+"""One small adapter per proxy mode: the controller's own mode object (compile, apply) with
+the benchmark's node options, how to measure its ruleset, what a partial sync sends, and the
+``run`` flags that start the real controller in that mode.
 
 A new mode (IPVS, when it lands) is one more :class:`ModeAdapter` in :data:`ADAPTERS`.
 """
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from minikproxy.benchmark.cluster import CLUSTER_CIDR, SERVICE_CIDR
 from minikproxy.changes import Snapshot
-from minikproxy.compile.iptables import IptablesOptions, IptablesRuleset, compile_iptables
+from minikproxy.compile.iptables import IptablesOptions
 from minikproxy.compile.localdetect import make_local_detector
-from minikproxy.compile.nftables import compile_nftables
-from minikproxy.compile.nftables_kubeproxy import compile_nftables_kubeproxy
 from minikproxy.compile.nftables_options import LocalMatch, NftablesOptions
-from minikproxy.dataplane.execer import RealExecer
-from minikproxy.dataplane.iptables import IptablesBackend, RealIptables
+from minikproxy.config import ProxyConfig
+from minikproxy.dataplane.execer import ExecResult, RealExecer
+from minikproxy.dataplane.iptables import IptablesBackend
+from minikproxy.dataplane.libnftables import NftContext
 from minikproxy.dataplane.nftables import NftablesApplier
-from minikproxy.model.names import IPV4, ServicePortName
+from minikproxy.model.names import IPV4
 from minikproxy.model.state import ProxyState
+from minikproxy.modes.base import ProxyMode
+from minikproxy.modes.factory import build_mode
+
+_T = TypeVar("_T")
 
 NODE_IP = "192.168.0.10"  # the synthetic Node's InternalIP
 
@@ -98,116 +105,157 @@ def nft_size(text: str) -> RulesetSize:
     return RulesetSize(rules, chains, sets, elements, len(text.encode()))
 
 
+class ToolTimer:
+    """Adds up the wall time spent in kernel tools and transactions (the rest is ours)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def timed(self, fn: Callable[[], _T]) -> _T:
+        """Call ``fn``, counting its duration."""
+        start = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
+class TimingExecer(RealExecer):
+    """A :class:`RealExecer` whose commands' wall time goes to a :class:`ToolTimer`."""
+
+    def __init__(self, netns: str, timer: ToolTimer) -> None:
+        super().__init__(netns)
+        self.timer = timer
+
+    def run(
+        self, argv: Sequence[str], *, stdin: bytes | None = None, timeout: float | None = None
+    ) -> ExecResult:
+        return self.timer.timed(
+            lambda: super(TimingExecer, self).run(argv, stdin=stdin, timeout=timeout)
+        )
+
+
+class TimedContext:
+    """A libnftables context whose transactions' wall time goes to a :class:`ToolTimer`."""
+
+    def __init__(self, context: NftContext, timer: ToolTimer) -> None:
+        self.context = context
+        self.timer = timer
+
+    def run(self, script: str, *, json: bool = False) -> str:
+        """Run ``script`` through the wrapped context, timed."""
+        return self.timer.timed(lambda: self.context.run(script, json=json))
+
+    def close(self) -> None:
+        """Close the wrapped context."""
+        self.context.close()
+
+
 class ModeAdapter(ABC):
-    """A proxy mode (and layout or backend) as the benchmark sees it."""
+    """A proxy mode (and layout or backend) as the benchmark sees it: the controller's own
+    :class:`~minikproxy.modes.base.ProxyMode` (built by the controller's factory), with
+    node options like the ones ``run`` derives from the benchmark's flags."""
 
     name: ClassVar[str]
     #: ``run`` flags selecting this mode (the bench adds the rest).
     run_flags: ClassVar[tuple[str, ...]]
+    #: ``ProxyConfig`` overrides selecting this mode.
+    config: ClassVar[dict[str, str]]
+    backend: ClassVar[IptablesBackend] = "nft"
 
     def unavailable(self) -> str | None:
         """Why this mode cannot be measured on this machine (None: it can)."""
         return None
 
     @abstractmethod
-    def compile(self, state: ProxyState) -> Any:
-        """A full compile (the mode's ruleset object)."""
+    def options(self) -> Any:
+        """The node options plans are compiled with."""
+
+    def build(self, netns: str | None = None, timer: ToolTimer | None = None) -> ProxyMode[Any]:
+        """The mode with kernel handles in ``netns`` (their tool time going to ``timer``), or
+        in dry-run without ``netns``."""
+        config = ProxyConfig().with_overrides(**self.config)
+        execer = None if netns is None else TimingExecer(netns, timer or ToolTimer())
+        mode = build_mode(config, [IPV4], execer, self.backend)
+        applier = getattr(mode, "applier", None)
+        if isinstance(applier, NftablesApplier) and execer is not None:
+            applier.context = TimedContext(applier.context, execer.timer)  # type: ignore[assignment]
+        return mode
+
+    def compile(self, mode: ProxyMode[Any], state: ProxyState) -> Any:
+        """A full compile."""
+        return mode.compile(state, self.options(), None, None)
+
+    def increment(self, mode: ProxyMode[Any], previous: Any, snapshot: Snapshot) -> str:
+        """What a sync after ``snapshot``'s change compiles, and the text it sends."""
+        plan = mode.compile(snapshot.state, self.options(), previous, snapshot.changed)
+        return self.increment_text(mode, previous, plan)
 
     @abstractmethod
-    def render(self, compiled: Any) -> str:
-        """The complete text a first sync loads."""
+    def increment_text(self, mode: ProxyMode[Any], previous: Any, plan: Any) -> str:
+        """The text a partial sync from ``previous`` to ``plan`` sends to the kernel."""
 
     @abstractmethod
-    def increment(self, previous: Any, snapshot: Snapshot) -> str:
-        """What a sync after ``snapshot``'s one change compiles and renders (``previous`` is the
-        ruleset before it); returns the text sent to the kernel."""
-
-    @abstractmethod
-    def size(self, compiled: Any, text: str) -> RulesetSize:
-        """How big ``compiled`` (rendered as ``text``) is."""
-
-    @abstractmethod
-    def load(self, compiled: Any, text: str, netns: str) -> None:
-        """Load ``compiled`` into the empty namespace ``netns`` as a first full sync does."""
+    def size(self, text: str) -> RulesetSize:
+        """How big a plan rendered as ``text`` is."""
 
 
 class IptablesAdapter(ModeAdapter):
-    """iptables mode on one backend: ``iptables-<backend>-restore`` of the rendered text."""
+    """iptables mode on one backend (``iptables-<backend>-restore``)."""
 
-    backend: ClassVar[IptablesBackend]
+    def options(self) -> IptablesOptions:
+        return iptables_options()
 
-    def compile(self, state: ProxyState) -> IptablesRuleset:
-        return compile_iptables(state, iptables_options())
-
-    def render(self, compiled: Any) -> str:
-        text: str = compiled.render()
+    def increment_text(self, mode: ProxyMode[Any], previous: Any, plan: Any) -> str:
+        text: str = plan.render_partial()
         return text
 
-    def increment(self, previous: Any, snapshot: Snapshot) -> str:
-        ruleset = compile_iptables(
-            snapshot.state, iptables_options(), previous=previous, changed_services=snapshot.changed
-        )
-        return ruleset.render_partial()
-
-    def size(self, compiled: Any, text: str) -> RulesetSize:
+    def size(self, text: str) -> RulesetSize:
         return iptables_size(text)
-
-    def load(self, compiled: Any, text: str, netns: str) -> None:
-        RealIptables(RealExecer(netns), IPV4, self.backend).restore(text.encode(), noflush=False)
 
 
 class IptablesNft(IptablesAdapter):
     name = "iptables"
     backend = "nft"
+    config = {"mode": "iptables"}
     run_flags = ("--proxy-mode", "iptables", "--iptables-backend", "nft")
 
 
 class IptablesLegacy(IptablesAdapter):
     name = "iptables-legacy"
     backend = "legacy"
+    config = {"mode": "iptables"}
     run_flags = ("--proxy-mode", "iptables", "--iptables-backend", "legacy")
 
 
 class NftablesAdapter(ModeAdapter):
-    """nftables mode in one layout: one libnftables transaction of the rendered script."""
+    """nftables mode in one layout (one libnftables transaction per sync)."""
 
-    def render(self, compiled: Any) -> str:
-        text: str = compiled.render()
+    def options(self) -> NftablesOptions:
+        return nftables_options()
+
+    def increment_text(self, mode: ProxyMode[Any], previous: Any, plan: Any) -> str:
+        changed = mode.changed_ports(plan)
+        if changed is None:
+            changed = frozenset(previous.services) | frozenset(plan.services)
+        script = plan.incremental_script(previous, changed)
+        text: str = plan.render() if script is None else script
         return text
 
-    def increment(self, previous: Any, snapshot: Snapshot) -> str:
-        ruleset = self.compile(snapshot.state)
-        changed: list[ServicePortName] = [
-            name
-            for name in {*ruleset.services, *previous.services}
-            if snapshot.changed is None or name.service in snapshot.changed
-        ]
-        script = ruleset.incremental_script(previous, changed)
-        text: str = ruleset.render() if script is None else script
-        return text
-
-    def size(self, compiled: Any, text: str) -> RulesetSize:
+    def size(self, text: str) -> RulesetSize:
         return nft_size(text)
-
-    def load(self, compiled: Any, text: str, netns: str) -> None:
-        with NftablesApplier(netns) as applier:
-            applier.context.run(text)  # the script rendered by our process (timed apart)
 
 
 class NftablesFlat(NftablesAdapter):
     name = "nftables"
-    run_flags = ("--proxy-mode", "nftables", "--nftables-layout", "flat")
-
-    def compile(self, state: ProxyState) -> Any:
-        return compile_nftables(state, nftables_options())
+    config = {"mode": "nftables", "nftables_layout": "flat"}
+    run_flags = ("--proxy-mode", "nftables")  # the flat layout is run's default
 
 
 class NftablesKubeProxy(NftablesAdapter):
     name = "nftables-kube-proxy"
+    config = {"mode": "nftables", "nftables_layout": "kube-proxy"}
     run_flags = ("--proxy-mode", "nftables", "--nftables-layout", "kube-proxy")
-
-    def compile(self, state: ProxyState) -> Any:
-        return compile_nftables_kubeproxy(state, nftables_options())
 
 
 ADAPTERS: dict[str, type[ModeAdapter]] = {
@@ -215,6 +263,6 @@ ADAPTERS: dict[str, type[ModeAdapter]] = {
 }
 #: Modes named in the issue that have no adapter yet, and why.
 MISSING: dict[str, str] = {
-    "ipvs": "IPVS mode has not landed on main (being built on its own branch), and this "
-    "machine's kernel has no IPVS (it would run in the IPVS VM)",
+    "ipvs": "IPVS mode has not landed on main (it is being built on its own branch), and "
+    "this machine's kernel has no IPVS (it would run in the IPVS VM)",
 }

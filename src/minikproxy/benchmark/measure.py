@@ -3,9 +3,10 @@
 * compile: a full compile and render (chain-name hashes already cached, as in every sync
   after the first); one EndpointSlice change: the model's snapshot plus the mode's
   incremental compile and render of what it sends to the kernel; the ruleset's size.
-* load: the complete ruleset into a new, empty namespace, as a first sync does: our process's
-  share (compile and render) and the tool's and kernel's (``iptables-restore`` as a process;
-  the libnftables transaction for nftables).
+* load: a first sync into a new, empty namespace (a full compile, then the mode's full apply,
+  exactly as the controller's first sync runs them): the tools' and kernel's share (the wall
+  time of the ``iptables-restore``/``iptables-save`` processes; of the libnftables
+  transaction for nftables) and our process's (the rest: compile, render, bookkeeping).
 * data path: with the ruleset loaded in a topology's node, new TCP connections from the
   client namespace to a ClusterIP whose endpoints answer in the backend namespace.
 """
@@ -21,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from minikproxy.benchmark.adapters import ModeAdapter, RulesetSize
+from minikproxy.benchmark.adapters import ModeAdapter, RulesetSize, ToolTimer
 from minikproxy.benchmark.cluster import DATAPATH_VIP, NODE, PORT, cluster_objects
 from minikproxy.benchmark.probing import Prober
 from minikproxy.changes import ClusterTracker, Snapshot
@@ -70,35 +71,37 @@ def _changed_slice(cluster: Cluster, generation: int) -> dict[str, Any]:
 def measure_compile(
     adapter: ModeAdapter, cluster: Cluster, rounds: int, tick: Callable[[], None] = lambda: None
 ) -> CompileResults:
-    """Full and one-change compiles, ``rounds`` of each."""
+    """Full and one-change compiles, ``rounds`` of each, by the mode in dry-run."""
     out = CompileResults()
+    mode = adapter.build()
     state = cluster.snapshot.state
-    compiled = adapter.compile(state)  # warms the chain-name caches
+    plan = adapter.compile(mode, state)  # warms the chain-name caches
+    text = ""
     for _ in range(rounds):
         start = time.perf_counter()
-        compiled = adapter.compile(state)
-        text = adapter.render(compiled)
+        plan = adapter.compile(mode, state)
+        text = plan.render()
         out.full.append(time.perf_counter() - start)
-    out.compiled, out.text = compiled, text
-    out.size = adapter.size(compiled, text)
+    out.compiled, out.text = plan, text
+    out.size = adapter.size(text)
     # Alternate between the original slice and a changed one: every round is one real change.
     tracker = cluster.tracker
     original = synthetic_slice(cluster.size // 2, cluster.endpoints)
     changed = _changed_slice(cluster, 1)
-    versions = [compiled, None]
+    previous = plan
     for i in range(rounds):
-        obj = changed if i % 2 == 0 else original
         start = time.perf_counter()
-        tracker.upsert_endpoint_slice(obj)
+        tracker.upsert_endpoint_slice(changed if i % 2 == 0 else original)
         snap = tracker.snapshot(IPV4)
-        adapter.increment(versions[i % 2], snap)
+        new = mode.compile(snap.state, adapter.options(), previous, snap.changed)
+        adapter.increment_text(mode, previous, new)
         out.incremental.append(time.perf_counter() - start)
-        if versions[(i + 1) % 2] is None:
-            versions[(i + 1) % 2] = adapter.compile(snap.state)
+        previous = new
         tick()
     if rounds % 2:
         tracker.upsert_endpoint_slice(original)
         tracker.snapshot(IPV4)
+    mode.close()
     return out
 
 
@@ -142,7 +145,7 @@ def scratch_namespaces(prefix: str | None = None) -> Iterator[Scratch]:
 
 @dataclass
 class LoadResults:
-    """Seconds per round: our process (compile + render), the tool and kernel, both."""
+    """Seconds per round: our process, the tools and kernel, both."""
 
     ours: list[float] = field(default_factory=list)
     kernel: list[float] = field(default_factory=list)
@@ -160,21 +163,24 @@ def measure_load(
     rounds: int,
     tick: Callable[[], None] = lambda: None,
 ) -> LoadResults:
-    """``rounds`` first full loads, each into a new empty namespace (made outside the timing)."""
+    """``rounds`` first syncs (a full compile and the mode's full apply, as the controller's
+    first sync does them), each into a new empty namespace made outside the timing."""
     out = LoadResults()
     for _ in range(rounds):
         netns = scratch.fresh()
+        timer = ToolTimer()
+        mode = adapter.build(netns, timer)
         try:
+            timer.seconds = 0.0  # building the mode may probe the tool: not part of the load
             start = time.perf_counter()
-            compiled = adapter.compile(cluster.snapshot.state)
-            text = adapter.render(compiled)
-            middle = time.perf_counter()
-            adapter.load(compiled, text, netns)
-            end = time.perf_counter()
+            plan = adapter.compile(mode, cluster.snapshot.state)
+            mode.apply(plan, None, True)
+            total = time.perf_counter() - start
         finally:
+            mode.close()
             scratch.drop(netns)
-        out.ours.append(middle - start)
-        out.kernel.append(end - middle)
+        out.ours.append(total - timer.seconds)
+        out.kernel.append(timer.seconds)
         tick()
     return out
 

@@ -186,7 +186,11 @@ class Runner:
             if live is None:
                 # The controller left nothing (or something partial): load the rules directly.
                 topo.reset_rules()
-                adapter.load(compiled.compiled, compiled.text, topo.namespaces["node"])
+                direct = adapter.build(topo.namespaces["node"])
+                try:
+                    direct.apply(compiled.compiled, None, True)
+                finally:
+                    direct.close()
             self._datapath(mode, size, prober)
         self.progress.step(f"{where}: done", unit * STEP_WEIGHT["datapath"])
         if mode == "iptables-legacy" and size in s.strategy_sizes:
