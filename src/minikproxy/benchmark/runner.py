@@ -123,7 +123,7 @@ class Runner:
             )
 
     def _skip(self, mode: str, what: str, reason: str) -> None:
-        self.outcome.skipped.append(Skipped(mode, what, reason))
+        self.outcome.skipped.append(Skipped(mode, what, " ".join(reason.split())))
 
     def run(self) -> Outcome:
         """Measure everything; return what was measured."""
