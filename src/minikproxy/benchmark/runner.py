@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from minikproxy.benchmark import strategies
 from minikproxy.benchmark.adapters import ADAPTERS, MISSING, ModeAdapter
@@ -35,6 +35,8 @@ from minikproxy.benchmark.probing import ProbeError, Prober
 from minikproxy.benchmark.results import Record, Skipped
 from minikproxy.benchmark.stats import percentile
 from minikproxy.testing.netns import DEFAULT_CLIENTS, Topology
+
+_T = TypeVar("_T")
 
 ALL_MODES = ("iptables", "iptables-legacy", "nftables", "nftables-kube-proxy", "ipvs")
 DEFAULT_SIZES = (1000, 5000, 10000)
@@ -149,23 +151,50 @@ class Runner:
             return
         where = f"{mode} @ {size}"
         self.progress.step(f"{where}: compile")
-        compiled = measure_compile(adapter, cluster, s.rounds)
-        self._add(mode, size, "compile_full", "ms", [x * 1e3 for x in compiled.full])
-        self._add(mode, size, "compile_one_change", "ms", [x * 1e3 for x in compiled.incremental])
-        assert compiled.size is not None
-        for metric, value in asdict(compiled.size).items():
-            self._add(mode, size, f"ruleset_{metric}", "bytes" if metric == "bytes" else "count",
-                      [float(value)])  # fmt: skip
+        compiled = self._guarded(mode, size, "compile",
+                                 lambda: measure_compile(adapter, cluster, s.rounds))  # fmt: skip
+        if compiled is not None:
+            self._add(mode, size, "compile_full", "ms", [x * 1e3 for x in compiled.full])
+            self._add(mode, size, "compile_one_change", "ms",
+                      [x * 1e3 for x in compiled.incremental])  # fmt: skip
+            assert compiled.size is not None
+            for metric, value in asdict(compiled.size).items():
+                unit_name = "bytes" if metric == "bytes" else "count"
+                self._add(mode, size, f"ruleset_{metric}", unit_name, [float(value)])
         self.progress.step(
             f"{where}: first load into empty namespaces", unit * STEP_WEIGHT["compile"]
         )
-        loads = measure_load(adapter, cluster, scratch, s.load_rounds)
-        self._add(mode, size, "load_total", "s", loads.total)
-        self._add(mode, size, "load_ours", "s", loads.ours)
-        self._add(mode, size, "load_kernel", "s", loads.kernel)
+        loads = self._guarded(
+            mode, size, "first load", lambda: measure_load(adapter, cluster, scratch, s.load_rounds)
+        )
+        if loads is not None:
+            self._add(mode, size, "load_total", "s", loads.total)
+            self._add(mode, size, "load_ours", "s", loads.ours)
+            self._add(mode, size, "load_kernel", "s", loads.kernel)
         self.progress.step(
             f"{where}: controller first sync and updates", unit * STEP_WEIGHT["load"]
         )
+        self._guarded(mode, size, "topology", lambda: self._in_topology(adapter, cluster))
+        self.progress.step(f"{where}: done", unit * STEP_WEIGHT["datapath"])
+        if mode == "iptables-legacy" and size in s.strategy_sizes and compiled is not None:
+            self.progress.step(f"{where}: iptables-restore vs python-iptables")
+            text = compiled.text
+            self._guarded(mode, size, "apply strategies",
+                          lambda: self._strategies(mode, size, text, scratch))  # fmt: skip
+            self.progress.step(f"{where}: done", unit * STEP_WEIGHT["strategies"])
+
+    def _guarded(self, mode: str, size: int, what: str, fn: Callable[[], _T]) -> _T | None:
+        """``fn()``, or None when it fails: one failed measurement (a tool timing out on a
+        busy machine, say) is reported as skipped, and the run goes on."""
+        try:
+            return fn()
+        except Exception as exc:
+            self._skip(mode, f"{what} at {size}", f"{type(exc).__name__}: {exc}")
+            return None
+
+    def _in_topology(self, adapter: ModeAdapter, cluster: Cluster) -> None:
+        """The controller's first sync and updates, then the data path, in one topology."""
+        s, mode, size = self.settings, adapter.name, cluster.size
         self._topologies += 1
         backends = backend_addresses(s.endpoints)
         with self._topology(backends) as (topo, prober):
@@ -175,28 +204,25 @@ class Runner:
                     rounds=s.update_rounds, endpoints=s.endpoints, sync_timeout=s.sync_timeout,
                 )  # fmt: skip
             except (ControllerError, TimeoutError) as exc:
-                self._skip(mode, "controller: first sync, RSS, update latency", str(exc))
+                self._skip(mode, f"controller: first sync, RSS, update latency at {size}",
+                           str(exc))  # fmt: skip
                 live = None
             if live is not None:
                 self._add(mode, size, "controller_first_sync", "s", [live.first_sync])
                 self._add(mode, size, "controller_rss", "MiB", [live.rss_mib])
                 for kind, values in live.updates.items():
                     self._add(mode, size, f"update_{kind}", "ms", [x * 1e3 for x in values])
-            self.progress.step(f"{where}: data path", unit * STEP_WEIGHT["controller"])
+            self.progress.step(f"{mode} @ {size}: data path",
+                               size / 1000 * STEP_WEIGHT["controller"])  # fmt: skip
             if live is None:
                 # The controller left nothing (or something partial): load the rules directly.
                 topo.reset_rules()
                 direct = adapter.build(topo.namespaces["node"])
                 try:
-                    direct.apply(compiled.compiled, None, True)
+                    direct.apply(adapter.compile(direct, cluster.snapshot.state), None, True)
                 finally:
                     direct.close()
             self._datapath(mode, size, prober)
-        self.progress.step(f"{where}: done", unit * STEP_WEIGHT["datapath"])
-        if mode == "iptables-legacy" and size in s.strategy_sizes:
-            self.progress.step(f"{where}: iptables-restore vs python-iptables")
-            self._strategies(mode, size, compiled.text, scratch)
-            self.progress.step(f"{where}: done", unit * STEP_WEIGHT["strategies"])
 
     @contextmanager
     def _topology(self, backends: tuple[str, ...]) -> Iterator[tuple[Topology, Prober]]:

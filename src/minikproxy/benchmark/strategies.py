@@ -20,6 +20,9 @@ from minikproxy.dataplane.execer import RealExecer
 from minikproxy.dataplane.iptables import RealIptables
 from minikproxy.model.names import IPV4
 
+#: How long ``iptables-legacy-restore`` waits for the xtables lock: the lock is one file for
+#: every namespace of the machine, so other users' iptables commands can hold it a while.
+WAIT_SECONDS = 60
 _BUILTIN = {"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"}
 _RULE_FIELDS = {
     "-p": "protocol",
@@ -115,7 +118,9 @@ def python_iptables_load(payload: str, netns: str) -> float:
 def restore_load(payload: str, netns: str) -> float:
     """Seconds ``iptables-legacy-restore`` takes to load ``payload`` into ``netns``."""
     start = time.perf_counter()
-    RealIptables(RealExecer(netns), IPV4, "legacy").restore(payload.encode(), noflush=False)
+    RealIptables(RealExecer(netns), IPV4, "legacy", wait_seconds=WAIT_SECONDS).restore(
+        payload.encode(), noflush=False
+    )
     return time.perf_counter() - start
 
 
