@@ -12,9 +12,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from minikproxy.benchmark.runner import ALL_MODES, DEFAULT_SIZES, Settings, plan_weight
+from minikproxy.benchmark import ALL_MODES, DEFAULT_SIZES
+
+if TYPE_CHECKING:
+    from minikproxy.benchmark.runner import Settings
 
 EXIT_INTERRUPTED = 130
 
@@ -81,6 +84,8 @@ def add_subcommand(sub: Any) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """The run's :class:`Settings` from the flags."""
+    from minikproxy.benchmark.runner import Settings
+
     overrides: dict[str, Any] = {"modes": args.modes, "endpoints": args.endpoints}
     if args.sizes is not None:
         overrides["sizes"] = args.sizes
@@ -142,7 +147,7 @@ def main_bench(args: argparse.Namespace) -> int:
     """``minikproxy bench``."""
     from minikproxy.benchmark import report
     from minikproxy.benchmark.results import make_header, write_results
-    from minikproxy.benchmark.runner import run_benchmark
+    from minikproxy.benchmark.runner import plan_weight, run_benchmark
 
     if os.geteuid() != 0:
         print("minikproxy bench needs root (network namespaces, iptables, nftables)",

@@ -90,6 +90,7 @@ def test_quick_run_writes_results_report_and_plots(tmp_path: Path) -> None:
         assert have[(mode, "controller_rss")]["median"] > 10
     assert ("iptables-legacy", "apply_python_iptables") in have
     assert ("iptables-legacy", "apply_iptables_restore") in have
+    assert have[("iptables-legacy", "kernel_table_bytes")]["median"] > 1_000_000
     assert have[("nftables", "ruleset_elements")]["median"] > 10000  # Services in maps
     assert have[("iptables", "ruleset_rules")]["median"] > 10000  # Services in rules
 
@@ -129,3 +130,21 @@ def test_interrupt_leaves_no_namespace_or_controller_behind(tmp_path: Path) -> N
     assert "interrupted" in stderr
     assert _namespaces(prefix) == []
     assert _processes_mentioning(str(tmp_path)) == []
+
+
+def test_legacy_table_bytes_grow_with_the_rules() -> None:
+    from minikproxy.benchmark.kmem import legacy_table_bytes
+    from minikproxy.benchmark.measure import scratch_namespaces
+
+    rules = "*nat\n:BENCH - [0:0]\n" + "".join(
+        f"-A BENCH -s 10.0.{i // 256}.{i % 256} -j RETURN\n" for i in range(500)
+    ) + "COMMIT\n"  # fmt: skip
+    with scratch_namespaces(f"mkpbk{secrets.token_hex(2)}") as scratch:
+        netns = scratch.fresh()
+        before = legacy_table_bytes(netns)
+        subprocess.run(
+            ["ip", "netns", "exec", netns, "iptables-legacy-restore", "-w", "60"],
+            input=rules, text=True, check=True,
+        )  # fmt: skip
+        after = legacy_table_bytes(netns)
+    assert after - before > 500 * 100  # each rule's entry, match and target: >100 bytes

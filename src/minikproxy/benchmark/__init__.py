@@ -8,3 +8,8 @@ load), :mod:`.datapath` (connect latency and rate), :mod:`.live` (the real contr
 update latency and RSS), :mod:`.strategies` (iptables apply strategies), :mod:`.report`
 (Markdown and plots), :mod:`.runner` (the whole run).
 """
+
+#: Every mode ``minikproxy bench`` knows (a mode without an adapter is reported as skipped).
+ALL_MODES = ("iptables", "iptables-legacy", "nftables", "nftables-kube-proxy", "ipvs")
+#: Services per cluster by default.
+DEFAULT_SIZES = (1000, 5000, 10000)

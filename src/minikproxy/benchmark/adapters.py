@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 from minikproxy.benchmark.cluster import CLUSTER_CIDR, SERVICE_CIDR
+from minikproxy.benchmark.kmem import legacy_table_bytes
 from minikproxy.changes import Snapshot
 from minikproxy.compile.iptables import IptablesOptions
 from minikproxy.compile.localdetect import make_local_detector
@@ -167,6 +168,11 @@ class ModeAdapter(ABC):
         """Why this mode cannot be measured on this machine (None: it can)."""
         return None
 
+    def kernel_bytes(self, netns: str) -> int | None:
+        """Kernel memory the loaded ruleset takes in ``netns``, where the kernel reports it
+        (None elsewhere)."""
+        return None
+
     @abstractmethod
     def options(self) -> Any:
         """The node options plans are compiled with."""
@@ -226,6 +232,9 @@ class IptablesLegacy(IptablesAdapter):
     backend = "legacy"
     config = {"mode": "iptables"}
     run_flags = ("--proxy-mode", "iptables", "--iptables-backend", "legacy")
+
+    def kernel_bytes(self, netns: str) -> int | None:
+        return legacy_table_bytes(netns)
 
 
 class NftablesAdapter(ModeAdapter):

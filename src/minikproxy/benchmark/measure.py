@@ -149,6 +149,7 @@ class LoadResults:
 
     ours: list[float] = field(default_factory=list)
     kernel: list[float] = field(default_factory=list)
+    kernel_bytes: list[float] = field(default_factory=list)  # where the kernel reports it
 
     @property
     def total(self) -> list[float]:
@@ -176,6 +177,9 @@ def measure_load(
             plan = adapter.compile(mode, cluster.snapshot.state)
             mode.apply(plan, None, True)
             total = time.perf_counter() - start
+            kernel_bytes = adapter.kernel_bytes(netns)
+            if kernel_bytes is not None:
+                out.kernel_bytes.append(float(kernel_bytes))
         finally:
             mode.close()
             scratch.drop(netns)

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from minikproxy.benchmark import strategies
+from minikproxy.benchmark import ALL_MODES, DEFAULT_SIZES, strategies
 from minikproxy.benchmark.adapters import ADAPTERS, MISSING, ModeAdapter
 from minikproxy.benchmark.cluster import SERVICE_CIDR, TARGET_PORT, backend_addresses
 from minikproxy.benchmark.live import ControllerError, run_live
@@ -37,9 +37,6 @@ from minikproxy.benchmark.stats import percentile
 from minikproxy.testing.netns import DEFAULT_CLIENTS, Topology
 
 _T = TypeVar("_T")
-
-ALL_MODES = ("iptables", "iptables-legacy", "nftables", "nftables-kube-proxy", "ipvs")
-DEFAULT_SIZES = (1000, 5000, 10000)
 
 
 @dataclass(frozen=True)
@@ -171,6 +168,7 @@ class Runner:
             self._add(mode, size, "load_total", "s", loads.total)
             self._add(mode, size, "load_ours", "s", loads.ours)
             self._add(mode, size, "load_kernel", "s", loads.kernel)
+            self._add(mode, size, "kernel_table_bytes", "bytes", loads.kernel_bytes)
         self.progress.step(
             f"{where}: controller first sync and updates", unit * STEP_WEIGHT["load"]
         )
