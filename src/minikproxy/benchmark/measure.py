@@ -195,6 +195,7 @@ class DatapathResults:
 
     latencies: list[float]
     rates: list[float]
+    unanswered: list[float]  # per rate round
 
 
 def measure_datapath(
@@ -205,5 +206,5 @@ def measure_datapath(
     must be loaded in the topology's node and its backends serving."""
     prober.connect_latencies(DATAPATH_VIP, PORT, 20)  # warm-up: neighbour entries, caches
     latencies = prober.connect_latencies(DATAPATH_VIP, PORT, connections)
-    rates = [prober.connection_rate(DATAPATH_VIP, PORT, rate_seconds) for _ in range(rate_rounds)]
-    return DatapathResults(latencies, rates)
+    rounds = [prober.connection_rate(DATAPATH_VIP, PORT, rate_seconds) for _ in range(rate_rounds)]
+    return DatapathResults(latencies, [r for r, _ in rounds], [float(f) for _, f in rounds])

@@ -90,21 +90,24 @@ class Prober:
         assert isinstance(result, list)
         return result
 
-    def connection_rate(self, vip: str, port: int, seconds: float) -> float:
-        """New connections per second opened (and reset) one after another for ``seconds``."""
+    def connection_rate(self, vip: str, port: int, seconds: float) -> tuple[float, int]:
+        """New connections per second opened (and reset) one after another for ``seconds``,
+        and how many went unanswered within a second (they count as attempts, not as
+        connections: a client would have waited that long too)."""
 
-        def run() -> float:
-            done = 0
+        def run() -> tuple[float, int]:
+            done = failed = 0
             start = time.perf_counter()
             deadline = start + seconds
             while (now := time.perf_counter()) < deadline and not self._stop.is_set():
                 if _attempt(vip, port, 1.0) is None:
-                    raise ProbeError(f"{vip}:{port} did not answer a connection")
-                done += 1
-            return done / (now - start)
+                    failed += 1
+                else:
+                    done += 1
+            return done / (now - start), failed
 
         result = self._call(run)
-        assert isinstance(result, float)
+        assert isinstance(result, tuple)
         return result
 
     def wait_answering(

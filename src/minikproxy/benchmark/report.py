@@ -264,7 +264,10 @@ FIGURES: tuple[tuple[str, str, str], ...] = (
         "namespace holding the mode's rules for the whole cluster (the answering Service "
         "sorts last, so iptables walks every other Service's KUBE-SERVICES rule first). "
         "The time is `connect()`'s: SYN to SYN-ACK, including DNAT and conntrack; each "
-        "connection is reset at once. Solid: median, dashed: p99.",
+        "connection is reset at once. Solid: median, dashed: p99. The table's new "
+        "connections per second come from one client opening connections back to back for "
+        "a second per round; one not answered within a second counts as an attempt only "
+        "(results.json: `connections_unanswered`).",
     ),
     (
         "ruleset_size.png",

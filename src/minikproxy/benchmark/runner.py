@@ -251,6 +251,7 @@ class Runner:
         self._add(mode, size, "connect_latency", "us", micros)
         self._add(mode, size, "connect_latency_p99", "us", [percentile(micros, 99)])
         self._add(mode, size, "connections_per_second", "conn/s", result.rates)
+        self._add(mode, size, "connections_unanswered", "count", result.unanswered)
 
     def _strategies(self, mode: str, size: int, payload: str, scratch: Scratch) -> None:
         reason = strategies.python_iptables_missing()
