@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from collections.abc import Sequence
 
-from minikproxy import __version__, cli_bench, cli_run
+from minikproxy import __version__, cli_bench, cli_explain, cli_run
 from minikproxy.config import NFTABLES_LAYOUTS, ConfigError
 from minikproxy.flags import add_node_flags, config_from_args, service_name
 from minikproxy.gcutil import gc_paused
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     cli_run.add_subcommands(sub)
+    cli_explain.add_subcommands(sub)
     cli_bench.add_subcommand(sub)
     return parser
 
@@ -114,4 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _render(args)
     if args.command == "bench":
         return cli_bench.main_bench(args)
+    if args.command in ("explain", "diff"):
+        with gc_paused():
+            code = cli_explain.dispatch(args)
+            # One-shot: spare the interpreter's final collection of ~10^6 objects at exit.
+            gc.freeze()
+            return code
     return cli_run.dispatch(args)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from minikproxy.config import NFTABLES_LAYOUTS
 from minikproxy.dataplane.execer import DEFAULT_TIMEOUT
 from minikproxy.flags import add_node_flags, duration
 
@@ -14,8 +15,8 @@ def add_subcommands(sub: Any) -> None:
     run = sub.add_parser(
         "run",
         help="watch the API server and keep this node's rules in sync (kube-proxy's job)",
-        description="Watch Services, EndpointSlices and this Node and keep the node's "
-        "iptables rules in sync, with partial syncs, metrics and health endpoints.",
+        description="Watch Services, EndpointSlices, ServiceCIDRs and this Node and keep the "
+        "node's iptables rules in sync, with partial syncs, metrics and health endpoints.",
     )
     add_node_flags(run)
     run.add_argument("--kubeconfig", default=None, help="default: in-cluster, then $KUBECONFIG")
@@ -33,6 +34,12 @@ def add_subcommands(sub: Any) -> None:
         choices=("auto", "nft", "legacy"),
         default="auto",
         help="iptables backend; auto picks the one that already holds rules",
+    )
+    run.add_argument(
+        "--nftables-layout",
+        choices=NFTABLES_LAYOUTS,
+        default=None,
+        help="nftables mode: minikproxy's flat table (default) or kube-proxy's own layout",
     )
     run.add_argument(
         "--exec-timeout",

@@ -44,6 +44,7 @@ from minikproxy.nodeopts import config_warnings
 from minikproxy.proxier import Proxier
 from minikproxy.runner import BoundedFrequencyRunner
 from minikproxy.sources.kubeapi import ENDPOINT_SLICES, SERVICES, Reflector, node_spec
+from minikproxy.sources.servicecidrs import ServiceCIDRSource
 
 logger = logging.getLogger("minikproxy")
 
@@ -72,6 +73,8 @@ class Controller:
     """The running proxy: reflectors -> proxier -> runner, plus health and metrics servers.
 
     ``execer`` None means dry-run (compile and print to ``out``, never touch the kernel).
+    The service CIDRs come from ``--service-cidr`` or, without it, from the API's ServiceCIDR
+    objects when the API server serves them (:attr:`service_cidr_source`; None with the flag).
     """
 
     config: ProxyConfig
@@ -115,6 +118,7 @@ class Controller:
             service_health=service_health,
             local_addresses=addresses,
             out=self.out,
+            service_cidrs=tuple(self.config.service_cidrs),  # --service-cidr, if given
         )
         self.runner = BoundedFrequencyRunner(
             "sync-runner",
@@ -134,6 +138,13 @@ class Controller:
                 (node_spec(self.node_name), "nodes"),
             )
         ]
+        self.service_cidr_source: ServiceCIDRSource | None = None
+        if not self.config.service_cidrs:  # the flag overrides the API's objects
+            self.service_cidr_source = ServiceCIDRSource(
+                self.api_client,
+                self.proxier.set_service_cidrs,
+                reflector_options=self.reflector_options,
+            )
 
     def _local_addresses(self, family: IPFamily) -> list[str]:
         assert self.execer is not None
@@ -147,7 +158,7 @@ class Controller:
         """Start servers, watches and the sync loop (returns at once)."""
         self.proxier.initial_load_gc.hold()
         if self.execer is not None:
-            remove_other_modes(self.config.mode, self.execer)
+            remove_other_modes(self.config.mode, self.execer, self.config.nftables_layout)
         if (
             self.execer is not None
             and self.config.mode == "iptables"
@@ -165,6 +176,12 @@ class Controller:
             self._servers.append(healthz)
         for reflector in self.reflectors:
             self._threads.append(reflector.start(self.stop_event))
+        if self.service_cidr_source is not None:
+            self._threads.append(self.service_cidr_source.start(self.stop_event))
+        else:
+            logger.info(
+                "Service CIDRs from --service-cidr: %s", ", ".join(self.config.service_cidrs)
+            )
         if self.record_events:
             self._spawn("event-recorder", self._record_starting)
         # As kube-proxy's SyncLoop: start the health clock now, so that a first sync that never
@@ -233,12 +250,15 @@ class Controller:
         self.proxier.initial_load_gc.release()
         for server in self._servers:
             server.stop()
+        if "sync-loop" in stuck:
+            # A sync is still running (it ends when its kernel call returns): closing what
+            # it uses under it would turn a late success into a crash. The process is ending.
+            return
         if self.proxier.service_health is not None:
             self.proxier.service_health.stop()
         if self.proxier.conntrack is not None:
             self.proxier.conntrack.close()
-        if not stuck:  # else the sync thread may still be using it
-            self.mode.close()
+        self.mode.close()
 
     @property
     def servers(self) -> list[Any]:

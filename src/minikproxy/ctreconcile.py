@@ -33,15 +33,14 @@ import logging
 import re
 import socket
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
-from minikproxy.compile.iptables import IptablesOptions
 from minikproxy.dataplane.ctnetlink import DeleteResult, FlowRow, pack_port
 from minikproxy.dataplane.netinfo import NetInfoError
 from minikproxy.model.endpoint import Endpoint
-from minikproxy.model.names import IPFamily, ServicePortName
+from minikproxy.model.names import IPFamily, NamespacedName, ServicePortName
 from minikproxy.model.serviceport import ServicePort
 from minikproxy.model.state import ProxyState
 
@@ -90,6 +89,7 @@ def wanted_flows(
     nodeport_ips: Iterable[bytes] = (),
     gone: Iterable[Frontend] = (),
     cache: ServingCache | None = None,
+    udp_ports: Iterable[tuple[ServicePortName, ServicePort]] | None = None,
 ) -> dict[Frontend, frozenset[Frontend]]:
     """The frontends of ``state``'s UDP service ports, each with its serving endpoints; the
     ``gone`` frontends (of Services and ports that no longer exist) with none, unless a current
@@ -97,12 +97,13 @@ def wanted_flows(
 
     ``cache`` (kept by the caller between calls, updated here) reuses the serving set of a
     port whose endpoints tuple is the very object seen last time: snapshots share the tuples
-    of unchanged services, so a sync rebuilds only what changed."""
+    of unchanged services, so a sync rebuilds only what changed. ``udp_ports`` (default:
+    found among all of ``state``'s ports) are its UDP ports."""
     wanted = dict.fromkeys(gone, NO_ENDPOINTS)
     node_ips = list(nodeport_ips)
     fresh: ServingCache = {}
     endpoints_of = state.endpoints.get
-    for name, port in state.services.items():
+    for name, port in state.services.items() if udp_ports is None else udp_ports:
         if port.protocol != "UDP":
             continue
         endpoints = endpoints_of(name, ())
@@ -171,8 +172,22 @@ def stale_rows(rows: Iterable[FlowRow], wanted: WantedFlows) -> list[FlowRow]:
     ]
 
 
+class NodePortScope(Protocol):
+    """Where NodePorts answer, as a mode's options say (iptables or nftables)."""
+
+    @property
+    def nodeport_addresses(self) -> tuple[str, ...] | None:
+        """The addresses NodePorts answer on (None: every local address)."""
+        ...
+
+    @property
+    def localhost_nodeports_active(self) -> bool:
+        """Whether NodePorts answer on loopback addresses too."""
+        ...
+
+
 def nodeport_ips(
-    options: IptablesOptions, local_addresses: Callable[[], Iterable[bytes]]
+    options: NodePortScope, local_addresses: Callable[[], Iterable[bytes]]
 ) -> list[bytes]:
     """The packed addresses NodePorts answer on, as the compiled rules say: the
     ``--nodeport-addresses`` ones, or every local address (``local_addresses()``); loopback
@@ -232,6 +247,28 @@ class _FamilyMemory:
     gone: frozenset[Frontend] = frozenset()
     serving: ServingCache = field(default_factory=dict)
     gone_node_ports: frozenset[int] = frozenset()
+    # The UDP ports of each Service of the last state reconciled (None: not known yet).
+    udp_ports: dict[NamespacedName, tuple[tuple[ServicePortName, ServicePort], ...]] | None = None
+
+    def update_udp_ports(
+        self, state: ProxyState, changed: Collection[NamespacedName] | None
+    ) -> list[tuple[ServicePortName, ServicePort]]:
+        """The UDP ports of ``state``: the remembered ones with ``changed``'s re-read (all
+        re-read when ``changed`` is None or nothing is remembered)."""
+        if self.udp_ports is None or changed is None:
+            self.udp_ports = {}
+            changed = state.ports_by_service.keys()
+        for key in changed:
+            ports = tuple(
+                (name, state.services[name])
+                for name in state.ports_by_service.get(key, ())
+                if state.services[name].protocol == "UDP"
+            )
+            if ports:
+                self.udp_ports[key] = ports
+            else:
+                self.udp_ports.pop(key, None)
+        return [item for ports in self.udp_ports.values() for item in ports]
 
 
 class ConntrackReconciler:
@@ -251,19 +288,32 @@ class ConntrackReconciler:
         -t nat`` output) as the last ones reconciled: those no Service has any more (deleted
         while minikproxy was down) lose their flows at the first reconcile."""
         frontends, node_ports = udp_frontends_in_rules(saved_nat)
-        memory = self._memory.setdefault(family, _FamilyMemory())
-        memory.gone |= frontends
-        memory.gone_node_ports |= node_ports
+        self.remember_frontends(family, frontends, node_ports)
 
-    def reconcile(self, state: ProxyState, options: IptablesOptions) -> ReconcileResult:
+    def remember_frontends(
+        self, family: IPFamily, frontends: Iterable[Frontend], node_ports: Iterable[int] = ()
+    ) -> None:
+        """:meth:`remember_rules` for a mode that read its old rules itself: the UDP
+        ``frontends`` and NodePorts (on any NodePort address) they routed to Services."""
+        memory = self._memory.setdefault(family, _FamilyMemory())
+        memory.gone |= frozenset(frontends)
+        memory.gone_node_ports |= frozenset(node_ports)
+
+    def reconcile(
+        self,
+        state: ProxyState,
+        options: NodePortScope,
+        changed: Collection[NamespacedName] | None = None,
+    ) -> ReconcileResult:
         """Delete ``state.family``'s stale UDP flows; raises :class:`ReconcileError` (the
-        frontends that went away are then remembered for the next attempt)."""
+        frontends that went away are then remembered for the next attempt). ``changed`` are
+        the Services that changed since the previous reconcile of this family (None: unknown,
+        every port is looked at)."""
         start = self.clock()
         family = state.family
         memory = self._memory.setdefault(family, _FamilyMemory())
-        needs_node_ips = memory.gone_node_ports or any(
-            p.node_port and p.protocol == "UDP" for p in state.services.values()
-        )
+        udp_ports = memory.update_udp_ports(state, changed)
+        needs_node_ips = memory.gone_node_ports or any(p.node_port for _, p in udp_ports)
         try:
             node_ips = (
                 nodeport_ips(options, lambda: self.table.local_addresses(family))
@@ -272,7 +322,7 @@ class ConntrackReconciler:
             )
         except (OSError, NetInfoError) as err:
             raise ReconcileError(f"cannot list the node's {family} addresses: {err}") from err
-        current = wanted_flows(state, node_ips, cache=memory.serving)
+        current = wanted_flows(state, node_ips, cache=memory.serving, udp_ports=udp_ports)
         now_frontends = frozenset(current)
         old_node_ports = frozenset(
             (ip, _PORTS[port]) for port in memory.gone_node_ports for ip in node_ips
@@ -312,6 +362,7 @@ __all__ = [
     "ConntrackReconciler",
     "FlowDump",
     "Frontend",
+    "NodePortScope",
     "ReconcileError",
     "ReconcileResult",
     "UdpFlowTable",

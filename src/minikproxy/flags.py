@@ -18,7 +18,7 @@ from minikproxy.config import (
     validate_config,
 )
 from minikproxy.model.names import NamespacedName
-from minikproxy.model.parse import canonical_cidr
+from minikproxy.model.parse import strict_cidr
 from minikproxy.nodeopts import split_list
 
 
@@ -41,18 +41,28 @@ def duration(text: str) -> float:
 
 
 def cidr_list(text: str) -> tuple[str, ...]:
-    """An argparse type: one CIDR, or two of different families (comma-separated)."""
+    """An argparse type: one CIDR, or two of different families (comma-separated), validated
+    as kube-proxy validates its CIDR lists (``address/prefix-length``, as Go's
+    ``net.ParseCIDR`` reads it)."""
     cidrs = split_list(text)
     if not cidrs or len(cidrs) > 2:
-        raise argparse.ArgumentTypeError(f"expected one CIDR or two (IPv4,IPv6), got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected one CIDR or two (IPv4,IPv6), got {text!r} (only two CIDRs are allowed)"
+        )
     families = []
     for cidr in cidrs:
-        parsed = canonical_cidr(cidr)
+        parsed = strict_cidr(cidr)
         if parsed is None:
-            raise argparse.ArgumentTypeError(f"invalid CIDR {cidr!r}")
+            raise argparse.ArgumentTypeError(
+                f"invalid CIDR {cidr!r}: must be a valid CIDR block (e.g. 10.100.0.0/16 or "
+                "fde4:8dba:82e1::/48)"
+            )
         families.append(parsed[1])
     if len(set(families)) != len(families):
-        raise argparse.ArgumentTypeError(f"two CIDRs must be of different families: {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"two CIDRs must be of different families: {text!r} (must be a valid DualStack "
+            "CIDR, e.g. 10.100.0.0/16,fde4:8dba:82e1::/48)"
+        )
     return cidrs
 
 
@@ -95,7 +105,8 @@ def add_node_flags(parser: argparse.ArgumentParser) -> None:
         type=cidr_list,
         default=None,
         metavar="CIDR[,CIDR]",
-        help="the cluster's service CIDR(s), for nftables mode's checks of unallocated IPs",
+        help="the cluster's service CIDR(s), for nftables mode's checks of unallocated IPs "
+        "(run: instead of the API's ServiceCIDR objects)",
     )
 
 

@@ -29,7 +29,7 @@ from minikproxy.model.names import IPV6, IPFamily, NamespacedName
 from minikproxy.model.parse import NodeInfo
 from minikproxy.model.problems import ObjectProblem
 from minikproxy.model.state import ProxyState
-from minikproxy.modes.base import Plan, ProxyMode, no_local_endpoints
+from minikproxy.modes.base import NoLocalCounter, Plan, ProxyMode
 from minikproxy.modes.iptables import NFT_FULL_SYNC_BATCH, IptablesMode
 from minikproxy.nodeopts import PRIMARY, nodeport_address_setting, primary_family
 
@@ -82,6 +82,7 @@ class _FamilyState:
     applied: Any = None  # the mode's Plan the kernel holds
     applied_state: ProxyState | None = None
     compiled: Any = None  # the last Plan compiled (dry-run: the one printed)
+    changed: frozenset[NamespacedName] | None = None  # Services the last sync changed
 
 
 @dataclass
@@ -130,6 +131,7 @@ class Proxier:
         self._last_full = -float("inf")
         self._failures = 0
         self._families: dict[IPFamily, _FamilyState] = {f: _FamilyState() for f in self.families}
+        self._no_local = {f: NoLocalCounter() for f in self.families}
         self._logged_node_addresses: list[Any] | None = None
         self._node_exists = False
         self._started = False  # the first sync was queued
@@ -282,13 +284,15 @@ class Proxier:
 
     def set_service_cidrs(self, cidrs: Sequence[str]) -> None:
         """Take the cluster's service CIDRs (``--service-cidr`` or the ServiceCIDR objects);
-        a change makes the next sync full (the nftables mode's service-CIDR checks use them)."""
+        a change makes the next sync full in nftables mode (its service-CIDR checks are in the
+        table's skeleton) once the first sync has been queued (that one is full anyway). The
+        other modes do not use them (as kube-proxy's): no resync there."""
         new = tuple(cidrs)
         with self._lock:
             if new == self.service_cidrs:
                 return
             self.service_cidrs = new
-        if self._started:
+        if self._started and self._mode.name == "nftables":
             self.force_full_sync(f"service CIDRs now {', '.join(new) or 'none'}")
 
     def check_canaries(self) -> bool:
@@ -326,11 +330,12 @@ class Proxier:
                 versions = dict(self._resource_versions)
                 snapshots = {f: self.tracker.snapshot(f) for f in self.families}
                 node = self.tracker.node
+                service_cidrs = self.service_cidrs  # one value for every family of the sync
                 self.tracker.checkout_pending()
                 self.metrics.service_changes_pending.set(0)
                 self.metrics.endpoint_changes_pending.set(0)
             for family in self.families:
-                self._sync_family(family, snapshots[family], node, full)
+                self._sync_family(family, snapshots[family], node, service_cidrs, full)
             end = self.clock()
             duration = end - start
             self.initial_load_gc.release()
@@ -387,14 +392,19 @@ class Proxier:
         return False
 
     def _sync_family(
-        self, family: IPFamily, snapshot: Snapshot, node: NodeInfo, full: bool
+        self,
+        family: IPFamily,
+        snapshot: Snapshot,
+        node: NodeInfo,
+        service_cidrs: Sequence[str],
+        full: bool,
     ) -> None:
         state = self._families[family]
         mode = self._mode
         addresses: Sequence[str] = ()
         if self.config.nodeport_addresses and self.local_addresses is not None:
             addresses = self.local_addresses(family)
-        options = mode.options(self.config, node, family, addresses, self.service_cidrs)
+        options = mode.options(self.config, node, family, addresses, service_cidrs)
         base = state.compiled if mode.dry_run else state.applied
         previous = None if full else base
         plan = mode.compile(
@@ -408,6 +418,7 @@ class Proxier:
         else:
             mode.apply(plan, state.applied, full)
         state.applied, state.applied_state, state.compiled = plan, snapshot.state, plan
+        state.changed = None if full else snapshot.changed
 
     # --- after a successful sync -----------------------------------------------------------
 
@@ -435,19 +446,20 @@ class Proxier:
         applied: dict[IPFamily, Plan] = {
             f: s.applied for f, s in self._families.items() if s.applied is not None
         }
-        # Recounted over every family when any changed: a partial sync of one family must
-        # not drop the other family's services from the sum.
-        if full or any(mode.changed_ports(plan) for plan in applied.values()):
-            no_local = {"internal": 0, "external": 0}
-            for family, plan in applied.items():
-                state = self._families[family].applied_state
-                assert state is not None
-                for policy, count in no_local_endpoints(state, mode.categorized(plan)).items():
-                    no_local[policy] += count
-            for policy, total in no_local.items():
-                metrics.sync_proxy_rules_no_local_endpoints_total.labels(traffic_policy=policy).set(
-                    total
-                )
+        no_local = {"internal": 0, "external": 0}
+        for family, plan in applied.items():
+            state = self._families[family].applied_state
+            assert state is not None
+            counter = self._no_local[family]
+            counter.recount(
+                state, mode.categorized(plan), None if full else mode.changed_ports(plan)
+            )
+            for policy, count in counter.counts.items():
+                no_local[policy] += count
+        for policy, total in no_local.items():
+            metrics.sync_proxy_rules_no_local_endpoints_total.labels(traffic_policy=policy).set(
+                total
+            )
         mode.record_metrics(metrics, applied)
         for family in self.families:
             self.health.updated(family)
@@ -479,7 +491,9 @@ class Proxier:
                     local[svc] = family_local.get(svc, 0)
         if not synced:
             return
-        if self.config.nodeport_addresses:  # else the server's own (every address)
+        # As the mode applies the setting (nftables mode: ``primary`` when unset); if none,
+        # the server's own addresses (every address).
+        if nodeport_address_setting(self.config):
             self.service_health.set_bind_addresses(_health_check_addresses(synced))
         self.service_health.sync_services(ports)
         self.service_health.sync_endpoints(local)
@@ -493,7 +507,9 @@ class Proxier:
             if fam.applied is None or fam.applied_state is None:
                 continue
             try:
-                result = self.conntrack.reconcile(fam.applied_state, fam.applied.options)
+                result = self.conntrack.reconcile(
+                    fam.applied_state, fam.applied.options, fam.changed
+                )
             except Exception as err:
                 if isinstance(err, ReconcileError):
                     logger.warning("%s", err)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from minikproxy.config import ProxyConfig
 from minikproxy.controller import Controller
 from minikproxy.dataplane.execer import Execer
-from minikproxy.model.names import IPV4
+from minikproxy.model.names import IPV4, IPFamily
 from minikproxy.sources.kubeclient import load_api_client
 
 NODE = "node-1"
@@ -67,9 +68,17 @@ NODE_OBJ: dict[str, Any] = {
 }
 
 
-def start_controller(kubeconfig: Path, execer: Execer, **config: Any) -> Controller:
+def start_controller(
+    kubeconfig: Path,
+    execer: Execer,
+    before_start: Callable[[Controller], None] | None = None,
+    families: Sequence[IPFamily] = (IPV4,),
+    **config: Any,
+) -> Controller:
     """Start a Controller for ``node-1`` that programs ``execer``'s netns through the fake API
-    server of ``kubeconfig``, with its HTTP servers on 127.0.0.1 ephemeral ports."""
+    server of ``kubeconfig``, with its HTTP servers on 127.0.0.1 ephemeral ports;
+    ``before_start`` is called with it before it starts (to wrap its parts); IPv4 only
+    unless ``families`` says otherwise."""
     settings = {
         "hostname_override": NODE,
         "cluster_cidr": "10.10.2.0/24",
@@ -83,11 +92,13 @@ def start_controller(kubeconfig: Path, execer: Execer, **config: Any) -> Control
         load_api_client(str(kubeconfig)),
         execer=execer,
         backend="nft",
-        families=[IPV4],
+        families=list(families),
         metrics_bind_address="127.0.0.1:0",
         healthz_bind_address="127.0.0.1:0",
         service_health_addresses=("127.0.0.1",),
         reflector_options={"backoff_initial": 0.05, "backoff_max": 0.3},
     )
+    if before_start is not None:
+        before_start(controller)
     controller.start()
     return controller

@@ -11,7 +11,7 @@ import json
 import secrets
 import subprocess
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -135,6 +135,17 @@ def test_context_binds_to_its_namespace_only(netns: Callable[[], str]) -> None:
     assert marker not in nft(None, "list", "tables")
 
 
+def test_dropping_the_cache_keeps_the_context_working(netns: Callable[[], str]) -> None:
+    ns = netns()
+    with NftContext(ns) as ctx:
+        ctx.run("add table ip t\nadd set ip t s { type ipv4_addr; }\n")
+        ctx.drop_cache()
+        ctx.run("add element ip t s { 10.0.0.1 }\n")  # the new context reads back the set
+        assert "10.0.0.1" in nft(ns, "list", "set", "ip", "t", "s")
+    with pytest.raises(RuntimeError, match="closed"):
+        ctx.drop_cache()
+
+
 def test_context_for_a_missing_namespace_fails_clearly() -> None:
     with pytest.raises(OSError, match=r"setns|No such file"):
         NftContext(f"mkpmissing{secrets.token_hex(4)}")
@@ -168,25 +179,30 @@ def test_endpoint_change_is_elements_only_and_equals_a_fresh_load(
     assert "10.200.0.1" in nft(ns, "list", "table", "ip", "minikproxy")
 
 
-def test_skeleton_change_falls_back_to_a_full_replace(
+def test_new_endpoint_count_adds_its_chain_incrementally_and_options_replace_the_table(
     netns: Callable[[], str], tracker: ClusterTracker
 ) -> None:
     before = compile_nftables(tracker.snapshot(IPV4).state, OPTIONS)
     ns, reference = netns(), netns()
-    # A new endpoint count (5) needs a new pick chain: a skeleton change.
+    # A new endpoint count (5) needs a new pick chain, added in the same transaction.
     obj = synthetic_slice(3, ENDPOINTS + 1)
     obj["metadata"]["resourceVersion"] = "2"
     tracker.upsert_endpoint_slice(obj)
     snap = tracker.snapshot(IPV4)
     assert snap.changed is not None
     after = compile_nftables(snap.state, OPTIONS)
+    changed = ports_of(snap.state, snap.changed)
     with NftablesApplier(netns=ns) as applier:
         applier.apply_full(before)
-        assert applier.apply_changes(before, after, ports_of(snap.state, snap.changed)) is True
+        assert applier.apply_changes(before, after, changed) is False
+        assert (applier.full_applies, applier.incremental_applies) == (1, 1)
+        assert "ip minikproxy pick-5" in chains(ns)
+        nft(reference, "-f", "-", stdin=after.render())
+        assert normalized(ns) == normalized(reference)
+        # Other options: the fixed skeleton differs, the table is replaced whole.
+        other = compile_nftables(snap.state, replace(OPTIONS, masquerade_all=True))
+        assert applier.apply_changes(after, other, changed) is True
         assert applier.full_applies == 2
-    assert "ip minikproxy pick-5" in chains(ns)
-    nft(reference, "-f", "-", stdin=after.render())
-    assert normalized(ns) == normalized(reference)
 
 
 @dataclass(frozen=True)
@@ -325,3 +341,64 @@ def test_kube_proxy_layout_full_and_incremental(
         applier.apply_full(after)
     nft(reference, "-f", "-", stdin=after.render())
     assert normalized(ns, table="kube-proxy") == normalized(reference, table="kube-proxy")
+
+
+def test_set_elements_reads_one_sets_elements_over_netlink(netns: Callable[[], str]) -> None:
+    """Raw keys and data (each part of a concatenation padded to 4 bytes), the element's own
+    timeout (None when it is the set's default) and the time left; missing reads as empty."""
+    ns = netns()
+    nft(
+        ns,
+        "-f",
+        "-",
+        stdin="\n".join(
+            [
+                "add table ip t",
+                "add map ip t m { typeof ip saddr . ip daddr . tcp dport : ip daddr . tcp dport ;"
+                " flags dynamic,timeout ; timeout 3h ; }",
+                "add element ip t m { 10.10.1.2 . 10.96.0.10 . 80 timeout 100s expires 50s"
+                " : 10.10.2.3 . 8080 }",
+                "add set ip t s { type ipv4_addr ; flags dynamic,timeout ; timeout 3h ; }",
+                "add element ip t s { 10.10.1.2 expires 1h }",
+                "",
+            ]
+        ),
+    )
+    with NftablesApplier(netns=ns) as applier:
+        (element,) = applier.set_elements("ip", "t", "m")
+        assert element.key == bytes([10, 10, 1, 2, 10, 96, 0, 10, 0, 80, 0, 0])
+        assert element.data == bytes([10, 10, 2, 3, 0x1F, 0x90, 0, 0])
+        assert element.timeout_ms == 100_000 and 40_000 < (element.expires_ms or 0) <= 50_000
+        (member,) = applier.set_elements("ip", "t", "s")
+        assert (member.key, member.data, member.timeout_ms) == (bytes([10, 10, 1, 2]), None, None)
+        assert 3_500_000 < (member.expires_ms or 0) <= 3_600_000
+        assert applier.set_elements("ip", "t", "nothing") == []
+        assert applier.set_elements("ip", "nothing", "m") == []
+
+
+class _BadAffinity:
+    """A ruleset whose carried-over affinity entries nft rejects."""
+
+    def __init__(self, ruleset: NftablesRuleset) -> None:
+        self._ruleset = ruleset
+        self.nft_table = ruleset.nft_table
+        self.affinity_maps: tuple[str, ...] = ()
+
+    def render(self) -> str:
+        return self._ruleset.render()
+
+    def affinity_restore(self, elements: Any) -> str:
+        return "add element ip minikproxy no-such-set { 10.0.0.1 }\n"
+
+    def incremental_script(self, previous: Any, changed: Iterable[ServicePortName]) -> str | None:
+        return None
+
+
+def test_rejected_affinity_carry_over_does_not_keep_the_table_out(
+    netns: Callable[[], str], tracker: ClusterTracker
+) -> None:
+    ruleset = compile_nftables(tracker.snapshot(IPV4).state, OPTIONS)
+    ns = netns()
+    with NftablesApplier(netns=ns) as applier:
+        applier.apply_full(_BadAffinity(ruleset))
+        assert applier.table_intact(ruleset) and applier.rejected == 1

@@ -1,4 +1,5 @@
-"""Real traffic through the flat nftables layout: client netns -> node netns -> backends.
+"""Real traffic through the flat nftables layout: what only this layout has (the behaviour
+both layouts share is tested in test_nftables_behaviour.py, for both families).
 
 Each test renders manifests with ``render --proxy-mode nftables``'s code path and loads the
 script with the real ``nft -f`` into the node namespace. The node is ``node-1`` at 10.10.1.1;
@@ -15,16 +16,15 @@ from typing import Any
 import pytest
 
 from minikproxy.config import ProxyConfig
-from minikproxy.model.names import IPV4, IPV6, IPFamily
+from minikproxy.model.names import IPV4, IPFamily
 from minikproxy.render import render_objects
 from minikproxy.sources.manifests import SourcedObject
-from minikproxy.testing.netns import Proto, Topology
+from minikproxy.testing.netns import Topology
 
-from .traffic import BACKENDS, NODE, NODE_IP, NODE_OBJ, landings, payload, service, slice_
+from .traffic import BACKENDS, NODE, NODE_OBJ, landings, payload, service, slice_
 
 pytestmark = pytest.mark.kernel
 
-BACKENDS6 = ["fd00:10:2::2", "fd00:10:2::3", "fd00:10:2::4"]
 POD_CIDR = "10.10.2.0/24"
 SERVICE_CIDRS = ("10.96.0.0/16", "fd00:96::/112")
 
@@ -32,206 +32,6 @@ SERVICE_CIDRS = ("10.96.0.0/16", "fd00:96::/112")
 def script(objs: list[Any], family: IPFamily = IPV4, **config: Any) -> str:
     config.setdefault("cluster_cidr", f"{POD_CIDR},fd00:10:2::/64")
     return payload(objs, family, mode="nftables", service_cidrs=SERVICE_CIDRS, **config)
-
-
-@pytest.mark.parametrize("proto", ["tcp", "udp"])
-def test_cluster_ip_balances_and_masquerades_off_cluster_clients(
-    topo: Topology, proto: Proto
-) -> None:
-    objs = [
-        service("web", "10.96.0.10", proto=proto.upper()),
-        slice_("web", BACKENDS, proto=proto.upper()),
-    ]
-    topo.load_nft(script(objs))
-    assert set(landings(topo, "10.96.0.10", 80, 40, proto)) == set(BACKENDS)
-    result = topo.connect("10.96.0.10", 80, proto)
-    assert result.ok and topo.masqueraded(result)
-
-    topo.load_nft(script(objs, cluster_cidr="10.10.0.0/16"))  # the client is now a "pod"
-    result = topo.connect("10.96.0.10", 80, proto)
-    assert result.ok and not topo.masqueraded(result)
-
-
-def test_masquerade_all(topo: Topology) -> None:
-    objs = [service("web", "10.96.0.10"), slice_("web", BACKENDS)]
-    topo.load_nft(script(objs, cluster_cidr="10.10.0.0/16", masquerade_all=True))
-    result = topo.connect("10.96.0.10", 80)
-    assert result.ok and topo.masqueraded(result)
-
-
-def test_ipv6_cluster_ip_and_nodeport(topo: Topology) -> None:
-    objs = [
-        service(
-            "web",
-            "fd00:96::10",
-            type="NodePort",
-            ipFamilies=["IPv6"],
-            port_extra={"nodePort": 30080},
-        ),
-        slice_("web", BACKENDS6, family="IPv6"),
-    ]
-    topo.load_nft(script(objs, IPV6))
-    assert set(landings(topo, "fd00:96::10", 80)) == set(BACKENDS6)
-    result = topo.connect("fd00:10:1::1", 30080)
-    assert result.ok and result.server_ip in BACKENDS6 and topo.masqueraded(result)
-
-
-def test_nodeport_loadbalancer_and_external_ip(topo: Topology) -> None:
-    objs = [
-        service(
-            "web",
-            "10.96.0.10",
-            type="LoadBalancer",
-            externalIPs=["203.0.113.7"],
-            port_extra={"nodePort": 30080},
-            status={"loadBalancer": {"ingress": [{"ip": "203.0.113.9"}]}},
-        ),
-        slice_("web", BACKENDS),
-    ]
-    topo.load_nft(script(objs))
-    for dst, port in (("203.0.113.7", 80), ("203.0.113.9", 80), (NODE_IP, 30080)):
-        assert set(landings(topo, dst, port, 30)) == set(BACKENDS), dst
-        result = topo.connect(dst, port)
-        assert result.ok and topo.masqueraded(result), dst  # externalTrafficPolicy Cluster
-
-
-def test_load_balancer_ip_mode_proxy_is_not_programmed(topo: Topology) -> None:
-    ingress = {"ip": "203.0.113.9", "ipMode": "Proxy"}
-    objs = [
-        service(
-            "web",
-            "10.96.0.10",
-            type="LoadBalancer",
-            port_extra={"nodePort": 30080},
-            status={"loadBalancer": {"ingress": [ingress]}},
-        ),
-        slice_("web", BACKENDS),
-    ]
-    topo.load_nft(script(objs))
-    assert topo.connect("203.0.113.9", 80).outcome == "unreachable"
-    assert topo.connect(NODE_IP, 30080).ok
-
-
-def test_external_traffic_policy_local(topo: Topology) -> None:
-    objs = [
-        service(
-            "web",
-            "10.96.0.10",
-            type="LoadBalancer",
-            externalTrafficPolicy="Local",
-            port_extra={"nodePort": 30080},
-            status={"loadBalancer": {"ingress": [{"ip": "203.0.113.9"}]}},
-        ),
-        slice_("web", BACKENDS, local=("10.10.2.3",)),
-    ]
-    topo.load_nft(script(objs))
-    for dst, port in (("203.0.113.9", 80), (NODE_IP, 30080)):
-        assert landings(topo, dst, port, 20) == Counter({"10.10.2.3": 20})
-        result = topo.connect(dst, port)
-        assert result.ok and not topo.masqueraded(result)  # the source IP is kept
-    # A "pod" source is short-circuited to every endpoint.
-    topo.load_nft(script(objs, cluster_cidr="10.10.0.0/16"))
-    assert set(landings(topo, "203.0.113.9", 80, 40)) == set(BACKENDS)
-
-
-def test_internal_traffic_policy_local(topo: Topology) -> None:
-    objs = [
-        service("web", "10.96.0.10", internalTrafficPolicy="Local"),
-        slice_("web", BACKENDS, local=("10.10.2.4",)),
-    ]
-    topo.load_nft(script(objs))
-    assert landings(topo, "10.96.0.10", 80, 20) == Counter({"10.10.2.4": 20})
-    topo.load_nft(script([objs[0], slice_("web", BACKENDS)]))  # no local endpoint: DROP
-    assert topo.connect("10.96.0.10", 80, timeout=0.5).outcome == "timeout"
-
-
-def test_no_endpoints_reject_and_local_policy_drop(topo: Topology) -> None:
-    objs = [
-        service("empty", "10.96.0.20", type="NodePort", port_extra={"nodePort": 30020}),
-        service(
-            "remote",
-            "10.96.0.21",
-            type="NodePort",
-            externalTrafficPolicy="Local",
-            port_extra={"nodePort": 30021},
-        ),
-        slice_("remote", BACKENDS),
-    ]
-    topo.load_nft(script(objs))
-    for dst, port, proto in (
-        ("10.96.0.20", 80, "tcp"),
-        ("10.96.0.20", 80, "udp"),
-        (NODE_IP, 30020, "tcp"),
-    ):
-        assert topo.connect(dst, port, proto).outcome == "refused", (dst, proto)  # type: ignore[arg-type]
-    assert topo.connect(NODE_IP, 30021, timeout=0.5).outcome == "timeout"
-    assert topo.connect("10.96.0.21", 80).ok  # the cluster IP keeps Cluster policy
-
-
-def test_client_ip_affinity_sticks(topo: Topology) -> None:
-    objs = [
-        service(
-            "web",
-            "10.96.0.10",
-            sessionAffinity="ClientIP",
-            sessionAffinityConfig={"clientIP": {"timeoutSeconds": 600}},
-        ),
-        slice_("web", BACKENDS),
-    ]
-    topo.load_nft(script(objs))
-    first = topo.connect("10.96.0.10", 80)
-    assert first.ok
-    # Sequential connects: each must find the entry the previous one recorded.
-    for _ in range(15):
-        result = topo.connect("10.96.0.10", 80)
-        assert result.ok and result.server_ip == first.server_ip
-    listing = topo.node_exec(["nft", "list", "map", "ip", "minikproxy", "affinity-tcp"]).stdout
-    assert "10.10.1.2 . 10.96.0.10 . 80 timeout 10m expires" in listing
-
-
-def test_load_balancer_source_ranges(topo: Topology) -> None:
-    def objs(ranges: list[str]) -> list[Any]:
-        return [
-            service(
-                "web",
-                "10.96.0.10",
-                type="LoadBalancer",
-                loadBalancerSourceRanges=ranges,
-                port_extra={"nodePort": 30080},
-                status={"loadBalancer": {"ingress": [{"ip": "203.0.113.9"}]}},
-            ),
-            slice_("web", BACKENDS),
-        ]
-
-    topo.load_nft(script(objs(["10.10.1.0/24"])))
-    assert topo.connect("203.0.113.9", 80).ok
-    topo.load_nft(script(objs(["192.0.2.0/24"])))
-    assert topo.connect("203.0.113.9", 80, timeout=0.5).outcome == "timeout"
-    assert topo.connect(NODE_IP, 30080).ok  # the NodePort is not firewalled
-
-
-@pytest.mark.parametrize("family", [IPV4, IPV6])
-def test_service_cidr_checks(topo: Topology, family: IPFamily) -> None:
-    if family == IPV4:
-        cip, unallocated = "10.96.0.10", "10.96.0.99"
-        objs = [service("web", cip), slice_("web", BACKENDS)]
-    else:
-        cip, unallocated = "fd00:96::10", "fd00:96::99"
-        objs = [
-            service("web", cip, ipFamilies=["IPv6"]),
-            slice_("web", BACKENDS6, family="IPv6"),
-        ]
-    topo.load_nft(script(objs, family))
-    assert topo.connect(cip, 80).ok
-    assert topo.connect(cip, 81).outcome == "refused"  # unknown port on an active cluster IP
-    assert topo.connect(unallocated, 80, timeout=0.5).outcome == "timeout"
-
-
-def test_sctp_loads_and_matches(topo: Topology) -> None:
-    objs = [service("web", "10.96.0.10", proto="SCTP"), slice_("web", BACKENDS, proto="SCTP")]
-    topo.load_nft(script(objs))
-    listing = topo.node_exec(["nft", "list", "map", "ip", "minikproxy", "cluster-endpoints-sctp"])
-    assert "10.96.0.10 . 80 . 2 : 10.10.2.4 . 8080" in listing.stdout
 
 
 def test_script_replaces_the_loaded_table(topo: Topology) -> None:
@@ -318,33 +118,3 @@ def test_endpoint_change_applies_as_elements_only(topo: Topology) -> None:
     topo.load_nft(update)
     assert set(landings(topo, "10.96.0.10", 80)) == {BACKENDS[0], BACKENDS[2]}
     assert topo.node_exec(["nft", "list", "chains", "ip"]).stdout == chains
-
-
-def test_ipv6_no_endpoints_rejected_and_udp(topo: Topology) -> None:
-    objs = [
-        service("empty", "fd00:96::20", ipFamilies=["IPv6"]),
-        service("dns", "fd00:96::53", proto="UDP", ipFamilies=["IPv6"]),
-        slice_("dns", BACKENDS6, proto="UDP", family="IPv6"),
-    ]
-    topo.load_nft(script(objs, IPV6))
-    assert topo.connect("fd00:96::20", 80).outcome == "refused"
-    assert set(landings(topo, "fd00:96::53", 80, 30, "udp")) == set(BACKENDS6)
-
-
-def test_interface_local_detection(topo: Topology) -> None:
-    """Traffic entering via the node's client-side interface (cl0) counts as pod traffic."""
-    objs = [service("web", "10.96.0.10"), slice_("web", BACKENDS)]
-    topo.load_nft(script(objs, detect_local_mode="InterfaceNamePrefix", interface_name_prefix="cl"))
-    result = topo.connect("10.96.0.10", 80)
-    assert result.ok and not topo.masqueraded(result)
-    topo.load_nft(script(objs, detect_local_mode="InterfaceNamePrefix", interface_name_prefix="xx"))
-    result = topo.connect("10.96.0.10", 80)
-    assert result.ok and topo.masqueraded(result)
-
-
-def test_hairpin_is_masqueraded(topo: Topology) -> None:
-    objs = [service("web", "10.96.0.10"), slice_("web", BACKENDS[:1])]
-    topo.load_nft(script(objs))
-    result = topo.connect("10.96.0.10", 80, from_ns="backend", src_ip=BACKENDS[0])
-    assert result.ok and result.server_ip == BACKENDS[0]
-    assert result.peer_ip != BACKENDS[0]  # the endpoint's own address would not route back

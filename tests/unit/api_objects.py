@@ -34,3 +34,13 @@ def endpoint_slice(name: str, *addresses: str, **labels: str) -> dict[str, Any]:
         "endpoints": [{"addresses": [a], "conditions": {"ready": True}} for a in addresses],
         "ports": [{"name": "p", "port": 8080, "protocol": "TCP"}],
     }
+
+
+def service_cidr(name: str, *cidrs: str) -> dict[str, Any]:
+    """A ``networking.k8s.io/v1`` ServiceCIDR (cluster-scoped) holding ``cidrs``."""
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "ServiceCIDR",
+        "metadata": {"name": name},
+        "spec": {"cidrs": list(cidrs)},
+    }

@@ -52,3 +52,14 @@ def test_fast_base32_matches_the_reference(text: str) -> None:
 def test_service_chain_prefixes() -> None:
     assert is_service_chain("KUBE-SEP-ABC") and is_service_chain("KUBE-FW-ABC")
     assert not is_service_chain("KUBE-SERVICES") and not is_service_chain("KUBE-MARK-MASQ")
+
+
+def test_hash8_is_the_first_8_base32_characters_of_sha256() -> None:
+    import base64
+    import hashlib
+
+    from minikproxy.compile.names import hash8
+
+    for text in ["", "ns1/svc1/tcp/p80", "x" * 300, *map(str, range(500))]:
+        digest = hashlib.sha256(text.encode()).digest()
+        assert hash8(text) == base64.b32encode(digest)[:8].decode()

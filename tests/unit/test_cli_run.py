@@ -267,6 +267,44 @@ def test_dry_run_prints_the_initial_sync_then_diffs_and_stops_on_sigterm(
     assert not [line for line in proxy.stderr if " ERROR " in line or "Traceback" in line]
 
 
+def test_nftables_dry_run_prints_element_changes(
+    api: tuple[FakeApiServer, Path], start_proxy: Callable[[Sequence[str]], Proxy]
+) -> None:
+    """In nftables mode (flat layout) the dry run prints each port's added and removed
+    elements; it waits for the Node (NodePorts on its primary IP by default)."""
+    server, kubeconfig = api
+    proxy = start_proxy(dry_run_args(kubeconfig, "--proxy-mode", "nftables"))
+    initial = proxy.read_until(lambda line: line.startswith("# IPv4: initial sync"))
+    assert initial[-1].startswith("# IPv4: initial sync: 1 service ports, table ip minikproxy")
+    proxy.read_until(lambda line: line.startswith("+ default/web:p (tcp): "))
+
+    server.update(endpoint_slice("web", "10.244.2.9"))
+    header = proxy.read_until(lambda line: "default/web:p (tcp) changed" in line)
+    assert header[-1] == "# IPv4: default/web:p (tcp) changed: +2 -2", header
+    diff = [proxy.read_until(lambda line: True)[0] for _ in range(4)]
+    assert diff == [
+        "- element cluster-endpoints-tcp { 10.96.0.10 . 80 . 0 : 10.244.1.5 . 8080 }",
+        "- element hairpin { 10.244.1.5 . 10.244.1.5 }",
+        "+ element cluster-endpoints-tcp { 10.96.0.10 . 80 . 0 : 10.244.2.9 . 8080 }",
+        "+ element hairpin { 10.244.2.9 . 10.244.2.9 }",
+    ]
+    assert proxy.stop(signal.SIGTERM) == 0
+    messages = proxy.log_messages()
+    assert "minikproxy: Using nftables proxier (dry-run: the kernel is never touched)" in messages
+    assert not [line for line in proxy.stderr if " ERROR " in line or "Traceback" in line]
+
+
+def test_run_takes_the_nftables_layout(
+    api: tuple[FakeApiServer, Path], start_proxy: Callable[[Sequence[str]], Proxy]
+) -> None:
+    _, kubeconfig = api
+    args = ("--proxy-mode", "nftables", "--nftables-layout", "kube-proxy")
+    proxy = start_proxy(dry_run_args(kubeconfig, *args))
+    initial = proxy.read_until(lambda line: line.startswith("# IPv4: initial sync"))
+    assert initial[-1].startswith("# IPv4: initial sync: 1 service ports, table ip kube-proxy")
+    assert proxy.stop(signal.SIGTERM) == 0
+
+
 def test_sigint_stops_cleanly_and_explicit_node_ips_are_logged(
     api: tuple[FakeApiServer, Path], start_proxy: Callable[[Sequence[str]], Proxy]
 ) -> None:
@@ -352,6 +390,8 @@ def test_a_port_already_taken_is_one_line_not_a_traceback(
         ["--proxy-mode", "ipvs"],
         ["--iptables-backend", "xdp"],
         ["--masquerade-all", "perhaps"],
+        ["--service-cidr", "10.96.0.0"],  # no prefix length: not a CIDR for kube-proxy
+        ["--service-cidr", "10.96.0.0/12,10.97.0.0/16"],
         ["--no-such-flag"],
     ],
 )

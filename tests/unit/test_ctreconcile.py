@@ -226,3 +226,23 @@ def test_frontends_of_rules_left_by_a_previous_run_are_gone_unless_still_wanted(
     result = reconciler.reconcile(state((no_nodeport, eps)), IptablesOptions())
     assert (result.stale, result.deleted) == (2, 2)
     assert table.flows == [kept]
+
+
+def test_frontends_a_mode_read_itself_are_gone_unless_still_wanted() -> None:
+    """remember_frontends: what nftables mode hands over from the table it found."""
+    table = FakeFlowTable()
+    table.set_addresses(IPV4, ["192.168.0.10"])
+    eps = (make_endpoint("10.244.1.1", 8053),)
+    kept = udp_flow("10.0.0.1", 1000, "10.96.0.10", 53, reply_src="10.244.1.1", reply_sport=8053)
+    table.add(
+        kept,
+        udp_flow("10.0.0.1", 1001, "10.96.0.99", 53, reply_src="10.244.9.9", reply_sport=8053),
+        udp_flow("10.0.0.1", 1002, "192.168.0.10", 30099, reply_src="10.244.9.9"),
+    )
+    reconciler = ConntrackReconciler(table)
+    found = [frontend("10.96.0.10", 53), frontend("10.96.0.99", 53)]
+    reconciler.remember_frontends(IPV4, found, [30099])
+    no_nodeport = ServicePort(DNS.name, IPV4, "10.96.0.10", 53)
+    result = reconciler.reconcile(state((no_nodeport, eps)), IptablesOptions())
+    assert (result.stale, result.deleted) == (2, 2)
+    assert table.flows == [kept]

@@ -37,6 +37,8 @@ CONTROLLER_REQUESTS: frozenset[tuple[str, str, str]] = frozenset(
         ("", "services", "watch"),
         ("discovery.k8s.io", "endpointslices", "list"),
         ("discovery.k8s.io", "endpointslices", "watch"),
+        ("networking.k8s.io", "servicecidrs", "list"),
+        ("networking.k8s.io", "servicecidrs", "watch"),
         ("", "nodes", "list"),
         ("", "nodes", "watch"),
         ("events.k8s.io", "events", "create"),

@@ -316,12 +316,141 @@ def test_request_log_records_rbac_verbs(server: FakeApiServer, core: client.Core
 
 
 def test_version_and_discovery(server: FakeApiServer, api: client.ApiClient) -> None:
-    assert client.VersionApi(api).get_code().git_version.startswith("v1.31")
+    assert client.VersionApi(api).get_code().git_version.startswith("v1.33")
     groups = client.ApisApi(api).get_api_versions()
-    assert {g.name for g in groups.groups} == {"discovery.k8s.io", "events.k8s.io"}
+    assert {g.name for g in groups.groups} == {
+        "discovery.k8s.io",
+        "events.k8s.io",
+        "networking.k8s.io",
+    }
     assert client.CoreApi(api).get_api_versions().versions == ["v1"]
     resources = client.DiscoveryV1Api(api).get_api_resources()
     assert [r.name for r in resources.resources] == ["endpointslices"]
+
+
+# --- ServiceCIDRs (networking.k8s.io/v1, cluster-scoped) -------------------------------------
+
+
+def service_cidr(name: str, *cidrs: str) -> dict[str, Any]:
+    return {
+        "kind": "ServiceCIDR",
+        "apiVersion": "networking.k8s.io/v1",
+        "metadata": {"name": name},
+        "spec": {"cidrs": list(cidrs)},
+    }
+
+
+def test_servicecidrs_discovery_lists_a_cluster_scoped_list_watch_resource(
+    api: client.ApiClient,
+) -> None:
+    (group,) = [
+        g for g in client.ApisApi(api).get_api_versions().groups if g.name == "networking.k8s.io"
+    ]
+    assert group.preferred_version.group_version == "networking.k8s.io/v1"
+    (resource,) = client.NetworkingV1Api(api).get_api_resources().resources
+    assert (resource.name, resource.kind, resource.namespaced) == (
+        "servicecidrs",
+        "ServiceCIDR",
+        False,
+    )
+    assert resource.singular_name == "servicecidr"
+    assert {"list", "watch"} <= set(resource.verbs)
+
+
+def test_servicecidrs_list_and_watch_share_the_global_resource_version(
+    server: FakeApiServer, api: client.ApiClient
+) -> None:
+    networking = client.NetworkingV1Api(api)
+    server.create(service("web"))
+    created = networking.create_service_cidr(
+        client.V1ServiceCIDR(
+            metadata=client.V1ObjectMeta(name="kubernetes"),
+            spec=client.V1ServiceCIDRSpec(cidrs=["10.96.0.0/16"]),
+        )
+    )
+    assert created.metadata.namespace is None  # cluster-scoped
+    listed = networking.list_service_cidr()
+    assert names(listed.items) == ["kubernetes"]
+    assert listed.items[0].spec.cidrs == ["10.96.0.0/16"]
+    assert listed.metadata.resource_version == server.resource_version
+    rv = server.resource_version
+    stream = StreamThread(networking.list_service_cidr, resource_version=rv, timeout_seconds=30)
+    stream.start()
+    assert server.wait_for_watches(1, "servicecidrs")
+    extra = server.create(service_cidr("extra", "10.100.0.0/16"))
+    server.update({**extra, "spec": {"cidrs": ["10.100.0.0/16", "fd00:100::/108"]}})
+    server.create(service("other"))  # not a ServiceCIDR: not on this watch
+    server.delete("servicecidrs", "", "extra")
+    assert stream.wait_events(3)
+    server.drop_watches()
+    stream.join(5)
+    assert stream.kinds() == [("ADDED", "extra"), ("MODIFIED", "extra"), ("DELETED", "extra")]
+    assert stream.events[1]["object"].spec.cidrs == ["10.100.0.0/16", "fd00:100::/108"]
+    rvs = [int(e["raw_object"]["metadata"]["resourceVersion"]) for e in stream.events]
+    assert rvs == sorted(rvs) and rvs[0] == int(rv) + 1
+    assert [(r.group, r.resource, r.verb) for r in server.request_log] == [
+        ("networking.k8s.io", "servicecidrs", "create"),
+        ("networking.k8s.io", "servicecidrs", "list"),
+        ("networking.k8s.io", "servicecidrs", "watch"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("cidrs", "message"),
+    [
+        ([], "spec.cidrs: Required value"),
+        (["10.96.0.0/16", "10.97.0.0/16"], "no more than one IP for each IP family"),
+        (["10.96.0.0/16", "fd00::/108", "10.97.0.0/16"], "may only hold up to 2 values"),
+        (["10.96.0.0/33"], "spec.cidrs[0]: Invalid value"),
+        (["10.96.0.1"], "spec.cidrs[0]: Invalid value"),
+    ],
+)
+def test_servicecidr_writes_are_validated(
+    server: FakeApiServer, cidrs: list[str], message: str
+) -> None:
+    with pytest.raises(ApiError) as err:
+        server.create(service_cidr("bad", *cidrs))
+    assert err.value.code == 422 and message in err.value.message
+
+
+def test_servicecidr_cidrs_are_immutable_but_may_become_dual_stack(server: FakeApiServer) -> None:
+    obj = server.create(service_cidr("c", "10.96.0.0/16"))
+    for cidrs in (["10.97.0.0/16"], ["fd00::/108", "10.96.0.0/16"]):
+        with pytest.raises(ApiError, match="field is immutable"):
+            server.update({**obj, "spec": {"cidrs": cidrs}})
+    dual = server.update({**obj, "spec": {"cidrs": ["10.96.0.0/16", "fd00::/108"]}})
+    with pytest.raises(ApiError, match="field is immutable"):
+        server.update({**dual, "spec": {"cidrs": ["10.96.0.0/16"]}})
+
+
+def test_an_older_server_does_not_serve_servicecidrs(tmp_path: Path) -> None:
+    with FakeApiServer(unserved=["servicecidrs"]) as server:
+        cfg = client.Configuration()
+        config.load_kube_config(
+            config_file=str(server.write_kubeconfig(tmp_path / "kubeconfig")),
+            client_configuration=cfg,
+        )
+        with client.ApiClient(cfg) as api:
+            assert client.VersionApi(api).get_code().git_version.startswith("v1.32")
+            groups = client.ApisApi(api).get_api_versions().groups
+            assert "networking.k8s.io" not in {g.name for g in groups}
+            networking = client.NetworkingV1Api(api)
+            for call in (networking.get_api_resources, networking.list_service_cidr):
+                with pytest.raises(ApiException) as err:
+                    call()
+                assert err.value.status == 404
+            assert json.loads(err.value.body)["reason"] == "NotFound"
+            # an upgraded API server serves them, and the objects another one stored
+            server.create(service_cidr("kubernetes", "10.96.0.0/16"))
+            server.set_served("servicecidrs", True)
+            assert names(networking.list_service_cidr().items) == ["kubernetes"]
+            stream = StreamThread(networking.list_service_cidr, timeout_seconds=30)
+            stream.start()
+            assert stream.wait_events(1)
+            server.set_served("servicecidrs", False)  # and a downgrade drops its watches
+            stream.join(5)
+            assert not stream.is_alive()
+            assert not server.served("servicecidrs")
 
 
 # --- watch ---------------------------------------------------------------------------------

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import re
+import socket
+import struct
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +13,8 @@ import pytest
 
 from minikproxy.cli import main
 from minikproxy.compile.nftables import (
+    AFFINITY_PORTS,
+    DIGEST_SEEDS,
     ELEMENT_SETS,
     NftablesRuleset,
     compile_nftables,
@@ -35,6 +40,7 @@ OPTIONS = NftablesOptions(
     nodeport_addresses=("10.0.0.1",),
     service_cidrs=("10.96.0.0/16",),
 )
+OPTIONS6 = NftablesOptions(family=IPV6, node_ip="fd00::1", nodeport_addresses=("fd00::1",))
 
 
 def spn(name: str, proto: str = "TCP") -> ServicePortName:
@@ -137,10 +143,16 @@ def test_external_policy_local() -> None:
     assert of(items, "local-dispatch") == [f"{key} : goto local-pick-1"]
     assert of(items, "local-endpoints-tcp") == ["10.0.0.1 . 30080 . 0 : 10.244.1.1 . 8080"]
     assert of(items, "external-masq") == []
-    # No local endpoint: external frontends are dropped, the cluster IP still works.
+    # No local endpoint: external sources are dropped (filter side); pods and the node still
+    # reach every endpoint through external-local (as kube-proxy's short-circuits).
     items = elements(port, tuple(e._replace(is_local=False) for e in eps(3)))
     assert of(items, "no-endpoint-services") == [f"{key} : drop"]
-    assert of(items, "service-dispatch") == ["10.96.0.10 . tcp . 80 : goto pick-3"]
+    assert of(items, "service-dispatch") == [
+        "10.96.0.10 . tcp . 80 : goto pick-3",
+        f"{key} : goto external-local",
+    ]
+    assert of(items, "cluster-dispatch") == [f"{key} : goto pick-3"]
+    assert of(items, "local-dispatch") == []
 
 
 def test_internal_policy_local() -> None:
@@ -260,7 +272,12 @@ def test_element_sets_are_all_declared() -> None:
     port = ServicePort(spn("web"), IPV4, "10.96.0.10", 80)
     script = compile_nftables(state((port, eps(1))), OPTIONS).render()
     for name in ELEMENT_SETS:
-        assert re.search(rf"^add (set|map) ip minikproxy {name} ", script, re.MULTILINE), name
+        if name != AFFINITY_PORTS:  # IPv6 only
+            assert re.search(rf"^add (set|map) ip minikproxy {name} ", script, re.M), name
+    port6 = ServicePort(spn("web"), IPV6, "fd00::10", 80)
+    script6 = compile_nftables(state((port6, ()), family=IPV6), OPTIONS6).render()
+    for name in ELEMENT_SETS:
+        assert re.search(rf"^add (set|map) ip6 minikproxy {name} ", script6, re.M), name
 
 
 def test_shared_elements_are_written_once() -> None:
@@ -313,7 +330,16 @@ def test_cli_service_cidr(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.parametrize(
-    "value", ["10.96.0.0/33", "nonsense", "10.96.0.0/12,10.97.0.0/16", "a,b,c", ""]
+    "value",
+    [
+        "10.96.0.0/33",
+        "nonsense",
+        "10.96.0.0/12,10.97.0.0/16",
+        "a,b,c",
+        "",
+        "10.96.0.0",
+        "10.96.0.0/255.240.0.0",
+    ],
 )
 def test_cli_service_cidr_errors(capsys: pytest.CaptureFixture[str], value: str) -> None:
     with pytest.raises(SystemExit) as exc:
@@ -382,20 +408,69 @@ def test_update_script_is_element_only_and_respects_shared_elements() -> None:
         "add element ip minikproxy cluster-endpoints-tcp "
         "{ 10.96.0.10 . 80 . 1 : 10.244.9.9 . 8080 }\n"
     )  # 10.244.1.2's hairpin element stays: port b still holds it
+
+
+def test_update_script_adds_and_deletes_count_class_chains() -> None:
+    a = ServicePort(ServicePortName("ns", "web", "a", "TCP"), IPV4, "10.96.0.10", 80)
+    b = ServicePort(ServicePortName("ns", "web", "b", "TCP"), IPV4, "10.96.0.10", 81)
+    before = compile_nftables(state((a, eps(2)), (b, eps(2))), OPTIONS)
     three = compile_nftables(state((a, eps(3)), (b, eps(2))), OPTIONS)
-    assert three.update_script(before, [a.name]) is None  # pick-3 is a new chain
-
-
-def test_ipv6_affinity_is_reported_not_programmed() -> None:
-    port = ServicePort(spn("web"), IPV6, "fd00::10", 80, session_affinity_client_ip=True)
-    ruleset = compile_nftables(
-        state((port, (make_endpoint("fd00:1::2", 8080),)), family=IPV6),
-        NftablesOptions(family=IPV6),
+    script = three.update_script(before, [a.name])
+    assert script is not None
+    lines = script.splitlines()
+    new_chain = lines.index("add chain ip minikproxy pick-3")
+    assert [line.split(" dnat")[0] for line in lines[new_chain + 1 : new_chain + 4]] == [
+        f"add rule ip minikproxy pick-3 meta l4proto {p}" for p in ("tcp", "udp", "sctp")
+    ]
+    assert (
+        lines.index("delete element ip minikproxy service-dispatch { 10.96.0.10 . tcp . 80 }")
+        < (new_chain)
+        < lines.index(
+            "add element ip minikproxy service-dispatch { 10.96.0.10 . tcp . 80 : goto pick-3 }"
+        )
     )
+    assert "delete chain" not in script  # port b still uses pick-2
+    # Both at 3: pick-2 goes, after the elements that referred to it.
+    both = compile_nftables(state((a, eps(3)), (b, eps(3))), OPTIONS)
+    script = both.update_script(three, [b.name])
+    assert script is not None
+    lines = script.splitlines()
+    assert lines.index("delete chain ip minikproxy pick-2") > lines.index(
+        "delete element ip minikproxy service-dispatch { 10.96.0.10 . tcp . 81 }"
+    )
+    assert "flush chain ip minikproxy pick-2" in lines and "add chain" not in script
+    # Other options change the fixed skeleton: only a full load will do.
+    other = compile_nftables(state((a, eps(3)), (b, eps(3))), replace(OPTIONS, masquerade_all=True))
+    assert other.update_script(both, [a.name, b.name]) is None
+
+
+def test_ipv6_affinity_keys_by_digest_and_takes_the_port_from_affinity_ports() -> None:
+    port = ServicePort(
+        spn("web"), IPV6, "fd00::10", 80, session_affinity_client_ip=True, sticky_max_age_seconds=60
+    )
+    endpoints = (make_endpoint("fd00:1::2", 8080), make_endpoint("fd00:1::3", 8080))
+    ruleset = compile_nftables(state((port, endpoints), family=IPV6), OPTIONS6)
+    items = ruleset.services[port.name].elements
+    assert of(items, "affinity-timeouts") == ["fd00::10 . tcp . 80 : goto affinity-60"]
+    assert of(items, "affinity-ports") == ["fd00::10 . tcp . 80 : 8080"]
     script = ruleset.render()
-    assert "affinity-record" not in script and "@affinity-tcp" not in script
-    assert "add element ip6 minikproxy affinity" not in script
-    assert len(ruleset.notes) == 1 and "ClientIP session affinity" in ruleset.notes[0]
+    digest = " . ".join(
+        f"jhash ip6 saddr . ct original ip6 daddr . ct original proto-dst mod 4294967295 "
+        f"seed {seed:#x}"
+        for seed in DIGEST_SEEDS
+    )
+    assert f"update @affinity-tcp {{ {digest} timeout 60s : ip6 daddr }}" in script
+    assert "map @affinity-tcp : ip6 daddr . meta l4proto . th dport map @affinity-ports" in script
+    assert ruleset.notes == ()
+
+
+def test_ipv6_affinity_needs_one_target_port() -> None:
+    port = ServicePort(spn("web"), IPV6, "fd00::10", 80, session_affinity_client_ip=True)
+    endpoints = (make_endpoint("fd00:1::2", 8080), make_endpoint("fd00:1::3", 8081))
+    ruleset = compile_nftables(state((port, endpoints), family=IPV6), OPTIONS6)
+    items = ruleset.services[port.name].elements
+    assert of(items, "affinity-timeouts") == [] and of(items, "affinity-ports") == []
+    assert len(ruleset.notes) == 1 and "one target port number" in ruleset.notes[0]
 
 
 def test_topology_hints_select_same_zone_endpoints() -> None:
@@ -414,3 +489,87 @@ def test_topology_hints_select_same_zone_endpoints() -> None:
         "10.96.0.10 . 80 . 0 : 10.244.1.1 . 8080",
         "10.96.0.10 . 80 . 1 : 10.244.1.3 . 8080",
     ]
+
+
+def raw4(
+    client: str,
+    vip: str,
+    endpoint: str,
+    *,
+    timeout_ms: int | None = 600000,
+    expires_ms: int = 90000,
+) -> tuple[bytes, bytes, int | None, int]:
+    """An IPv4 affinity element as the kernel reports it (port 80 -> 8080)."""
+    key = b"".join(socket.inet_pton(socket.AF_INET, a) for a in (client, vip))
+    data = socket.inet_pton(socket.AF_INET, endpoint) + struct.pack("!H2x", 8080)
+    return key + struct.pack("!H2x", 80), data, timeout_ms, expires_ms
+
+
+def raw6(digest: tuple[int, int, int], endpoint: str) -> tuple[bytes, bytes, int, int]:
+    """An IPv6 affinity element as the kernel reports it."""
+    return struct.pack("=III", *digest), socket.inet_pton(socket.AF_INET6, endpoint), 1000, 900
+
+
+def test_affinity_cleanup_names_entries_of_endpoints_that_left() -> None:
+    port = ServicePort(spn("web"), IPV4, "10.96.0.10", 80, session_affinity_client_ip=True)
+    before = compile_nftables(state((port, eps(3))), OPTIONS)
+    after = compile_nftables(state((port, (eps(3)[0], eps(3)[2]))), OPTIONS)
+    assert (
+        compile_nftables(state((port, eps(4))), OPTIONS).affinity_cleanup(before, [port.name])
+        is None
+    )
+    cleanup = after.affinity_cleanup(before, [port.name])
+    assert cleanup is not None and cleanup.maps == ("affinity-tcp",)
+    assert cleanup.stale == {"affinity-tcp": {"10.244.1.2 . 8080": frozenset({"10.96.0.10 . 80"})}}
+
+    listing = {
+        "affinity-tcp": [
+            raw4("10.1.1.1", "10.96.0.10", "10.244.1.2"),  # stale
+            raw4("10.1.1.2", "10.96.0.10", "10.244.1.3"),  # its endpoint stays
+            raw4("10.1.1.3", "10.96.0.99", "10.244.1.2"),  # another Service's frontend
+        ]
+    }
+    assert cleanup.commands(listing) == (
+        "add element ip minikproxy affinity-tcp "
+        "{ 10.1.1.1 . 10.96.0.10 . 80 : 10.244.1.2 . 8080 }\n"
+        "delete element ip minikproxy affinity-tcp { 10.1.1.1 . 10.96.0.10 . 80 }\n"
+    )
+    # The port gone, or its affinity off: every endpoint's entries go.
+    gone = compile_nftables(state(), OPTIONS).affinity_cleanup(before, [port.name])
+    assert gone is not None and len(gone.stale["affinity-tcp"]) == 3
+
+
+def test_affinity_cleanup_ipv6_matches_the_endpoint_address() -> None:
+    port = ServicePort(spn("web", "UDP"), IPV6, "fd00::10", 53, session_affinity_client_ip=True)
+    two = (make_endpoint("fd00:1::2", 53), make_endpoint("fd00:1::3", 53))
+    before = compile_nftables(state((port, two), family=IPV6), OPTIONS6)
+    after = compile_nftables(state((port, two[:1]), family=IPV6), OPTIONS6)
+    cleanup = after.affinity_cleanup(before, [port.name])
+    assert cleanup is not None and cleanup.stale == {"affinity-udp": {"fd00:1::3": None}}
+    listing = {"affinity-udp": [raw6((1, 2, 3), "fd00:1::3"), raw6((4, 5, 6), "fd00:1::2")]}
+    assert cleanup.commands(listing) == (
+        "add element ip6 minikproxy affinity-udp { 1 . 2 . 3 : fd00:1::3 }\n"
+        "delete element ip6 minikproxy affinity-udp { 1 . 2 . 3 }\n"
+    )
+
+
+def test_affinity_restore_keeps_entries_of_live_endpoints_only() -> None:
+    port = ServicePort(spn("web"), IPV4, "10.96.0.10", 80, session_affinity_client_ip=True)
+    ruleset = compile_nftables(state((port, eps(2))), OPTIONS)
+    assert ruleset.affinity_maps == ("affinity-tcp", "affinity-udp", "affinity-sctp")
+
+    listing = {
+        "affinity-tcp": [
+            raw4("10.1.1.1", "10.96.0.10", "10.244.1.2"),  # live: kept
+            raw4("10.1.1.2", "10.96.0.10", "10.244.1.9"),  # endpoint gone
+            raw4("10.1.1.3", "10.96.0.99", "10.244.1.2"),  # not this frontend
+            raw4("10.1.1.4", "10.96.0.10", "10.244.1.1", expires_ms=0),  # expiring now
+            raw4("10.1.1.5", "10.96.0.10", "10.244.1.1", timeout_ms=None),  # map's default
+        ]
+    }
+    assert ruleset.affinity_restore(listing) == (
+        "add element ip minikproxy affinity-tcp { 10.1.1.1 . 10.96.0.10 . 80 timeout 600000ms "
+        "expires 90000ms : 10.244.1.2 . 8080, 10.1.1.5 . 10.96.0.10 . 80 expires 90000ms : "
+        "10.244.1.1 . 8080 }\n"
+    )
+    assert ruleset.affinity_restore({}) == ""

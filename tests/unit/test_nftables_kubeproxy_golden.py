@@ -199,3 +199,42 @@ def test_update_script_sends_only_what_changed() -> None:
     assert not any("svc1" in line for line in update)
     assert not any("cluster-ips" in line for line in update)  # unchanged element
     assert new.render_update(new) == ""
+
+
+def test_affinity_restore_refills_the_affinity_sets_still_there() -> None:
+    tracker = ClusterTracker("node-a")
+    tracker.add_objects(
+        [
+            {
+                "kind": "Service",
+                "metadata": {"name": "s", "namespace": "ns"},
+                "spec": {
+                    "clusterIP": "10.96.0.5",
+                    "ports": [{"name": "p", "port": 80}],
+                    "sessionAffinity": "ClientIP",
+                },
+            },
+            {
+                "kind": "EndpointSlice",
+                "metadata": {
+                    "name": "s-1",
+                    "namespace": "ns",
+                    "labels": {"kubernetes.io/service-name": "s"},
+                },
+                "addressType": "IPv4",
+                "endpoints": [{"addresses": ["10.0.1.1"], "conditions": {"ready": True}}],
+                "ports": [{"name": "p", "port": 8080}],
+            },
+        ]
+    )
+    ruleset = compile_nftables_kubeproxy(tracker.snapshot(IPV4).state, NftablesOptions())
+    (name,) = ruleset.affinity_maps
+    assert name.startswith("affinity-")
+    address = bytes([10, 1, 1, 1])
+    listing = {
+        name: [(address, None, None, 5000), (bytes([10, 1, 1, 2]), None, None, None)],
+        "affinity-gone": [(bytes([10, 1, 1, 3]), None, None, 5000)],
+    }
+    assert ruleset.affinity_restore(listing) == (
+        f"add element ip kube-proxy {name} {{ 10.1.1.1 expires 5000ms }}\n"
+    )

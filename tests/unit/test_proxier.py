@@ -26,6 +26,7 @@ from minikproxy.healthz import ProxierHealth, ServiceHealthServer
 from minikproxy.metrics import ProxyMetrics
 from minikproxy.model.names import IPV4, IPV6, IPFamily, NamespacedName, ServicePortName
 from minikproxy.model.parse import SERVICE_NAME_LABEL, TRIGGER_TIME_ANNOTATION
+from minikproxy.modes.nftables import NftablesMode
 from minikproxy.proxier import Proxier, SyncResult
 from minikproxy.runner import FakeClock
 from minikproxy.testing.fake_conntrack import FakeFlowTable, udp_flow
@@ -1193,6 +1194,31 @@ def test_service_health_server_gets_health_check_ports_and_local_counts(
     rig.delete(lb)
     assert rig.sync()
     assert service_health.listening() == {}
+
+
+def test_nftables_modes_health_check_ports_listen_on_the_primary_node_ip() -> None:
+    """nftables mode's NodePort addresses default to the node's primary IP (``primary``), and
+    health-check node ports follow them there, as kube-proxy's (not every address)."""
+    server = ServiceHealthServer([""], ProxierHealth(clock=FakeClock(T0)))
+    proxier = Proxier(
+        config=ProxyConfig(mode="nftables", cluster_cidr="10.244.0.0/16"),
+        node_name=NODE,
+        families=[IPV4],
+        metrics=ProxyMetrics(proxy_mode="nftables"),
+        health=ProxierHealth(clock=FakeClock(T0)),
+        mode=NftablesMode(),
+        service_health=server,
+    )
+    rig = Rig(
+        proxier, None, FakeFlowTable(), RecordingRunner(), FakeClock(), FakeClock(T0), io.StringIO()
+    )
+    try:
+        rig.add(node_object())
+        proxier.handler("nodes").on_synced()
+        rig.start(WEB, WEB_EPS)
+        assert server.bind_addresses == ["192.168.0.10"]
+    finally:
+        server.stop()
 
 
 # --- dry run -------------------------------------------------------------------------------

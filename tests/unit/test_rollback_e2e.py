@@ -54,7 +54,7 @@ def test_rules_follow_the_store_back_in_time(server: FakeApiServer, controller: 
     server.create(service("undone", "10.96.0.11"))
     server.create(endpoint_slice("undone", "10.244.1.6"))
     wait_for(lambda: "default/undone" in programmed(controller), what="the second Service")
-    assert server.wait_for_watches(3)
+    assert server.wait_for_watches(4)  # services, slices, the Node, ServiceCIDRs
 
     before = len(server.request_log)
     server.rollback(backup)  # the restore: "undone" never existed
@@ -66,7 +66,7 @@ def test_rules_follow_the_store_back_in_time(server: FakeApiServer, controller: 
     # Each reflector lists from scratch on its own: the Service list alone already removes
     # "undone" from the rules, so wait for the EndpointSlice relist too.
     wait_for(lambda: relisted() >= {"services", "endpointslices"}, what="both kinds relisted")
-    wait_for(lambda: server.watch_count == 3, what="the watches resumed")
+    wait_for(lambda: server.watch_count == 4, what="the watches resumed")
     server.create(service("new", "10.96.0.12"))
     server.create(endpoint_slice("new", "10.244.1.7"))
     wait_for(lambda: programmed(controller) == {"default/kept", "default/new"}, what="new Service")

@@ -31,6 +31,16 @@ _B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 _B32_PAIRS = tuple(_B32[i >> 5] + _B32[i & 31] for i in range(1024))
 
 
+def hash8(text: str, _sha256: Any = hashlib.sha256, _pairs: tuple[str, ...] = _B32_PAIRS) -> str:
+    """The first 8 characters of base32(sha256(text)): kube-proxy's nftables chain hash.
+
+    Equal to ``base64.b32encode(digest)[:8]`` (40 bits through the pair table, as
+    :func:`_hash16`), without base64's pure-Python loop over all 32 bytes.
+    """
+    n = int.from_bytes(_sha256(text.encode()).digest()[:5], "big")
+    return _pairs[n >> 30] + _pairs[(n >> 20) & 1023] + _pairs[(n >> 10) & 1023] + _pairs[n & 1023]
+
+
 def _hash16(text: str, _sha256: Any = hashlib.sha256, _pairs: tuple[str, ...] = _B32_PAIRS) -> str:
     """The first 16 characters of base32(sha256(text)) (standard alphabet).
 

@@ -13,14 +13,14 @@ per-service updates the way kube-proxy's partial syncs do.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import ipaddress
-from collections.abc import Collection, Iterable
+import socket
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 from minikproxy.compile.cidr import cidr_contains
+from minikproxy.compile.names import hash8
 from minikproxy.compile.nftables_options import NftablesOptions
 from minikproxy.model.endpoint import Endpoint
 from minikproxy.model.names import IPV4, NamespacedName, ServicePortName
@@ -106,8 +106,7 @@ def hash_and_truncate(name: str) -> str:
 
     HASH8 is the first 8 characters of base32(SHA-256(name)), standard alphabet.
     """
-    digest = hashlib.sha256(name.encode()).digest()
-    result = base64.b32encode(digest)[:8].decode() + "-" + name
+    result = hash8(name) + "-" + name
     if len(result) > CHAIN_NAME_BASE_LENGTH_MAX:
         result = result[: CHAIN_NAME_BASE_LENGTH_MAX - 3] + "..."
     return result
@@ -369,6 +368,36 @@ class KubeProxyNftRuleset:
         lines += [f"delete chain {fam} {TABLE} {chain}" for chain in stale]
         lines += [f"delete set {fam} {TABLE} {name}" for name in sorted(old_sets - new_sets)]
         return "\n".join(lines) + "\n" if lines else ""
+
+    @property
+    def affinity_maps(self) -> tuple[str, ...]:
+        """The per-endpoint affinity sets the packet path fills (``update @affinity-*``)."""
+        return tuple(
+            sorted({_set_name(line) for frag in self.services.values() for line in frag.sets})
+        )
+
+    def affinity_restore(
+        self, elements: Mapping[str, Sequence[tuple[bytes, bytes | None, int | None, int | None]]]
+    ) -> str:
+        """``add element`` commands re-creating, with the time they have left, the entries
+        among ``elements`` (each affinity set's elements as the kernel reports them: ``(key,
+        data, timeout_ms, expires_ms)``, read from the table this ruleset replaces) of the
+        affinity sets this ruleset still has: appended to :meth:`render`, a full replace keeps
+        what clients learned, as kube-proxy's full syncs (which never delete its table) do."""
+        af = socket.AF_INET if self.options.family == IPV4 else socket.AF_INET6
+        lines: list[str] = []
+        for name in self.affinity_maps:
+            restored = []
+            for key, _data, timeout_ms, expires_ms in elements.get(name, ()):
+                if not expires_ms:
+                    continue
+                timeout = f" timeout {timeout_ms}ms" if timeout_ms else ""
+                restored.append(f"{socket.inet_ntop(af, key)}{timeout} expires {expires_ms}ms")
+            if restored:
+                lines.append(
+                    f"add element {self.family} {TABLE} {name} {{ {', '.join(restored)} }}"
+                )
+        return "".join(f"{line}\n" for line in lines)
 
     def chain_names(self) -> set[str]:
         """The names of all per-service chains (kube-proxy's: they contain a ``/``)."""

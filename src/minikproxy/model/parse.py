@@ -70,6 +70,22 @@ def canonical_cidr(text: Any) -> tuple[str, IPFamily] | None:
     return (str(net), IPV4) if net.version == 4 else (str(net), IPV6)
 
 
+def strict_cidr(text: Any) -> tuple[str, IPFamily] | None:
+    """Like :func:`canonical_cidr`, but only ``address/prefix-length`` as Go's
+    ``net.ParseCIDR`` (the API server's and kube-proxy's validation) accepts it: the prefix
+    length is required and decimal (no netmask form), no surrounding blanks, no zone."""
+    if not isinstance(text, str):
+        return None
+    address, sep, bits = text.partition("/")
+    if not sep or not (bits.isascii() and bits.isdigit()) or address != address.strip():
+        return None
+    parsed = canonical_ip(address)
+    if parsed is None or int(bits) > (32 if parsed[1] == IPV4 else 128):
+        return None
+    net = ipaddress.ip_network(f"{parsed[0]}/{int(bits)}", strict=False)
+    return str(net), parsed[1]
+
+
 def _meta(obj: Obj) -> tuple[str, str]:
     meta = obj.get("metadata") or {}
     return str(meta.get("namespace") or "default"), str(meta.get("name") or "")

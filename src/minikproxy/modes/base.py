@@ -20,7 +20,7 @@ calls :meth:`~ProxyMode.apply`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, ClassVar, Generic, Protocol, TypeVar
 
 from minikproxy.model.names import IPFamily, NamespacedName, ServicePortName
@@ -128,7 +128,8 @@ class ProxyMode(ABC, Generic[P]):
 
     @abstractmethod
     def categorized(self, plan: P) -> Mapping[ServicePortName, CategorizedEndpoints]:
-        """Each port's endpoint categorisation as ``plan`` used it (for the no-local gauge)."""
+        """Each port's endpoint categorisation as ``plan`` used it (for the no-local gauge;
+        a view, not a copy: a partial sync reads only the changed ports)."""
 
     def record_metrics(self, metrics: ProxyMetrics, applied: Mapping[IPFamily, P]) -> None:
         """Set the mode's own gauges after a successful sync (rule counts and the like)."""
@@ -154,18 +155,61 @@ class ProxyMode(ABC, Generic[P]):
         """Release the kernel handles (idempotent)."""
 
 
-def no_local_endpoints(
-    state: ProxyState, categorized: Mapping[ServicePortName, CategorizedEndpoints]
-) -> dict[str, int]:
-    """``sync_proxy_rules_no_local_endpoints_total``: ports with a Local traffic policy, some
-    endpoint in the cluster and none this node can use for that policy (kube-proxy's count)."""
-    counts = {"internal": 0, "external": 0}
-    for name, cat in categorized.items():
-        port = state.services.get(name)
-        if port is None or not cat.has_any:
-            continue
-        if port.internal_policy_local and not cat.local:
-            counts["internal"] += 1
-        if port.external_policy_local and port.externally_accessible and not cat.local:
-            counts["external"] += 1
-    return counts
+class HasCategorized(Protocol):
+    """A compiled service port that remembers its endpoint categorisation."""
+
+    @property
+    def categorized(self) -> CategorizedEndpoints:
+        """The categorisation its rules were compiled from."""
+        ...
+
+
+class CategorizedView(Mapping[ServicePortName, CategorizedEndpoints]):
+    """Each port's categorisation, read through a plan's per-port objects (no copy)."""
+
+    def __init__(self, ports: Mapping[ServicePortName, HasCategorized]) -> None:
+        self._ports = ports
+
+    def __getitem__(self, name: ServicePortName) -> CategorizedEndpoints:
+        return self._ports[name].categorized
+
+    def __iter__(self) -> Iterator[ServicePortName]:
+        return iter(self._ports)
+
+    def __len__(self) -> int:
+        return len(self._ports)
+
+
+class NoLocalCounter:
+    """``sync_proxy_rules_no_local_endpoints_total`` of one family, kept up to date port by
+    port: ports with a Local traffic policy, some endpoint in the cluster and none this node
+    can use for that policy (kube-proxy's count)."""
+
+    def __init__(self) -> None:
+        self._flags: dict[ServicePortName, tuple[bool, bool]] = {}
+        self.counts = {"internal": 0, "external": 0}
+
+    def recount(
+        self,
+        state: ProxyState,
+        categorized: Mapping[ServicePortName, CategorizedEndpoints],
+        names: Iterable[ServicePortName] | None = None,
+    ) -> None:
+        """Recount ``names`` (None: start again from every port of ``categorized``)."""
+        if names is None:
+            self._flags.clear()
+            self.counts = {"internal": 0, "external": 0}
+            names = categorized
+        for name in names:
+            old = self._flags.pop(name, (False, False))
+            port, cat = state.services.get(name), categorized.get(name)
+            new = (False, False)
+            if port is not None and cat is not None and cat.has_any and not cat.local:
+                new = (
+                    port.internal_policy_local,
+                    port.external_policy_local and port.externally_accessible,
+                )
+            if new != (False, False):
+                self._flags[name] = new
+            self.counts["internal"] += new[0] - old[0]
+            self.counts["external"] += new[1] - old[1]

@@ -25,7 +25,7 @@ from minikproxy.model.names import IPFamily, NamespacedName, ServicePortName
 from minikproxy.model.parse import NodeInfo
 from minikproxy.model.state import ProxyState
 from minikproxy.model.topology import CategorizedEndpoints
-from minikproxy.modes.base import FrontendOptions, ProxyMode
+from minikproxy.modes.base import CategorizedView, FrontendOptions, ProxyMode
 from minikproxy.nodeopts import iptables_options
 from minikproxy.plan import describe_changes
 
@@ -116,7 +116,7 @@ class IptablesMode(ProxyMode[IptablesRuleset]):
 
     def categorized(self, plan: IptablesRuleset) -> Mapping[ServicePortName, CategorizedEndpoints]:
         """Each port's categorisation, as its rules were compiled."""
-        return {name: rules.categorized for name, rules in plan.services.items()}
+        return CategorizedView(plan.services)
 
     def apply(self, new: IptablesRuleset, applied: IptablesRuleset | None, full: bool) -> None:
         """A full restore (batched on nf_tables), or only the chains that changed."""

@@ -12,10 +12,12 @@ import logging
 from collections.abc import Callable, Iterable
 
 from minikproxy.cleanup import cleanup_iptables
+from minikproxy.compile.nftables import TABLE as FLAT_TABLE
+from minikproxy.compile.nftables_kubeproxy import TABLE as KUBE_PROXY_TABLE
 from minikproxy.dataplane.execer import Execer
 from minikproxy.dataplane.iptables import IptablesBackend, IptablesError, RealIptables
 from minikproxy.dataplane.libnftables import NftablesError
-from minikproxy.dataplane.nftables import NftablesApplier
+from minikproxy.dataplane.nftables import OWNED_TABLES, NftablesApplier
 from minikproxy.model.names import IPV4, IPV6
 
 logger = logging.getLogger(__name__)
@@ -52,12 +54,14 @@ def remove_iptables_state(
     return removed
 
 
-def remove_nftables_state(execer: Execer) -> list[str]:
+def remove_nftables_state(
+    execer: Execer, tables: Iterable[tuple[str, str]] = OWNED_TABLES
+) -> list[str]:
     """Delete our ``minikproxy`` and kube-proxy's ``kube-proxy`` nftables tables (both
-    families) in the execer's network namespace."""
+    families; or only ``tables``) in the execer's network namespace."""
     try:
         with NftablesApplier(getattr(execer, "netns", None)) as applier:
-            return [f"nftables table {table}" for table in applier.cleanup()]
+            return [f"nftables table {table}" for table in applier.cleanup(tables)]
     except (NftablesError, OSError) as err:
         raise CleanupError(f"nftables: {err}") from err
 
@@ -69,19 +73,33 @@ REMOVERS: dict[str, Callable[[Execer], list[str]]] = {
 }
 
 
-def remove_other_modes(mode: str, execer: Execer) -> list[str]:
-    """At start-up in ``mode``: remove every other mode's state; failures are logged, never
-    fatal (the proxy still works; the leftovers may shadow nothing or be cleaned later)."""
+#: The table each ``--nftables-layout`` owns (in both families).
+LAYOUT_TABLES: dict[str, str] = {"flat": FLAT_TABLE, "kube-proxy": KUBE_PROXY_TABLE}
+
+
+def remove_other_modes(mode: str, execer: Execer, nftables_layout: str = "flat") -> list[str]:
+    """At start-up in ``mode``: remove every other mode's state; in nftables mode, the other
+    layout's table too (kube-proxy's nftables mode's leftovers, or ours): its hooks would
+    still see every packet, and its stale rules could DNAT or reject our Services' traffic.
+    Failures are logged, never fatal (the proxy still works; the leftovers may shadow nothing
+    or be cleaned later)."""
+    removers = [(other, remover) for other, remover in REMOVERS.items() if other != mode]
+    if mode == "nftables":
+        ours = LAYOUT_TABLES[nftables_layout]
+        others = [(family, name) for family, name in OWNED_TABLES if name != ours]
+        removers.append(("the other nftables layout", lambda ex: remove_nftables_state(ex, others)))
     removed: list[str] = []
-    for other, remover in REMOVERS.items():
-        if other == mode:
-            continue
+    for other, remover in removers:
         try:
             found = remover(execer)
         except CleanupError as err:
-            logger.warning("cannot remove %s mode's leftovers: %s", other, err)
+            logger.warning("cannot remove %s's leftovers: %s", _what(other), err)
             continue
         if found:
-            logger.info("removed %s mode's leftovers: %s", other, "; ".join(found))
+            logger.info("removed %s's leftovers: %s", _what(other), "; ".join(found))
         removed += found
     return removed
+
+
+def _what(other: str) -> str:
+    return other if other.startswith("the ") else f"{other} mode"

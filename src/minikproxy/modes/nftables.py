@@ -10,25 +10,42 @@ someone removed our state, and the next sync is full.
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from minikproxy.compile.nftables import NftablesRuleset, compile_nftables
-from minikproxy.compile.nftables_kubeproxy import KubeProxyNftRuleset, compile_nftables_kubeproxy
+from minikproxy.compile.nftables import (
+    SERVICE_DISPATCH,
+    NftablesRuleset,
+    compile_nftables,
+)
+from minikproxy.compile.nftables_kubeproxy import (
+    SERVICE_IPS_MAP,
+    SERVICE_NODEPORTS_MAP,
+    KubeProxyNftRuleset,
+    compile_nftables_kubeproxy,
+)
 from minikproxy.compile.nftables_options import NftablesOptions
+from minikproxy.ctreconcile import frontend
 from minikproxy.dataplane.nftables import NftablesApplier, NftablesError
-from minikproxy.model.names import IPFamily, NamespacedName, ServicePortName
+from minikproxy.dataplane.nftnetlink import SetElement
+from minikproxy.model.names import IPV4, IPFamily, NamespacedName, ServicePortName
 from minikproxy.model.parse import NodeInfo
 from minikproxy.model.state import ProxyState
 from minikproxy.model.topology import CategorizedEndpoints
-from minikproxy.modes.base import FrontendOptions, ProxyMode
+from minikproxy.modes.base import CategorizedView, FrontendOptions, ProxyMode
 from minikproxy.nodeopts import nftables_options
 
 if TYPE_CHECKING:
     from minikproxy.config import ProxyConfig
     from minikproxy.metrics import ProxyMetrics
 
+log = logging.getLogger(__name__)
+
 NftPlan = NftablesRuleset | KubeProxyNftRuleset
+
+IPPROTO_UDP = 17
 
 
 class NftablesMode(ProxyMode[Any]):
@@ -81,7 +98,7 @@ class NftablesMode(ProxyMode[Any]):
 
     def categorized(self, plan: NftPlan) -> Mapping[ServicePortName, CategorizedEndpoints]:
         """Each port's categorisation, as compiled."""
-        return {name: frag.categorized for name, frag in plan.services.items()}
+        return CategorizedView(plan.services)
 
     def describe(self, old: NftPlan | None, new: NftPlan) -> Iterator[str]:
         """Per service port: the elements (flat) or chains, rules and elements (kube-proxy)
@@ -109,8 +126,12 @@ class NftablesMode(ProxyMode[Any]):
             yield from _diff(f"# {family}: {_label(name)} {verb}", before, after)
 
     def apply(self, new: NftPlan, applied: NftPlan | None, full: bool) -> None:
-        """Replace the table (full), or send the difference from ``applied``."""
+        """Replace the table (full), or send the difference from ``applied``. The first
+        time, first tell the conntrack reconciler which UDP frontends the table a previous
+        run left routes (see :meth:`_remember_udp_frontends`)."""
         assert self.applier is not None, "apply() in dry-run"
+        if applied is None and self.conntrack is not None:
+            self._remember_udp_frontends(new)
         if full or applied is None or type(applied) is not type(new):
             self.applier.apply_full(new)
             return
@@ -118,6 +139,42 @@ class NftablesMode(ProxyMode[Any]):
         if changed is None:
             changed = frozenset(applied.services) | frozenset(new.services)
         self.applier.apply_changes(applied, new, changed)
+
+    def _remember_udp_frontends(self, plan: NftPlan) -> None:
+        """Read the UDP Service frontends of the table a previous run left (as iptables mode
+        reads its old rules), so that the flows of Services deleted while we were down go
+        at the first reconcile: the keys of its dispatch maps, in one kernel-filtered netlink
+        dump each (flat: ``service-dispatch``, whose keys include the NodePorts' node
+        addresses; kube-proxy layout: ``service-ips`` and ``service-nodeports``). A table
+        that cannot be read only leaves those flows to expire."""
+        assert self.applier is not None and self.conntrack is not None
+        family_name, table = plan.nft_table
+        size = 4 if plan.options.family == IPV4 else 16
+        try:
+            vips = SERVICE_DISPATCH if isinstance(plan, NftablesRuleset) else SERVICE_IPS_MAP
+            frontends = [
+                frontend(str(ipaddress.ip_address(key[:size])), _port(key[size + 4 :]))
+                for key in _keys(self.applier.set_elements(family_name, table, vips))
+                if len(key) == size + 8 and key[size] == IPPROTO_UDP
+            ]
+            ports: list[int] = []
+            if isinstance(plan, KubeProxyNftRuleset):
+                elements = self.applier.set_elements(family_name, table, SERVICE_NODEPORTS_MAP)
+                ports = [
+                    _port(key[4:])
+                    for key in _keys(elements)
+                    if len(key) == 8 and key[0] == IPPROTO_UDP
+                ]
+        except (OSError, ValueError) as err:
+            log.warning(
+                "cannot read the UDP Services of the %s %s table found at start-up (flows "
+                "to those deleted meanwhile are left to expire): %s",
+                family_name,
+                table,
+                err,
+            )
+            return
+        self.conntrack.remember_frontends(plan.options.family, frontends, ports)
 
     def intact(self, applied: Mapping[IPFamily, NftPlan]) -> str | None:
         """Whether each family's table is still there with its rules (one small read)."""
@@ -150,6 +207,15 @@ class NftablesMode(ProxyMode[Any]):
         """Free the libnftables context."""
         if self.applier is not None:
             self.applier.close()
+
+
+def _keys(elements: Sequence[SetElement]) -> Iterator[bytes]:
+    return (element.key for element in elements)
+
+
+def _port(padded: bytes) -> int:
+    """A port from a concatenation part (2 bytes, network order, padded to 4)."""
+    return int.from_bytes(padded[:2], "big")
 
 
 def _label(name: ServicePortName) -> str:

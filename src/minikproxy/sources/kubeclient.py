@@ -6,6 +6,7 @@ commands that never talk to a cluster (``render``) must not pay.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,14 @@ _LIST_METHODS: dict[tuple[str, str], tuple[str, str]] = {
         "DiscoveryV1Api",
         "list_endpoint_slice_for_all_namespaces",
     ),
+    ("/apis/networking.k8s.io/v1", "servicecidrs"): ("NetworkingV1Api", "list_service_cidr"),
+}
+
+# group version path -> the client API class whose get_api_resources reads its discovery document
+_GROUP_APIS = {
+    "/api/v1": "CoreV1Api",
+    "/apis/discovery.k8s.io/v1": "DiscoveryV1Api",
+    "/apis/networking.k8s.io/v1": "NetworkingV1Api",
 }
 
 
@@ -94,3 +103,32 @@ def list_function(api_client: ApiClient, group_path: str, plural: str) -> Callab
 
     fn: Callable[..., Any] = getattr(getattr(client, api_class)(api_client), method)
     return fn
+
+
+def api_resources(
+    api_client: ApiClient, group_path: str, timeout: tuple[float, float] = (10.0, 60.0)
+) -> dict[str, Any] | None:
+    """The discovery document (``APIResourceList``) of a group version, as raw JSON, or None
+    when the API server does not serve that group version (404). Other failures raise the
+    client's exception; ``timeout`` is (connect, read) seconds."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        api_class = _GROUP_APIS[group_path]
+    except KeyError:
+        raise ValueError(f"unsupported group version {group_path}") from None
+    api = getattr(client, api_class)(api_client)
+    try:
+        resp = api.get_api_resources(_preload_content=False, _request_timeout=timeout)
+    except ApiException as err:
+        if err.status == 404:
+            return None
+        raise
+    try:
+        body = json.loads(resp.read())
+    finally:
+        resp.release_conn()
+    if not isinstance(body, dict):
+        raise ValueError(f"{group_path}: the discovery document is not a JSON object")
+    return body

@@ -1,8 +1,10 @@
 """An in-process fake Kubernetes API server, faithful at the HTTP level for what kube-proxy uses.
 
 :class:`FakeApiServer` listens on 127.0.0.1 (ephemeral port) and serves core/v1 ``services``,
-``endpoints`` and ``nodes``, discovery.k8s.io/v1 ``endpointslices`` and events.k8s.io/v1
-``events`` (create and patch only), with the real server's list and watch semantics:
+``endpoints`` and ``nodes``, discovery.k8s.io/v1 ``endpointslices``, networking.k8s.io/v1
+``servicecidrs`` (cluster-scoped; Kubernetes 1.33+) and events.k8s.io/v1 ``events`` (create
+and patch only), with the real server's discovery documents (``/api``, ``/apis``, each group
+version's resource list) and list and watch semantics:
 
 - one global resourceVersion counter across all kinds (etcd-like, strings of integers);
 - LIST with ``limit``/``continue`` pagination over a consistent snapshot, label selectors
@@ -14,6 +16,13 @@
   resourceVersion newer than the store's after waiting for it a while (e.g. after an etcd
   restore, :meth:`FakeApiServer.rollback`), BOOKMARK events, ``timeoutSeconds``, and selector
   transitions delivered as ADDED/DELETED.
+
+``unserved=("servicecidrs",)`` (or :meth:`FakeApiServer.set_served`) makes it an older API
+server that does not serve a resource: its group version is gone from discovery when nothing
+else of it is served, and its paths answer ``404 NotFound`` (the test controls still store
+its objects, as another, newer API server of the cluster would). ServiceCIDR writes are
+validated as the real server does (one or two CIDRs of different families; ``spec.cidrs``
+immutable but for adding the second family, 1.33+).
 
 It serves plain HTTP on 127.0.0.1 by default. Given ``tls_cert``/``tls_key`` it serves HTTPS
 (the in-cluster path: the client checks the certificate against the service account's
@@ -34,6 +43,7 @@ import base64
 import bisect
 import contextlib
 import datetime
+import ipaddress
 import json
 import queue
 import re
@@ -45,7 +55,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -65,8 +75,8 @@ __all__ = [
 
 _SERVER_VERSION = {
     "major": "1",
-    "minor": "31",
-    "gitVersion": "v1.31.0-minikproxy-fake",
+    "minor": "33",
+    "gitVersion": "v1.33.0-minikproxy-fake",
     "gitCommit": "0000000000000000000000000000000000000000",
     "gitTreeState": "clean",
     "buildDate": "2024-08-13T00:00:00Z",
@@ -105,6 +115,7 @@ RESOURCES: tuple[ResourceType, ...] = (
     ResourceType("", "v1", "endpoints", "Endpoints", True, _RW_VERBS),
     ResourceType("", "v1", "nodes", "Node", False, _RW_VERBS),
     ResourceType("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice", True, _RW_VERBS),
+    ResourceType("networking.k8s.io", "v1", "servicecidrs", "ServiceCIDR", False, _RW_VERBS),
     ResourceType("events.k8s.io", "v1", "events", "Event", True, frozenset({"create", "patch"})),
 )
 _BY_PLURAL = {rt.plural: rt for rt in RESOURCES}
@@ -472,7 +483,8 @@ class FakeApiServer:
     for them; ``None`` (the default) sends them only when :meth:`send_bookmarks` is called.
     ``fresh_wait`` (seconds) is how long a watch from a resourceVersion newer than the store's
     waits for it before the watch cache's "Too large resource version" error (the real
-    cacher blocks up to 3 s).
+    cacher blocks up to 3 s). ``unserved`` names resources (plurals) this server does not
+    serve, as an older API server (see :meth:`set_served`).
     """
 
     def __init__(
@@ -485,9 +497,11 @@ class FakeApiServer:
         tls_key: str | Path | None = None,
         token: str | None = None,
         fresh_wait: float = 3.0,
+        unserved: Collection[str] = (),
     ) -> None:
         if (tls_cert is None) != (tls_key is None):
             raise ValueError("tls_cert and tls_key go together")
+        self._unserved = {self._plural(plural).plural for plural in unserved}
         self._host = host
         self._port = port
         self._tls_files = (tls_cert, tls_key) if tls_cert is not None else None
@@ -724,6 +738,25 @@ class FakeApiServer:
         finally:
             self.set_outage(False)
 
+    def set_served(self, plural: str, served: bool) -> None:
+        """Serve a resource or stop serving it (an API server up- or downgraded). Unserved, it
+        is missing from discovery and its paths answer 404; open watches of it are dropped."""
+        rt = self._plural(plural)
+        with self._lock:
+            if served:
+                self._unserved.discard(rt.plural)
+                return
+            self._unserved.add(rt.plural)
+            watches = [w for w in self._watches if w.rt is rt]
+            self._watches -= set(watches)
+        for w in watches:
+            w.abort()
+
+    def served(self, plural: str) -> bool:
+        """Whether the resource is served (see :meth:`set_served`)."""
+        with self._lock:
+            return self._plural(plural).plural not in self._unserved
+
     @property
     def refusing(self) -> bool:
         """Whether the server currently refuses connections (an outage with ``refuse``)."""
@@ -808,6 +841,8 @@ class FakeApiServer:
     def _create(self, rt: ResourceType, obj: Mapping[str, Any]) -> _Entry:
         new, key = self._prepare(rt, obj)
         store = self._objects[rt.plural]
+        if rt.plural == "servicecidrs":
+            _validate_service_cidr(new, None)
         if key in store:
             name = new["metadata"]["name"]
             raise ApiError(409, "AlreadyExists", f'{rt.plural} "{name}" already exists')
@@ -829,6 +864,8 @@ class FakeApiServer:
         meta = new["metadata"]
         if old is None:
             raise ApiError(404, "NotFound", f'{rt.plural} "{meta["name"]}" not found')
+        if rt.plural == "servicecidrs":
+            _validate_service_cidr(new, old.obj)
         old_meta = old.obj["metadata"]
         if meta.get("resourceVersion") and meta["resourceVersion"] != old_meta["resourceVersion"]:
             raise ApiError(
@@ -916,6 +953,8 @@ class FakeApiServer:
                 return
             verb = _verb(method, route, query)
             self._log_request(method, url.path, route, verb, query)
+            if route.rt.plural in self._unserved:
+                raise ApiError(404, "NotFound", "the server could not find the requested resource")
             if verb not in route.rt.verbs:
                 raise ApiError(
                     405, "MethodNotAllowed", f"{verb} is not supported on {route.rt.plural}"
@@ -956,12 +995,16 @@ class FakeApiServer:
 
     def _discovery(self, route: _Route) -> dict[str, Any]:
         what = route.nonresource
+        with self._lock:
+            resources = [rt for rt in RESOURCES if rt.plural not in self._unserved]
         if what == "version":
+            if "servicecidrs" in self._unserved:  # networking.k8s.io/v1 ServiceCIDR: 1.33
+                return {**_SERVER_VERSION, "minor": "32", "gitVersion": "v1.32.0-minikproxy-fake"}
             return dict(_SERVER_VERSION)
         if what == "api":
             return {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []}
         if what == "apis":
-            groups = sorted({(rt.group, rt.version) for rt in RESOURCES if rt.group})
+            groups = sorted({(rt.group, rt.version) for rt in resources if rt.group})
             return {
                 "kind": "APIGroupList",
                 "apiVersion": "v1",
@@ -974,7 +1017,7 @@ class FakeApiServer:
                     for g, v in groups
                 ],
             }
-        served = [rt for rt in RESOURCES if rt.group_path.lstrip("/") == what]
+        served = [rt for rt in resources if rt.group_path.lstrip("/") == what]
         if not served:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         return {
@@ -1196,6 +1239,43 @@ class FakeApiServer:
                 return
             assert isinstance(item, bytes)
             h.send_chunk(item)
+
+
+def _validate_service_cidr(new: Mapping[str, Any], old: Mapping[str, Any] | None) -> None:
+    """The API server's ServiceCIDR validation (``ValidateServiceCIDR`` and, for an update,
+    ``ValidateServiceCIDRUpdate``): 422 Invalid naming the field."""
+    name = new["metadata"]["name"]
+
+    def invalid(detail: str) -> ApiError:
+        return ApiError(
+            422, "Invalid", f'ServiceCIDR.networking.k8s.io "{name}" is invalid: {detail}'
+        )
+
+    cidrs = (new.get("spec") or {}).get("cidrs") or []
+    if not isinstance(cidrs, list) or not cidrs:
+        raise invalid("spec.cidrs: Required value: at least one CIDR required")
+    if len(cidrs) > 2:
+        raise invalid("spec.cidrs: Invalid value: may only hold up to 2 values")
+    families = []
+    for i, cidr in enumerate(cidrs):
+        try:
+            families.append(ipaddress.ip_network(str(cidr), strict=False).version)
+        except ValueError:
+            raise invalid(
+                f"spec.cidrs[{i}]: Invalid value: {cidr!r}: must be a valid CIDR value, "
+                "(e.g. 10.9.8.0/24 or 2001:db8::/64)"
+            ) from None
+        if "/" not in str(cidr):
+            raise invalid(f"spec.cidrs[{i}]: Invalid value: {cidr!r}: must be a CIDR")
+    if len(families) == 2 and families[0] == families[1]:
+        raise invalid(
+            "spec.cidrs: Invalid value: may specify no more than one IP for each IP family"
+        )
+    if old is not None:
+        before = (old.get("spec") or {}).get("cidrs") or []
+        # 1.33+ (k/k#131263): a single-stack ServiceCIDR may become dual-stack, keeping its CIDR
+        if cidrs != before and not (len(before) == 1 and len(cidrs) == 2 and cidrs[0] == before[0]):
+            raise invalid("spec.cidrs: Invalid value: field is immutable")
 
 
 _CLIENT_CHECK = 0.5  # seconds between checks that an idle watch's client is still there

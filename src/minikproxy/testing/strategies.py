@@ -132,3 +132,65 @@ def clusters(draw: st.DrawFn, max_services: int = 8) -> list[Obj]:
     for i in range(draw(st.integers(0, max_services))):
         objs.extend(draw(service_with_slices(i)))
     return objs
+
+
+def _owner(obj: Obj) -> str:
+    """The Service an object belongs to (``svc3`` for ``svc3`` and ``svc3-1``), or ""."""
+    return "" if obj["kind"] == "Node" else str(obj["metadata"]["name"]).split("-")[0]
+
+
+@st.composite
+def changed_cluster(draw: st.DrawFn, before: list[Obj]) -> list[Obj]:
+    """``before`` after one burst of changes: per Service, kept, re-drawn (Service and slices),
+    deleted, or its endpoints changed (some dropped, readiness re-drawn, new ones added);
+    plus up to two new Services."""
+    services = sorted({_owner(o) for o in before if o["kind"] == "Service"})
+    after = [o for o in before if o["kind"] == "Node"]
+    for name in services:
+        own = [o for o in before if _owner(o) == name]
+        index = int(name[3:])
+        action = draw(
+            st.sampled_from(["keep", "keep", "endpoints", "endpoints", "redraw", "delete"])
+        )
+        if action == "keep":
+            after.extend(own)
+        elif action == "redraw":
+            after.extend(draw(service_with_slices(index)))
+        elif action == "endpoints":
+            for obj in own:
+                if obj["kind"] != "EndpointSlice":
+                    after.append(obj)
+                    continue
+                family = obj["addressType"]
+                kept = []
+                for e in obj["endpoints"]:
+                    if draw(st.booleans()):
+                        continue  # removed
+                    if draw(st.booleans()):  # readiness re-drawn
+                        e = {**e, "conditions": draw(endpoint(family, 0))["conditions"]}
+                    kept.append(e)
+                base = index * 16 + int(obj["metadata"]["name"].split("-")[1]) * 5
+                used = {e["addresses"][0] for e in kept}
+                for i in range(draw(st.integers(0, 2))):
+                    ep = draw(endpoint(family, base + i))
+                    if ep["addresses"][0] not in used:
+                        used.add(ep["addresses"][0])
+                        kept.append(ep)
+                after.append({**obj, "endpoints": kept})
+    taken = {int(n[3:]) for n in services}
+    for extra in range(draw(st.integers(0, 2))):
+        index = max(taken | {20}) + 1 + extra
+        after.extend(draw(service_with_slices(index)))
+    return after
+
+
+@st.composite
+def cluster_histories(
+    draw: st.DrawFn, max_services: int = 6, max_changes: int = 3
+) -> list[list[Obj]]:
+    """A random cluster followed by 1..``max_changes`` bursts of changes
+    (:func:`changed_cluster`): the states a proxy sees, in order."""
+    states = [draw(clusters(max_services=max_services))]
+    for _ in range(draw(st.integers(1, max_changes))):
+        states.append(draw(changed_cluster(states[-1])))
+    return states
