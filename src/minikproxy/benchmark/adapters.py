@@ -151,6 +151,10 @@ class TimedContext:
         """Close the wrapped context."""
         self.context.close()
 
+    def __getattr__(self, name: str) -> Any:
+        # Everything else (cache control and the like) goes to the wrapped context, untimed.
+        return getattr(self.context, name)
+
 
 class ModeAdapter(ABC):
     """A proxy mode (and layout or backend) as the benchmark sees it: the controller's own

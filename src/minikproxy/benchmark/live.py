@@ -6,7 +6,8 @@ controller reaches it on 127.0.0.1 as a node's kube-proxy reaches its API server
 latency is measured from just before the object changes on the API server to the first
 probe from the client namespace that sees the new behaviour (the rule is then in the
 kernel): a connection answered once an endpoint or Service is added, not answered once it is
-removed. Probes run every millisecond, which bounds the resolution.
+removed. Probes run every millisecond, which bounds the resolution, except where the state
+before or after drops packets: then a probe waits up to its 10 ms timeout.
 """
 
 from __future__ import annotations

@@ -20,6 +20,8 @@ class ProbeError(RuntimeError):
     """A connection that should have been answered was not."""
 
 
+#: Seconds :meth:`Prober.wait_answering` waits for one probe's handshake.
+PROBE_TIMEOUT = 0.01
 #: Source ports :meth:`Prober.wait_answering` cycles through.
 SOURCE_PORTS = range(20000, 60000)
 
@@ -114,17 +116,23 @@ class Prober:
         self, vip: str, port: int, answering: bool, timeout: float, interval: float = 0.001
     ) -> float:
         """Probe until ``vip:port`` answers (``answering``) or stops answering; return the
-        ``time.perf_counter()`` of the first probe that saw it. Raises TimeoutError."""
+        ``time.perf_counter()`` at which the first probe that saw it was sent. Raises
+        TimeoutError.
+
+        A probe is unanswered after :data:`PROBE_TIMEOUT` (a dropped SYN, as nftables mode
+        drops traffic to unallocated ClusterIPs): where the old or new state drops packets,
+        the resolution is that timeout rather than the probe interval."""
 
         def run() -> float:
             deadline = time.perf_counter() + timeout
             while time.perf_counter() < deadline and not self._stop.is_set():
+                sent = time.perf_counter()
                 # A fresh source port each time: the kernel may otherwise reuse the tuple of a
                 # probe that went unanswered, whose conntrack entry (SYN_SENT, not NATed)
                 # turns the new SYN INVALID, and kube-proxy's rules drop INVALID packets.
-                took = _attempt(vip, port, 0.1, self._source_port())
+                took = _attempt(vip, port, PROBE_TIMEOUT, self._source_port())
                 if (took is not None) == answering:
-                    return time.perf_counter()
+                    return sent
                 time.sleep(interval)
             state = "answering" if answering else "refusing"
             raise TimeoutError(f"{vip}:{port} was not {state} after {timeout:.0f} s")
