@@ -146,7 +146,7 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 def main_bench(args: argparse.Namespace) -> int:
     """``minikproxy bench``."""
     from minikproxy.benchmark import report
-    from minikproxy.benchmark.results import make_header, write_results
+    from minikproxy.benchmark.results import machine_info, make_header, now_utc, write_results
     from minikproxy.benchmark.runner import plan_weight, run_benchmark
 
     if os.geteuid() != 0:
@@ -154,6 +154,7 @@ def main_bench(args: argparse.Namespace) -> int:
               file=sys.stderr)  # fmt: skip
         return 1
     settings = settings_from_args(args)
+    machine, started = machine_info(), now_utc()  # the load average before the run
     signal.signal(signal.SIGTERM, _interrupt)  # cleaned up like Ctrl-C
     try:
         with progress_display(plan_weight(settings)) as show:
@@ -175,7 +176,9 @@ def main_bench(args: argparse.Namespace) -> int:
             plots = report.write_plots(outcome.records, args.out)
         except ImportError as exc:
             print(f"no plots: {exc} (install minikproxy[bench])", file=sys.stderr)
-        header = make_header(settings_as_json(settings), outcome.skipped)
+        header = make_header(
+            settings_as_json(settings), outcome.skipped, machine=machine, date=started
+        )
         write_results(args.out / "results.json", header, outcome.records)
         text = report.report_markdown(header, outcome.records, outcome.skipped, plots)
         (args.out / "report.md").write_text(text)

@@ -294,7 +294,7 @@ def report_markdown(
     out = [
         "# minikproxy bench: proxy modes compared",
         "",
-        f"Run on {header['date']} with minikproxy {header['minikproxy_version']}: "
+        f"Run started {header['date']} with minikproxy {header['minikproxy_version']}: "
         f"{machine['cores']} cores ({machine['cpu_model']}), {machine['memory_mib']} MiB, "
         f"kernel {machine['kernel']}, {machine['iptables']}, {machine['nft']}; load average "
         f"{', '.join(str(x) for x in machine['load_average'])} at the start.",

@@ -113,12 +113,24 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def make_header(settings: dict[str, Any], skipped: Iterable[Skipped]) -> dict[str, Any]:
-    """The results header: machine, version, date (UTC, ISO 8601), settings, skipped."""
+def now_utc() -> str:
+    """The current time, UTC, ISO 8601 (seconds)."""
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def make_header(
+    settings: dict[str, Any],
+    skipped: Iterable[Skipped],
+    *,
+    machine: dict[str, Any] | None = None,
+    date: str | None = None,
+) -> dict[str, Any]:
+    """The results header: machine, version, date (UTC, ISO 8601), settings, skipped.
+    ``machine`` and ``date`` are best read when the run starts (default: now)."""
     return {
         "minikproxy_version": __version__,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": machine_info(),
+        "date": date or now_utc(),
+        "machine": machine or machine_info(),
         "settings": settings,
         "skipped": [asdict(s) for s in skipped],
     }
