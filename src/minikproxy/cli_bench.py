@@ -156,6 +156,9 @@ def main_bench(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     machine, started = machine_info(), now_utc()  # the load average before the run
     signal.signal(signal.SIGTERM, _interrupt)  # cleaned up like Ctrl-C
+    # Python leaves SIGINT ignored when it starts ignored (a background job of a
+    # non-interactive shell): the run must stay interruptible all the same.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with progress_display(plan_weight(settings)) as show:
             outcome = run_benchmark(settings, show)
