@@ -4,7 +4,7 @@ The file is kube-proxy's ``kubeproxy.config.k8s.io/v1alpha1``, read as kube-prox
 every field kube-proxy knows is accepted (the complete file kubeadm writes included, every
 field present and zero values meaning "default"), defaulted as in kube-proxy's v1alpha1
 defaults and validated as in its validation package. Fields minikproxy does not act on
-(IPVS, nftables and Windows tuning, logging, conntrack sysctls, ...) are type-checked and
+(nftables and Windows tuning, logging, conntrack sysctls, ...) are type-checked and
 validated, then ignored (:data:`IGNORED_FIELDS`). Unknown fields, at any depth, are errors
 naming the file and the field's path. Every error is one line naming the file and field (or
 the flag) that holds the bad value.
@@ -25,7 +25,9 @@ from minikproxy.model.parse import canonical_cidr, canonical_ip
 
 API_VERSION = "kubeproxy.config.k8s.io/v1alpha1"
 KIND = "KubeProxyConfiguration"
-PROXY_MODES = ("iptables", "nftables")
+PROXY_MODES = ("iptables", "nftables", "ipvs")
+IPVS_SCHEDULERS = ("rr", "wrr", "lc", "wlc", "lblc", "lblcr", "sh", "dh", "sed", "nq", "mh")
+"""kube-proxy's IPVS schedulers; an empty scheduler means ``rr``."""
 NFTABLES_LAYOUTS = ("flat", "kube-proxy")
 HEALTHZ_PORT = 10256  # kube-proxy's ports.ProxyHealthzPort
 METRICS_PORT = 10249  # kube-proxy's ports.ProxyStatusPort
@@ -63,6 +65,15 @@ class ProxyConfig:
     # Not in KubeProxyConfiguration (kube-proxy reads the API's ServiceCIDR objects): a flag.
     service_cidrs: tuple[str, ...] = ()
     nftables_layout: str = "flat"
+    # kube-proxy's ipvs section; in ipvs mode sync_period/min_sync_period come from it.
+    ipvs_scheduler: str = ""
+    ipvs_sync_period: float = 30.0
+    ipvs_min_sync_period: float = 0.0
+    ipvs_exclude_cidrs: tuple[str, ...] = ()
+    ipvs_strict_arp: bool = False
+    ipvs_tcp_timeout: float = 0.0
+    ipvs_tcp_fin_timeout: float = 0.0
+    ipvs_udp_timeout: float = 0.0
     origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def with_overrides(self, **overrides: Any) -> ProxyConfig:
@@ -97,6 +108,14 @@ _CONFIG_PATHS = {
     "metrics_bind_address": "metricsBindAddress",
     "conntrack_tcp_be_liberal": "conntrack.tcpBeLiberal",
     "node_ips": "bindAddress",
+    "ipvs_scheduler": "ipvs.scheduler",
+    "ipvs_sync_period": "ipvs.syncPeriod",
+    "ipvs_min_sync_period": "ipvs.minSyncPeriod",
+    "ipvs_exclude_cidrs": "ipvs.excludeCIDRs",
+    "ipvs_strict_arp": "ipvs.strictARP",
+    "ipvs_tcp_timeout": "ipvs.tcpTimeout",
+    "ipvs_tcp_fin_timeout": "ipvs.tcpFinTimeout",
+    "ipvs_udp_timeout": "ipvs.udpTimeout",
 }
 
 # --- Go durations -------------------------------------------------------------------------
@@ -338,7 +357,6 @@ IGNORED_FIELDS = (
     "conntrack.udpStreamTimeout",
     "enableProfiling",
     "featureGates",
-    "ipvs",
     "logging",
     "nftables",
     "oomScoreAdj",
@@ -397,6 +415,19 @@ def config_from_mapping(doc: Mapping[str, Any], source: str) -> ProxyConfig:
     put("sync_period", get("iptables.syncPeriod") or 30.0)
     put("min_sync_period", get("iptables.minSyncPeriod") or 1.0)
     put("conntrack_tcp_be_liberal", bool(get("conntrack.tcpBeLiberal")))
+    put("ipvs_scheduler", get("ipvs.scheduler") or "")
+    put("ipvs_sync_period", get("ipvs.syncPeriod") or 30.0)  # v1alpha1 default; no min default
+    put("ipvs_min_sync_period", get("ipvs.minSyncPeriod") or 0.0)
+    put("ipvs_exclude_cidrs", tuple(get("ipvs.excludeCIDRs") or ()))
+    put("ipvs_strict_arp", bool(get("ipvs.strictARP")))
+    put("ipvs_tcp_timeout", get("ipvs.tcpTimeout") or 0.0)
+    put("ipvs_tcp_fin_timeout", get("ipvs.tcpFinTimeout") or 0.0)
+    put("ipvs_udp_timeout", get("ipvs.udpTimeout") or 0.0)
+    if settings["mode"] == "ipvs":  # kube-proxy's IPVS proxier syncs with the ipvs periods
+        settings["sync_period"] = settings["ipvs_sync_period"]
+        settings["min_sync_period"] = settings["ipvs_min_sync_period"]
+        origins["sync_period"] = origins["ipvs_sync_period"]
+        origins["min_sync_period"] = origins["ipvs_min_sync_period"]
 
     bind = get("bindAddress") or "0.0.0.0"
     parsed_bind = canonical_ip(bind)
@@ -520,7 +551,9 @@ def validate_config(config: ProxyConfig) -> None:
         return ConfigError(f"{config.where(name)}: {message}")
 
     if config.mode not in PROXY_MODES:
-        raise fail("mode", f"unsupported proxy mode {config.mode!r} (only iptables)")
+        raise fail(
+            "mode", f"unsupported proxy mode {config.mode!r} (one of {', '.join(PROXY_MODES)})"
+        )
     if config.sync_period <= 0:
         shown = format_duration(config.sync_period)
         raise fail("sync_period", f"must be greater than 0, got {shown}")
@@ -574,6 +607,40 @@ def validate_config(config: ProxyConfig) -> None:
     for text in config.node_ips:
         if canonical_ip(text) is None:
             raise fail("node_ips", f"{text!r} is not a valid IP address")
+    _validate_ipvs(config, fail)
+
+
+def _validate_ipvs(config: ProxyConfig, fail: Callable[[str, str], ConfigError]) -> None:
+    """kube-proxy's validation of the ipvs section (``validateKubeProxyIPVSConfiguration``)."""
+    if config.ipvs_scheduler and config.ipvs_scheduler not in IPVS_SCHEDULERS:
+        raise fail(
+            "ipvs_scheduler",
+            f"unknown scheduler {config.ipvs_scheduler!r}: must be one of "
+            f"{', '.join(IPVS_SCHEDULERS)}, blank means the default (rr)",
+        )
+    if config.ipvs_sync_period <= 0:
+        raise fail(
+            "ipvs_sync_period",
+            f"must be greater than 0, got {format_duration(config.ipvs_sync_period)}",
+        )
+    for name in (
+        "ipvs_min_sync_period",
+        "ipvs_tcp_timeout",
+        "ipvs_tcp_fin_timeout",
+        "ipvs_udp_timeout",
+    ):
+        value = getattr(config, name)
+        if value < 0:
+            raise fail(name, f"must be 0 or more, got {format_duration(value)}")
+    if config.ipvs_min_sync_period > config.ipvs_sync_period:
+        raise fail(
+            "ipvs_min_sync_period",
+            f"{format_duration(config.ipvs_min_sync_period)} must not be greater than "
+            f"{config.where('ipvs_sync_period')} ({format_duration(config.ipvs_sync_period)})",
+        )
+    for i, text in enumerate(config.ipvs_exclude_cidrs):
+        if canonical_cidr(text) is None:
+            raise fail("ipvs_exclude_cidrs", f"[{i}] {text!r} is not a valid CIDR")
 
 
 def load_config(path: str | Path) -> ProxyConfig:

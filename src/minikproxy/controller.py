@@ -37,6 +37,7 @@ from minikproxy.modes.factory import build_mode
 from minikproxy.modes.leftovers import (
     CleanupError,
     remove_iptables_state,
+    remove_ipvs_leftovers,
     remove_nftables_state,
     remove_other_modes,
 )
@@ -329,7 +330,7 @@ def main_run(args: argparse.Namespace) -> int:
     backend: IptablesBackend = "nft"
     families: list[IPFamily] = [IPV4, IPV6]
     where = "dry-run: the kernel is never touched"
-    if execer is not None and config.mode == "iptables":
+    if execer is not None and config.mode in ("iptables", "ipvs"):
         try:
             backend = _choose_backend(execer, args.iptables_backend)
         except BackendDetectionError as err:
@@ -391,7 +392,8 @@ def main_run(args: argparse.Namespace) -> int:
 
 def main_cleanup(args: argparse.Namespace) -> int:
     """``minikproxy cleanup``: remove every mode's state (ours and kube-proxy's): iptables
-    chains and rules in both families and backends, and the nftables tables."""
+    chains and rules in both families and backends, the nftables tables, and the IPVS state
+    (virtual servers, kube-ipvs0, IPVS chains and ipsets)."""
     _setup_logging()
     if os.geteuid() != 0:
         logger.error("minikproxy cleanup needs root")
@@ -406,6 +408,7 @@ def main_cleanup(args: argparse.Namespace) -> int:
         steps.append(lambda: remove_iptables_state(execer, ["nft"], strict=True))
         steps.append(lambda: remove_iptables_state(execer, ["legacy"]))
     steps.append(lambda: remove_nftables_state(execer))
+    steps.append(lambda: remove_ipvs_leftovers(execer))
     for step in steps:
         try:
             removed += step()

@@ -74,6 +74,11 @@ def service_name(text: str) -> NamespacedName:
     return NamespacedName(namespace, name)
 
 
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
 def add_node_flags(parser: argparse.ArgumentParser) -> None:
     """Flags shared by ``render`` and ``run``: node identity, masquerading, NodePorts."""
     parser.add_argument("--config", help="a KubeProxyConfiguration (v1alpha1) file; flags win")
@@ -101,6 +106,20 @@ def add_node_flags(parser: argparse.ArgumentParser) -> None:
         "--iptables-localhost-nodeports", type=parse_bool, default=None, metavar="true|false"
     )
     parser.add_argument(
+        "--ipvs-scheduler", default=None, metavar="NAME",
+        help="ipvs mode: the IPVS scheduler (rr, wrr, lc, wlc, lblc, lblcr, sh, dh, sed, nq, mh)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ipvs-exclude-cidrs", default=None, metavar="CIDR[,CIDR...]",
+        help="ipvs mode: virtual servers in these CIDRs are left alone by cleanup",
+    )  # fmt: skip
+    parser.add_argument("--ipvs-strict-arp", type=parse_bool, default=None, metavar="true|false")
+    parser.add_argument("--ipvs-sync-period", type=duration, default=None, metavar="DURATION")
+    parser.add_argument("--ipvs-min-sync-period", type=duration, default=None, metavar="DURATION")
+    parser.add_argument("--ipvs-tcp-timeout", type=duration, default=None, metavar="DURATION")
+    parser.add_argument("--ipvs-tcpfin-timeout", type=duration, default=None, metavar="DURATION")
+    parser.add_argument("--ipvs-udp-timeout", type=duration, default=None, metavar="DURATION")
+    parser.add_argument(
         "--service-cidr",
         type=cidr_list,
         default=None,
@@ -123,6 +142,14 @@ _FLAGS = {
     "service_cidrs": "--service-cidr",
     "nftables_layout": "--nftables-layout",
     "node_ips": "--node-ip",
+    "ipvs_scheduler": "--ipvs-scheduler",
+    "ipvs_exclude_cidrs": "--ipvs-exclude-cidrs",
+    "ipvs_strict_arp": "--ipvs-strict-arp",
+    "ipvs_sync_period": "--ipvs-sync-period",
+    "ipvs_min_sync_period": "--ipvs-min-sync-period",
+    "ipvs_tcp_timeout": "--ipvs-tcp-timeout",
+    "ipvs_tcp_fin_timeout": "--ipvs-tcpfin-timeout",
+    "ipvs_udp_timeout": "--ipvs-udp-timeout",
     "nodeport_addresses": "--nodeport-addresses",
     "min_sync_period": "--min-sync-period",
     "sync_period": "--sync-period",
@@ -148,7 +175,16 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         "localhost_nodeports": args.iptables_localhost_nodeports,
         "service_cidrs": args.service_cidr,
         "nftables_layout": getattr(args, "nftables_layout", None),
+        "ipvs_scheduler": args.ipvs_scheduler,
+        "ipvs_strict_arp": args.ipvs_strict_arp,
+        "ipvs_sync_period": args.ipvs_sync_period,
+        "ipvs_min_sync_period": args.ipvs_min_sync_period,
+        "ipvs_tcp_timeout": args.ipvs_tcp_timeout,
+        "ipvs_tcp_fin_timeout": args.ipvs_tcpfin_timeout,
+        "ipvs_udp_timeout": args.ipvs_udp_timeout,
     }
+    if args.ipvs_exclude_cidrs is not None:
+        overrides["ipvs_exclude_cidrs"] = split_list(args.ipvs_exclude_cidrs)
     if args.node_ip is not None:
         overrides["node_ips"] = split_list(args.node_ip)
     if args.nodeport_addresses is not None:
@@ -165,6 +201,15 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
             overrides[name] = append_port_if_needed(value, port) if value else ""
     given = {name for name, value in overrides.items() if value is not None}
     config = config.with_overrides(**overrides)
-    config = replace(config, origins={**config.origins, **{n: _FLAGS[n] for n in given}})
+    origins = {**config.origins, **{n: _FLAGS[n] for n in given}}
+    if config.mode == "ipvs":
+        # kube-proxy's IPVS proxier syncs with the ipvs periods (--sync-period still wins).
+        periods: dict[str, Any] = {}
+        for name in ("sync_period", "min_sync_period"):
+            if name not in given:
+                periods[name] = getattr(config, f"ipvs_{name}")
+                origins[name] = origins.get(f"ipvs_{name}") or f"ipvs.{_camel(name)} (default)"
+        config = config.with_overrides(**periods)
+    config = replace(config, origins=origins)
     validate_config(config)
     return config

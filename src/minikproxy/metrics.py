@@ -183,7 +183,7 @@ class ProxyMetrics:
         self.iptables_restore_failures_total = counter(
             "sync_proxy_rules_iptables_restore_failures_total",
             "Cumulative proxy iptables restore failures",
-            mode="iptables",
+            mode="ipvs" if proxy_mode == "ipvs" else "iptables",  # kube-proxy's ipvs mode too
         )
         # sync_proxy_rules_iptables_partial_restore_failures_total: partial restores that
         # failed and fell back to a full one.

@@ -7,6 +7,7 @@ import ipaddress
 from collections.abc import Sequence
 
 from minikproxy.compile.iptables import IptablesOptions
+from minikproxy.compile.ipvs import DEFAULT_SCHEDULER, IpvsOptions
 from minikproxy.compile.localdetect import DetectLocalMode, make_local_detector
 from minikproxy.compile.nftables_options import LocalMatch, NftablesOptions
 from minikproxy.config import ConfigError, ProxyConfig
@@ -179,6 +180,56 @@ def nftables_options(
         nodeport_addresses=nodeport_addresses(config, node, family, node_addresses or node_ips),
         service_cidrs=tuple(cidrs),
         conntrack_tcp_be_liberal=config.conntrack_tcp_be_liberal,
+    )
+
+
+def ipvs_options(
+    config: ProxyConfig,
+    node: NodeInfo,
+    family: IPFamily,
+    *,
+    node_addresses: Sequence[str] = (),
+    random_fully: bool = True,
+) -> IpvsOptions:
+    """Compiler options for an IPVS plan of ``family`` on ``node``.
+
+    ``node_addresses`` are the node's addresses (the host's interface addresses other than
+    ``kube-ipvs0`` when running; the Node's addresses or ``--node-addresses`` when rendering
+    offline): as in kube-proxy's IPVS mode an empty ``--nodeport-addresses`` means a
+    NodePort virtual server on each of them, and external IPs that are node addresses are
+    not bound to ``kube-ipvs0``.
+    """
+    base = iptables_options(
+        config, node, family, node_addresses=node_addresses, random_fully=random_fully
+    )
+    node_ips = primary_node_ips(config, node, family)
+    own: list[str] = []
+    for text in node_addresses or node_ips or node.addresses_of(family):
+        parsed = canonical_ip(text)
+        if parsed is not None and parsed[1] == family and parsed[0] not in own:
+            own.append(parsed[0])
+    excluded: list[str] = []
+    for text in config.ipvs_exclude_cidrs:
+        parsed = canonical_cidr(text)
+        if parsed is None:
+            raise ConfigError(f"--ipvs-exclude-cidrs: invalid CIDR {text!r}")
+        if parsed[1] == family:
+            excluded.append(parsed[0])
+    return IpvsOptions(
+        family=family,
+        scheduler=config.ipvs_scheduler or DEFAULT_SCHEDULER,
+        masquerade_bit=config.masquerade_bit,
+        masquerade_all=config.masquerade_all,
+        local_detector=base.local_detector,
+        node_ip=base.node_ip,
+        nodeport_addresses=base.nodeport_addresses,
+        node_addresses=tuple(own),
+        random_fully=random_fully,
+        exclude_cidrs=tuple(excluded),
+        strict_arp=config.ipvs_strict_arp,
+        tcp_timeout=config.ipvs_tcp_timeout,
+        tcp_fin_timeout=config.ipvs_tcp_fin_timeout,
+        udp_timeout=config.ipvs_udp_timeout,
     )
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from minikproxy.changes import ClusterTracker
 from minikproxy.compile.iptables import compile_iptables
+from minikproxy.compile.ipvs import compile_ipvs
 from minikproxy.compile.nftables import compile_nftables
 from minikproxy.compile.nftables_kubeproxy import compile_nftables_kubeproxy
 from minikproxy.compile.nftables_options import NftablesOptions
@@ -19,7 +20,7 @@ from minikproxy.model.names import IPV4, IPV6, IPFamily, NamespacedName
 from minikproxy.model.parse import NodeInfo
 from minikproxy.model.problems import ObjectProblem
 from minikproxy.model.state import ProxyState
-from minikproxy.nodeopts import iptables_options, nftables_options
+from minikproxy.nodeopts import iptables_options, ipvs_options, nftables_options
 from minikproxy.sources.manifests import SourcedObject
 
 
@@ -83,7 +84,7 @@ def render_objects(
     notes: list[str] = []
     if config.mode == "nftables":
         compile_nft = _nftables_compiler(config.nftables_layout)
-    elif config.mode != "iptables":
+    elif config.mode not in ("iptables", "ipvs"):
         raise ConfigError(f"--proxy-mode: unsupported mode {config.mode!r}")
     for family in families:
         state = tracker.snapshot(family).state
@@ -102,6 +103,13 @@ def render_objects(
                 parts[family] = [nft_ruleset.render_services(set(services))]
             else:
                 parts[family] = [nft_ruleset.render()]
+            continue
+        if config.mode == "ipvs":
+            plan = compile_ipvs(
+                state, ipvs_options(config, node, family, node_addresses=node_addresses)
+            )
+            rulesets[family] = plan
+            parts[family] = [plan.render_services(set(services)) if services else plan.render()]
             continue
         options = iptables_options(config, node, family, node_addresses=node_addresses)
         ruleset = compile_iptables(state, options)

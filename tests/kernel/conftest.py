@@ -19,6 +19,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from minikproxy.testing.ipvsload import kernel_has_ipvs
 from minikproxy.testing.netns import Topology
 
 from .traffic import TARGET_PORT
@@ -37,14 +38,22 @@ def _skip_reason() -> str | None:
     return None
 
 
+IPVS_SKIP = (
+    "needs a kernel with IPVS (ip_vs) and this one has none: tests/kernel/test_ipvs_vm.py "
+    "runs these inside a VM with scripts/ipvs-vm.sh"
+)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip ``kernel``-marked tests on machines that cannot run them."""
+    """Skip ``kernel``-marked tests on machines that cannot run them, and ``ipvs``-marked
+    tests on kernels without IPVS."""
     reason = _skip_reason()
-    if reason is None:
-        return
+    has_ipvs = kernel_has_ipvs()
     for item in items:
-        if item.get_closest_marker("kernel") is not None:
+        if reason is not None and item.get_closest_marker("kernel") is not None:
             item.add_marker(pytest.mark.skip(reason=reason))
+        elif not has_ipvs and item.get_closest_marker("ipvs") is not None:
+            item.add_marker(pytest.mark.skip(reason=IPVS_SKIP))
 
 
 @pytest.fixture

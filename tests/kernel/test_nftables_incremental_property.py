@@ -31,7 +31,7 @@ from minikproxy.config import ProxyConfig
 from minikproxy.dataplane.nftables import NftablesApplier
 from minikproxy.model.names import IPV4, IPV6, IPFamily, ServicePortName
 from minikproxy.nodeopts import nftables_options
-from minikproxy.testing.strategies import NODE, cluster_histories
+from minikproxy.testing.strategies import NODE, cluster_histories, feed_change
 
 pytestmark = pytest.mark.kernel
 
@@ -89,18 +89,7 @@ def changed_ports(previous: Any, ruleset: Any, changed: frozenset[Any]) -> list[
 
 def diff(old: list[dict[str, Any]], new: list[dict[str, Any]], tracker: ClusterTracker) -> None:
     """Feed the difference between two object lists to ``tracker`` as watch events would."""
-
-    def key(o: dict[str, Any]) -> tuple[str, str, str]:
-        return (o["kind"], o["metadata"].get("namespace", ""), o["metadata"]["name"])
-
-    before = {key(o): o for o in old}
-    after = {key(o): o for o in new}
-    for k, o in before.items():
-        if k not in after and o["kind"] == "Service":
-            tracker.delete_service(o)
-        elif k not in after and o["kind"] == "EndpointSlice":
-            tracker.delete_endpoint_slice(o)
-    tracker.add_objects(o for k, o in after.items() if before.get(k) != o)
+    feed_change(tracker, old, new)
 
 
 @pytest.mark.parametrize("family", [IPV4, IPV6])

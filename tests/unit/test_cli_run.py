@@ -387,7 +387,7 @@ def test_a_port_already_taken_is_one_line_not_a_traceback(
     "flags",
     [
         ["--sync-period", "soon"],
-        ["--proxy-mode", "ipvs"],
+        ["--proxy-mode", "userspace"],
         ["--iptables-backend", "xdp"],
         ["--masquerade-all", "perhaps"],
         ["--service-cidr", "10.96.0.0"],  # no prefix length: not a CIDR for kube-proxy

@@ -388,3 +388,45 @@ def test_kind_config_disables_kube_proxy() -> None:
     (config,) = load_yaml(DEPLOY / "kind" / "kind-config.yaml")
     assert config["kind"] == "Cluster"
     assert config["networking"]["kubeProxyMode"] == "none"
+
+
+# --- the IPVS overlay ---------------------------------------------------------------------
+
+
+def ipvs_overlay() -> list[dict[str, Any]]:
+    result = run(tool("kubectl"), "kustomize", "deploy/overlays/ipvs")
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_ipvs_overlay_validates_strictly(version: str, tmp_path: Path) -> None:
+    path = tmp_path / "ipvs.yaml"
+    path.write_text(yaml.safe_dump_all(ipvs_overlay()))
+    result = run(
+        tool("kubernetes-validate"), "--strict", "--quiet", "-k", f"{version}.0", str(path)
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ipvs_overlay_config_and_privileges(tmp_path: Path) -> None:
+    docs = {doc["kind"]: doc for doc in ipvs_overlay()}
+    path = tmp_path / "config.yaml"
+    path.write_text(docs["ConfigMap"]["data"]["config.yaml"])
+    config = load_config(path)
+    assert config.mode == "ipvs" and config.ipvs_scheduler == "rr"
+    assert (config.sync_period, config.min_sync_period) == (30.0, 0.0)
+    pod = docs["DaemonSet"]["spec"]["template"]["spec"]
+    (only,) = pod["containers"]
+    security = only["securityContext"]
+    assert security["privileged"] and security["allowPrivilegeEscalation"]
+    assert "SYS_MODULE" in security["capabilities"]["add"]
+    (mount,) = [m for m in only["volumeMounts"] if m["mountPath"] == "/lib/modules"]
+    assert mount["readOnly"]
+    # the base (the default overlay) is unchanged
+    assert (
+        the("DaemonSet")["spec"]["template"]["spec"]["containers"][0]["securityContext"][
+            "privileged"
+        ]
+        is False
+    )

@@ -20,7 +20,7 @@ from minikproxy.compile.iptables import (
 )
 from minikproxy.compile.localdetect import make_local_detector
 from minikproxy.model.names import IPV4, IPV6, IPFamily
-from minikproxy.testing.strategies import NODE, clusters, service_with_slices
+from minikproxy.testing.strategies import NODE, clusters, feed_change, service_with_slices
 
 from .api_objects import endpoint_slice
 from .test_iptables_golden import undefined_jumps
@@ -132,18 +132,7 @@ def test_partial_restore_equals_full_restore(
     kernel: Tables = {}
     apply_restore(kernel, first.render(jumps=False), noflush=False)
 
-    # Feed the difference the way watch events would arrive.
-    def key(o: dict[str, Any]) -> tuple[str, str, str]:
-        return (o["kind"], o["metadata"].get("namespace", ""), o["metadata"]["name"])
-
-    old = {key(o): o for o in before}
-    new = {key(o): o for o in after}
-    for k, o in old.items():
-        if k not in new and o["kind"] == "Service":
-            tracker.delete_service(o)
-        elif k not in new and o["kind"] == "EndpointSlice":
-            tracker.delete_endpoint_slice(o)
-    tracker.add_objects(o for k, o in new.items() if old.get(k) != o)
+    feed_change(tracker, before, after)  # as watch events would arrive
     snapshot = tracker.snapshot(family)
     assert snapshot.changed is not None  # the incremental path, not a full recompile
     partial = compile_iptables(

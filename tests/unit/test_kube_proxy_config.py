@@ -91,6 +91,14 @@ def test_every_field_set() -> None:
         metrics_bind_address="0.0.0.0:9100",
         conntrack_tcp_be_liberal=True,
         node_ips=("192.168.5.1",),  # bindAddress overrides the node's primary IP
+        ipvs_scheduler="wrr",
+        ipvs_sync_period=45.0,
+        ipvs_min_sync_period=5.0,
+        ipvs_exclude_cidrs=("10.1.0.0/16",),
+        ipvs_strict_arp=True,
+        ipvs_tcp_timeout=900.0,
+        ipvs_tcp_fin_timeout=30.0,
+        ipvs_udp_timeout=300.0,
     )
 
 
@@ -153,6 +161,11 @@ BAD_FILES = [
     ({"detectLocalMode": "InterfaceNamePrefix"},
      "detectLocal.interfaceNamePrefix: must not be empty"),
     ({"ipvs": {"excludeCIDRs": "10.0.0.0/8"}}, "ipvs.excludeCIDRs: expected a list"),
+    ({"ipvs": {"excludeCIDRs": ["10.0.0.0/8", "x"]}}, "ipvs.excludeCIDRs: [1] 'x' is not a valid"),
+    ({"ipvs": {"scheduler": "fifo"}}, "ipvs.scheduler: unknown scheduler 'fifo'"),
+    ({"ipvs": {"tcpTimeout": "-1s"}}, "ipvs.tcpTimeout: must be 0 or more, got -1s"),
+    ({"ipvs": {"syncPeriod": "10s", "minSyncPeriod": "20s"}},
+     "ipvs.minSyncPeriod: 20s must not be greater than"),
 ]  # fmt: skip
 
 
@@ -188,6 +201,12 @@ BAD_FLAGS = [
     (["--nodeport-addresses", "primary,10.0.0.0/8"],
      "--nodeport-addresses: cannot use both 'primary' and CIDRs"),
     (["--node-ip", "10.0.0.300"], "--node-ip: '10.0.0.300' is not a valid IP address"),
+    (["--ipvs-scheduler", "fifo"],
+     "--ipvs-scheduler: unknown scheduler 'fifo': must be one of rr, wrr, lc, wlc, lblc, lblcr, "
+     "sh, dh, sed, nq, mh, blank means the default (rr)"),
+    (["--ipvs-exclude-cidrs", "10.0.0.0/33"],
+     "--ipvs-exclude-cidrs: [0] '10.0.0.0/33' is not a valid CIDR"),
+    (["--ipvs-udp-timeout=-2s"], "--ipvs-udp-timeout: must be 0 or more, got -2s"),
     (["--detect-local-mode", "BridgeInterface"],
      "detectLocal.bridgeInterface (default): must not be empty with detectLocalMode "
      "BridgeInterface"),
@@ -228,3 +247,27 @@ def test_a_bad_file_exits_2_without_a_traceback_in_a_real_process(tmp_path: Path
     assert "Traceback" not in proc.stderr
     (line,) = proc.stderr.strip().splitlines()
     assert line.endswith(f"minikproxy: {path}: conntrack.bogus: unknown field"), line
+
+
+def test_ipvs_section_defaults_and_sync_periods(tmp_path: Path) -> None:
+    """kube-proxy's v1alpha1 defaults: ipvs.syncPeriod 30s, no minSyncPeriod default; in
+    ipvs mode the IPVS proxier syncs with the ipvs periods."""
+    path = tmp_path / "kp.yaml"
+    path.write_text(
+        "mode: ipvs\niptables: {syncPeriod: 5s}\n"
+        "ipvs: {scheduler: wlc, strictARP: true, excludeCIDRs: [10.1.0.0/16], "
+        "tcpTimeout: 900s, tcpFinTimeout: 120s, udpTimeout: 300s, minSyncPeriod: 2s}\n"
+    )
+    config = load_config(path)
+    assert (config.mode, config.ipvs_scheduler, config.ipvs_strict_arp) == ("ipvs", "wlc", True)
+    assert config.ipvs_exclude_cidrs == ("10.1.0.0/16",)
+    assert (config.ipvs_tcp_timeout, config.ipvs_tcp_fin_timeout, config.ipvs_udp_timeout) == (
+        900.0,
+        120.0,
+        300.0,
+    )
+    assert (config.sync_period, config.min_sync_period) == (30.0, 2.0)
+    flagged = from_args("--config", str(path), "--ipvs-sync-period", "1m", "--ipvs-scheduler", "mh")
+    assert (flagged.sync_period, flagged.ipvs_scheduler) == (60.0, "mh")
+    assert from_args("--proxy-mode", "ipvs").min_sync_period == 0.0
+    assert from_args("--proxy-mode", "ipvs", "--sync-period", "7s").sync_period == 7.0

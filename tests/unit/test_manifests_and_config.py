@@ -303,6 +303,7 @@ def test_every_field_mapped(tmp_path: Path) -> None:
         healthz_bind_address="0.0.0.0:10999",
         metrics_bind_address="0.0.0.0:10998",
         conntrack_tcp_be_liberal=True,
+        ipvs_scheduler="rr",
     )
 
 
@@ -344,7 +345,7 @@ def test_empty_config_gives_defaults(tmp_path: Path) -> None:
                      id="nodeport-address-int"),
         pytest.param({"conntrack": {"tcpBeLiberal": "true"}}, ["conntrack.tcpBeLiberal"],
                      id="conntrack-string"),
-        pytest.param({"mode": "ipvs"}, ["mode", "ipvs"], id="unsupported-mode"),
+        pytest.param({"mode": "kernelspace"}, ["mode", "kernelspace"], id="unsupported-mode"),
         pytest.param({"detectLocalMode": "Magic"}, ["detectLocalMode", "Magic"],
                      id="unknown-detect-local-mode"),
         pytest.param({"kind": "KubeletConfiguration"}, ["kind"], id="wrong-kind"),

@@ -12,7 +12,7 @@ from minikproxy.changes import ClusterTracker
 from minikproxy.compile.nftables import NftablesRuleset, compile_nftables
 from minikproxy.compile.nftables_options import LocalMatch, NftablesOptions
 from minikproxy.model.names import IPV4, IPV6, IPFamily
-from minikproxy.testing.strategies import NODE
+from minikproxy.testing.strategies import NODE, feed_change
 
 from .test_iptables_properties import PROPERTY_SETTINGS, cluster_and_change
 
@@ -75,17 +75,7 @@ def test_incremental_compile_equals_full_compile(
     first = compile_nftables(tracker.snapshot(family).state, options(family))
     first.shared_refs  # noqa: B018 - computed, so the incremental compile carries it forward
 
-    def key(o: dict[str, Any]) -> tuple[str, str, str]:
-        return (o["kind"], o["metadata"].get("namespace", ""), o["metadata"]["name"])
-
-    old = {key(o): o for o in before}
-    new = {key(o): o for o in after}
-    for k, o in old.items():
-        if k not in new and o["kind"] == "Service":
-            tracker.delete_service(o)
-        elif k not in new and o["kind"] == "EndpointSlice":
-            tracker.delete_endpoint_slice(o)
-    tracker.add_objects(o for k, o in new.items() if old.get(k) != o)
+    feed_change(tracker, before, after)  # as watch events would arrive
     snapshot = tracker.snapshot(family)
     assert snapshot.changed is not None
     partial = compile_nftables(snapshot.state, options(family), first, snapshot.changed)

@@ -92,29 +92,9 @@ class RuleCounter(Closing):
         """The number of rules in ``family table chain``: 0 when the table or chain is missing
         (or the chain flushed)."""
         self._seq += 1
-        seq = self._seq
-        self._sock.send(rule_dump_request(family, table, chain, seq))
-        rules = 0
-        while True:
-            data = self._sock.recv(65536)
-            offset = 0
-            while offset + _HEADER.size <= len(data):
-                length, kind, _flags, msg_seq, _pid = _HEADER.unpack_from(data, offset)
-                if length < _HEADER.size:
-                    raise OSError(errno.EPROTO, "malformed netlink message")
-                if msg_seq == seq:
-                    if kind == NLMSG_DONE:
-                        return rules
-                    if kind == NLMSG_ERROR:
-                        (code,) = struct.unpack_from("=i", data, offset + _HEADER.size)
-                        if code == 0:
-                            return rules
-                        if -code == errno.ENOENT:
-                            return 0
-                        raise OSError(-code, f"nft rule dump: {os.strerror(-code)}")
-                    if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE:
-                        rules += 1
-                offset += (length + 3) & ~3
+        request = rule_dump_request(family, table, chain, self._seq)
+        kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE
+        return sum(1 for _ in self._dump(request, kind, "nft rule dump", 65536))
 
     def elements(self, family: str, table: str, name: str) -> list[SetElement]:
         """Every element of set or map ``family table name`` (one ``NFT_MSG_GETSETELEM``
@@ -122,11 +102,23 @@ class RuleCounter(Closing):
         stores them (register layout: each part of a concatenation padded to 4 bytes), and
         the timeout and time left in milliseconds when the element has them."""
         self._seq += 1
-        seq = self._seq
-        self._sock.send(setelem_dump_request(family, table, name, seq))
+        request = setelem_dump_request(family, table, name, self._seq)
+        kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM
         out: list[SetElement] = []
+        for body in self._dump(request, kind, "nft element dump", 1 << 20):
+            for kind_, payload in _attrs(body[4:]):  # after the nfgenmsg header
+                if kind_ == NFTA_SET_ELEM_LIST_ELEMENTS:
+                    out.extend(_parse_elements(payload))
+        return out
+
+    def _dump(self, request: bytes, wanted: int, what: str, bufsize: int) -> list[bytes]:
+        """Send the dump ``request``; return the bodies of its messages of type ``wanted``
+        (none when the kernel answers ENOENT: the object is missing)."""
+        seq = self._seq
+        self._sock.send(request)
+        bodies: list[bytes] = []
         while True:
-            data = self._sock.recv(1 << 20)
+            data = self._sock.recv(bufsize)
             offset = 0
             while offset + _HEADER.size <= len(data):
                 length, kind, _flags, msg_seq, _pid = _HEADER.unpack_from(data, offset)
@@ -134,19 +126,16 @@ class RuleCounter(Closing):
                     raise OSError(errno.EPROTO, "malformed netlink message")
                 if msg_seq == seq:
                     if kind == NLMSG_DONE:
-                        return out
+                        return bodies
                     if kind == NLMSG_ERROR:
                         (code,) = struct.unpack_from("=i", data, offset + _HEADER.size)
                         if code == 0:
-                            return out
+                            return bodies
                         if -code == errno.ENOENT:
                             return []
-                        raise OSError(-code, f"nft element dump: {os.strerror(-code)}")
-                    if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM:
-                        body = data[offset + _HEADER.size + 4 : offset + length]
-                        for kind_, payload in _attrs(body):
-                            if kind_ == NFTA_SET_ELEM_LIST_ELEMENTS:
-                                out.extend(_parse_elements(payload))
+                        raise OSError(-code, f"{what}: {os.strerror(-code)}")
+                    if kind == wanted:
+                        bodies.append(data[offset + _HEADER.size : offset + length])
                 offset += (length + 3) & ~3
 
     def close(self) -> None:

@@ -31,6 +31,11 @@ def _enter(netns: str) -> None:
         os.close(fd)
 
 
+def enter_netns(netns: str) -> None:
+    """Switch the calling thread into network namespace ``netns`` (a name under /run/netns)."""
+    _enter(netns)
+
+
 def run_in_netns(netns: str, fn: Callable[[], _T]) -> _T:
     """Call ``fn`` on a fresh thread switched into network namespace ``netns`` (a name under
     ``/run/netns``); return its result or raise its exception.

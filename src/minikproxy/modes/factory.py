@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,6 +13,7 @@ from minikproxy.dataplane.nftables import NftablesApplier
 from minikproxy.model.names import IPFamily
 from minikproxy.modes.base import ProxyMode
 from minikproxy.modes.iptables import IptablesMode
+from minikproxy.modes.ipvs import DEPRECATION, IpvsMode
 from minikproxy.modes.nftables import NftablesMode
 
 
@@ -26,7 +28,31 @@ def build_mode(
     if config.mode == "nftables":
         applier = None if execer is None else NftablesApplier(getattr(execer, "netns", None))
         return NftablesMode(applier, config.nftables_layout)
+    if config.mode == "ipvs":
+        return _ipvs_mode(config, families, execer, backend)
     if config.mode != "iptables":
         raise ValueError(f"unknown proxy mode {config.mode!r}")
     dataplanes = None if execer is None else {f: RealIptables(execer, f, backend) for f in families}
     return IptablesMode(dataplanes)
+
+
+def _ipvs_mode(
+    config: ProxyConfig,
+    families: Sequence[IPFamily],
+    execer: Execer | None,
+    backend: IptablesBackend,
+) -> IpvsMode:
+    logging.getLogger("minikproxy.modes.ipvs").warning(DEPRECATION)
+    if execer is None:
+        return IpvsMode()
+    from minikproxy.dataplane.ipvs import ExecBulkLoader, NetlinkIpvsKernel
+    from minikproxy.dataplane.netinfo import local_addresses
+
+    def addresses(family: IPFamily) -> list[str]:
+        return [str(ip) for ip in local_addresses(execer, family)]
+
+    kernel = NetlinkIpvsKernel(getattr(execer, "netns", None))
+    dataplanes = {f: RealIptables(execer, f, backend) for f in families}
+    mode = IpvsMode(kernel, dataplanes, local_addresses=addresses, bulk=ExecBulkLoader(execer))
+    mode.prepare(execer, config)
+    return mode

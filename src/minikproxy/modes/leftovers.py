@@ -66,12 +66,28 @@ def remove_nftables_state(
         raise CleanupError(f"nftables: {err}") from err
 
 
+def remove_ipvs_leftovers(execer: Execer) -> list[str]:
+    """:func:`~minikproxy.dataplane.ipvs.remove_ipvs_state`, its failures as CleanupError."""
+    from minikproxy.dataplane.ipvs import remove_ipvs_state
+
+    try:
+        return remove_ipvs_state(execer)
+    except (OSError, IptablesError) as err:
+        raise CleanupError(f"ipvs: {err}") from err
+    except Exception as err:  # pyroute2's NetlinkError and friends
+        raise CleanupError(f"ipvs: {type(err).__name__}: {err}") from err
+
+
 #: Every mode's remover, by ``--proxy-mode``.
 REMOVERS: dict[str, Callable[[Execer], list[str]]] = {
     "iptables": remove_iptables_state,
     "nftables": remove_nftables_state,
+    "ipvs": remove_ipvs_leftovers,
 }
 
+
+#: The modes whose state lives in iptables chains (kube-proxy's ``isIPTablesBased``).
+IPTABLES_BASED = frozenset({"iptables", "ipvs"})
 
 #: The table each ``--nftables-layout`` owns (in both families).
 LAYOUT_TABLES: dict[str, str] = {"flat": FLAT_TABLE, "kube-proxy": KUBE_PROXY_TABLE}
@@ -83,7 +99,11 @@ def remove_other_modes(mode: str, execer: Execer, nftables_layout: str = "flat")
     still see every packet, and its stale rules could DNAT or reject our Services' traffic.
     Failures are logged, never fatal (the proxy still works; the leftovers may shadow nothing
     or be cleaned later)."""
-    removers = [(other, remover) for other, remover in REMOVERS.items() if other != mode]
+    # As kube-proxy's platformCleanup: iptables and ipvs mode share chains (KUBE-SERVICES,
+    # KUBE-POSTROUTING, ...), so neither removes the other's state: that would flush the
+    # running mode's own chains at every restart, breaking Services until the first sync.
+    spared = IPTABLES_BASED if mode in IPTABLES_BASED else {mode}
+    removers = [(other, remover) for other, remover in REMOVERS.items() if other not in spared]
     if mode == "nftables":
         ours = LAYOUT_TABLES[nftables_layout]
         others = [(family, name) for family, name in OWNED_TABLES if name != ours]

@@ -36,6 +36,7 @@ import asyncio
 import errno
 import ipaddress
 import json
+import os
 import secrets
 import selectors
 import socket
@@ -75,7 +76,8 @@ DEFAULT_BACKENDS: tuple[str, ...] = (
 _ROLE_SUFFIX: dict[Role, str] = {"client": "cl", "node": "node", "backend": "be", "upstream": "up"}
 _IP_RECVERR = 11
 _IPV6_RECVERR = 25
-_SERVER_START_TIMEOUT = 5.0
+# Emulated guests (the IPVS VM, scripts/ipvs-vm.sh) run Python 9-20x slower: they scale this.
+_SERVER_START_TIMEOUT = 5.0 * float(os.environ.get("MINIKPROXY_TIME_SCALE", "1"))
 _SERVER_STOP_TIMEOUT = 2.0
 _UNREACHABLE_ERRNOS = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH})
 

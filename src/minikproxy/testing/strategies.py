@@ -11,6 +11,8 @@ from typing import Any
 
 from hypothesis import strategies as st
 
+from minikproxy.changes import ClusterTracker
+
 Obj = dict[str, Any]
 NODE = "node-a"
 NODES = (NODE, "node-b", "node-c")
@@ -194,3 +196,20 @@ def cluster_histories(
     for _ in range(draw(st.integers(1, max_changes))):
         states.append(draw(changed_cluster(states[-1])))
     return states
+
+
+def feed_change(tracker: ClusterTracker, old: list[Obj], new: list[Obj]) -> None:
+    """Feed the difference between two object lists to ``tracker`` as watch events would:
+    deletions of what is gone, then the objects that are new or changed."""
+
+    def key(o: Obj) -> tuple[str, str, str]:
+        return (o["kind"], o["metadata"].get("namespace", ""), o["metadata"]["name"])
+
+    before = {key(o): o for o in old}
+    after = {key(o): o for o in new}
+    for k, o in before.items():
+        if k not in after and o["kind"] == "Service":
+            tracker.delete_service(o)
+        elif k not in after and o["kind"] == "EndpointSlice":
+            tracker.delete_endpoint_slice(o)
+    tracker.add_objects(o for k, o in after.items() if before.get(k) != o)
