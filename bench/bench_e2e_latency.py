@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from minikproxy.benchmark.cluster import cluster_objects
 from minikproxy.config import ProxyConfig
 from minikproxy.controller import Controller
 from minikproxy.dataplane.execer import ExecResult, RealExecer
@@ -27,7 +28,7 @@ from minikproxy.model.names import IPV4
 from minikproxy.sources.kubeclient import load_api_client
 from minikproxy.testing.apiserver import FakeApiServer
 from minikproxy.testing.netns import Topology
-from minikproxy.testing.synthetic import synthetic_node, synthetic_service, synthetic_slice
+from minikproxy.testing.synthetic import synthetic_slice
 
 
 class WatchingExecer(RealExecer):
@@ -53,10 +54,8 @@ def cluster(
 ) -> Iterator[Any]:
     services = request.param
     with Topology() as topo, FakeApiServer() as api:
-        api.create(synthetic_node())
-        for i in range(services):
-            api.create(synthetic_service(i))
-            api.create(synthetic_slice(i, 10))
+        for obj in cluster_objects(services, 10):  # the benchmark engine's cluster
+            api.create(obj)
         kubeconfig = api.write_kubeconfig(tmp_path_factory.mktemp("kube") / "config")
         yield topo, api, kubeconfig, services
 

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import copy
 import os
-import secrets
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,14 +27,14 @@ from typing import Any
 
 import pytest
 
-from minikproxy.changes import ClusterTracker
+from minikproxy.benchmark.measure import build_cluster, scratch_namespaces
 from minikproxy.compile.nftables import compile_nftables
 from minikproxy.compile.nftables_kubeproxy import compile_nftables_kubeproxy
 from minikproxy.compile.nftables_options import NftablesOptions
 from minikproxy.dataplane.nftables import NftablesApplier
 from minikproxy.model.names import IPV4, ServicePortName
 from minikproxy.model.state import ProxyState
-from minikproxy.testing.synthetic import synthetic_cluster, synthetic_slice
+from minikproxy.testing.synthetic import synthetic_slice
 
 from .conftest import ENDPOINTS_PER_SERVICE, bench_nft_options
 
@@ -79,8 +77,7 @@ def loaded(request: pytest.FixtureRequest) -> Iterator[Loaded]:
     layout: str = request.param[0]
     services: int = request.param[1]
     compile_fn = COMPILERS[layout]
-    tracker = ClusterTracker("node-0")
-    tracker.add_objects(synthetic_cluster(services, ENDPOINTS_PER_SERVICE))
+    tracker = build_cluster(services, ENDPOINTS_PER_SERVICE).tracker
     options = bench_nft_options()
     first = compile_fn(tracker.snapshot(IPV4).state, options)
     victim = services // 2
@@ -95,17 +92,15 @@ def loaded(request: pytest.FixtureRequest) -> Iterator[Loaded]:
     # Warm both rulesets' cached reference counts (a compile-side cost paid once per ruleset).
     assert second.incremental_script(first, changed)
     assert first.incremental_script(second, changed)
-    netns = f"mkpbench{secrets.token_hex(3)}"
-    subprocess.run(["ip", "netns", "add", netns], check=True)
-    applier = NftablesApplier(netns=netns)
-    try:
-        start = time.perf_counter()
-        applier.apply_full(first)
-        elapsed = time.perf_counter() - start
-        yield Loaded(applier, (first, second), changed, elapsed)
-    finally:
-        applier.close()
-        subprocess.run(["ip", "netns", "del", netns], check=False)
+    with scratch_namespaces() as scratch:
+        applier = NftablesApplier(netns=scratch.fresh())
+        try:
+            start = time.perf_counter()
+            applier.apply_full(first)
+            elapsed = time.perf_counter() - start
+            yield Loaded(applier, (first, second), changed, elapsed)
+        finally:
+            applier.close()
 
 
 def test_nftables_apply_endpoint_change(benchmark, loaded: Loaded) -> None:  # type: ignore[no-untyped-def]

@@ -7,7 +7,7 @@ import gc
 import sys
 from collections.abc import Sequence
 
-from minikproxy import __version__, cli_explain, cli_run
+from minikproxy import __version__, cli_bench, cli_explain, cli_run
 from minikproxy.config import NFTABLES_LAYOUTS, ConfigError
 from minikproxy.flags import add_node_flags, config_from_args, service_name
 from minikproxy.gcutil import gc_paused
@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_run.add_subcommands(sub)
     cli_explain.add_subcommands(sub)
+    cli_bench.add_subcommand(sub)
     return parser
 
 
@@ -113,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A one-shot run building ~10^6 acyclic objects: collections would only rescan them.
         with gc_paused():
             return _render(args)
+    if args.command == "bench":
+        return cli_bench.main_bench(args)
     if args.command in ("explain", "diff"):
         with gc_paused():
             code = cli_explain.dispatch(args)

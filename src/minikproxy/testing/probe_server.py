@@ -96,9 +96,9 @@ def _answer_tcp(listener: socket.socket) -> None:
     with conn:
         conn.setblocking(True)
         conn.settimeout(1.0)
-        local = conn.getsockname()
-        peer = conn.getpeername()
         try:
+            local = conn.getsockname()
+            peer = conn.getpeername()  # ENOTCONN if the client already reset the connection
             conn.sendall(reply_line("tcp", (local[0], local[1]), (peer[0], peer[1])))
             conn.shutdown(socket.SHUT_WR)
         except OSError:

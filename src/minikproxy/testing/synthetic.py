@@ -1,8 +1,10 @@
 """Synthetic, kube-proxy-shaped clusters for benchmarks and property tests.
 
-Each Service is a ClusterIP Service with one named TCP port and one EndpointSlice of
-``endpoints_per_service`` ready endpoints spread over ``nodes`` nodes; every tenth Service is
-a NodePort. At 10k x 10 this compiles to ~430k iptables lines, like kube-proxy's output.
+Each Service has one named TCP port and one EndpointSlice of ``endpoints_per_service`` ready
+endpoints spread over ``nodes`` nodes. The mix is kube-proxy-shaped: of every 20 Services, 17
+are ClusterIP, 2 NodePort (numbers 0 and 10) and 1 LoadBalancer (number 5, with an ingress IP
+in 198.18.0.0/15 and a NodePort). NodePorts are unique up to ~18k Services. At 10k x 10 this
+compiles to ~430k iptables lines, like kube-proxy's output.
 """
 
 from __future__ import annotations
@@ -12,21 +14,40 @@ from typing import Any
 Obj = dict[str, Any]
 
 
+def _node_port(i: int) -> int:
+    """A NodePort for Service ``i`` (a NodePort or LoadBalancer), distinct from the others'."""
+    ordinal = (i // 20) * 3 + {0: 0, 5: 1, 10: 2}[i % 20]
+    return 30000 + ordinal % 2768
+
+
+def service_type(i: int) -> str:
+    """The type of Service number ``i`` in the synthetic mix."""
+    if i % 10 == 0:
+        return "NodePort"
+    return "LoadBalancer" if i % 20 == 5 else "ClusterIP"
+
+
 def synthetic_service(i: int) -> Obj:
     """Service number ``i``."""
+    kind = service_type(i)
     spec: Obj = {
-        "type": "NodePort" if i % 10 == 0 else "ClusterIP",
+        "type": kind,
         "clusterIP": f"10.{96 + i // 65536}.{(i // 256) % 256}.{i % 256}",
         "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}],
     }
-    if i % 10 == 0:
-        spec["ports"][0]["nodePort"] = 30000 + (i // 10) % 2768
-    return {
+    svc: Obj = {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {"name": f"svc-{i}", "namespace": f"ns-{i % 50}", "resourceVersion": "1"},
         "spec": spec,
     }
+    if kind != "ClusterIP":
+        spec["ports"][0]["nodePort"] = _node_port(i)
+    if kind == "LoadBalancer":
+        j = i // 20
+        ingress = f"198.{18 + j // 65536}.{(j // 256) % 256}.{j % 256}"
+        svc["status"] = {"loadBalancer": {"ingress": [{"ip": ingress}]}}
+    return svc
 
 
 def synthetic_slice(i: int, endpoints: int, *, nodes: int = 10, generation: int = 0) -> Obj:

@@ -1,0 +1,227 @@
+"""The real controller (``minikproxy run`` in the node namespace, ``--min-sync-period 0``)
+fed by the fake API server: RSS and duration of its first sync, and update latency.
+
+The fake API server runs in this process but listens inside the node namespace, so the
+controller reaches it on 127.0.0.1 as a node's kube-proxy reaches its API server. Update
+latency is measured from just before the object changes on the API server to the first
+probe from the client namespace that sees the new behaviour (the rule is then in the
+kernel): a connection answered once an endpoint or Service is added, not answered once it is
+removed. Probes run every millisecond, which bounds the resolution, except where the state
+before or after drops packets: then a probe waits up to its 10 ms timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from minikproxy.benchmark.adapters import ModeAdapter
+from minikproxy.benchmark.cluster import (
+    CLUSTER_CIDR,
+    FLIP_ENDPOINT_VIP,
+    FLIP_SERVICE_VIP,
+    NAMESPACE,
+    NODE,
+    PORT,
+    SERVICE_CIDR,
+    backend_addresses,
+    bench_service,
+    bench_slice,
+)
+from minikproxy.benchmark.probing import Prober
+from minikproxy.dataplane.nsenter import run_in_netns
+from minikproxy.testing.apiserver import FakeApiServer
+
+METRICS_PORT = 10249
+UPDATE_KINDS = ("endpoint_added", "endpoint_removed", "service_deleted", "service_added")
+
+
+class ControllerError(RuntimeError):
+    """The controller exited or did not sync; carries the end of its log."""
+
+
+@dataclass
+class LiveResults:
+    """What one controller run measured (seconds, MiB)."""
+
+    first_sync: float
+    startup: float
+    rss_mib: float
+    updates: dict[str, list[float]] = field(default_factory=dict)
+
+
+def _metric(netns: str, name: str) -> float | None:
+    """One sample of the controller's /metrics, read from inside its namespace."""
+
+    def fetch() -> bytes:
+        url = f"http://127.0.0.1:{METRICS_PORT}/metrics"
+        with urllib.request.urlopen(url, timeout=2) as response:
+            body: bytes = response.read()
+            return body
+
+    try:
+        text = run_in_netns(netns, fetch).decode()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
+def rss_mib(pid: int) -> float:
+    """Resident set size of process ``pid`` (VmRSS), in MiB."""
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise ControllerError(f"process {pid} has no VmRSS")
+
+
+@contextmanager
+def api_server(node_netns: str, objects: list[dict[str, Any]]) -> Iterator[FakeApiServer]:
+    """A fake API server holding ``objects``, listening in ``node_netns``."""
+    api = FakeApiServer()
+    for obj in objects:
+        api.create(obj)
+    run_in_netns(node_netns, api.start)
+    try:
+        yield api
+    finally:
+        api.stop()
+
+
+@contextmanager
+def controller(
+    adapter: ModeAdapter, node_netns: str, kubeconfig: Path, log: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``minikproxy run`` in ``node_netns`` in this mode (its own session: stopped here, with
+    SIGTERM then SIGKILL, not by a terminal's Ctrl-C)."""
+    argv = [
+        "nsenter", f"--net=/run/netns/{node_netns}", "--",
+        sys.executable, "-m", "minikproxy", "run",
+        "--kubeconfig", str(kubeconfig), "--hostname-override", NODE,
+        "--cluster-cidr", CLUSTER_CIDR, "--min-sync-period", "0", "--sync-period", "1h",
+        "--metrics-bind-address", f"127.0.0.1:{METRICS_PORT}",
+        "--healthz-bind-address", "127.0.0.1:10256",
+        *adapter.run_flags,
+    ]  # fmt: skip
+    if adapter.name.startswith("nftables"):
+        argv += ["--service-cidr", SERVICE_CIDR]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
+        )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def _log_tail(log: Path) -> str:
+    with suppress(OSError):
+        return "\n".join(log.read_text(errors="replace").strip().splitlines()[-5:])
+    return ""
+
+
+def wait_first_sync(proc: subprocess.Popen[bytes], netns: str, log: Path, timeout: float) -> float:
+    """Wait for the controller's first successful sync; return its duration (the
+    controller's own ``sync_proxy_rules_duration_seconds``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ControllerError(f"minikproxy run exited {proc.returncode}: {_log_tail(log)}")
+        if _metric(netns, "kubeproxy_sync_proxy_rules_last_timestamp_seconds"):
+            took = _metric(netns, "kubeproxy_sync_proxy_rules_duration_seconds_sum")
+            if took is not None:
+                return took
+        time.sleep(0.05)
+    raise ControllerError(f"no first sync within {timeout:.0f} s: {_log_tail(log)}")
+
+
+def measure_updates(
+    api: FakeApiServer,
+    prober: Prober,
+    rounds: int,
+    endpoints: int,
+    timeout: float,
+    progress: Callable[[], None] = lambda: None,
+) -> dict[str, list[float]]:
+    """``rounds`` of each kind of update, in turn; seconds from the API change to the
+    probe that saw it."""
+    answer = backend_addresses(endpoints)[:1]
+    results: dict[str, list[float]] = {kind: [] for kind in UPDATE_KINDS}
+
+    def timed(kind: str, change: Callable[[], object], vip: str, answering: bool) -> None:
+        start = time.perf_counter()
+        change()
+        seen = prober.wait_answering(vip, PORT, answering, timeout)
+        results[kind].append(seen - start)
+
+    for _ in range(rounds):
+        timed(
+            "endpoint_added",
+            lambda: api.update(bench_slice("flip-endpoint", answer)),
+            FLIP_ENDPOINT_VIP,
+            True,
+        )
+        timed(
+            "endpoint_removed",
+            lambda: api.update(bench_slice("flip-endpoint", ())),
+            FLIP_ENDPOINT_VIP,
+            False,
+        )
+        timed(
+            "service_deleted",
+            lambda: api.delete("services", NAMESPACE, "flip-service"),
+            FLIP_SERVICE_VIP,
+            False,
+        )
+        timed("service_added",
+              lambda: api.create(bench_service("flip-service", FLIP_SERVICE_VIP)),
+              FLIP_SERVICE_VIP, True)  # fmt: skip
+        progress()
+    return results
+
+
+def run_live(
+    adapter: ModeAdapter,
+    node_netns: str,
+    prober: Prober,
+    objects: list[dict[str, Any]],
+    workdir: Path,
+    *,
+    rounds: int,
+    endpoints: int,
+    sync_timeout: float,
+    progress: Callable[[], None] = lambda: None,
+) -> LiveResults:
+    """Start the controller against ``objects``; measure its first sync, RSS and updates."""
+    kubeconfig = workdir / f"kubeconfig-{adapter.name}"
+    log = workdir / f"controller-{adapter.name}.log"
+    with api_server(node_netns, objects) as api:
+        api.write_kubeconfig(kubeconfig)
+        start = time.monotonic()
+        with controller(adapter, node_netns, kubeconfig, log) as proc:
+            first = wait_first_sync(proc, node_netns, log, sync_timeout)
+            startup = time.monotonic() - start
+            rss = rss_mib(proc.pid)
+            updates = measure_updates(api, prober, rounds, endpoints, sync_timeout, progress)
+            if proc.poll() is not None:
+                raise ControllerError(f"minikproxy run exited {proc.returncode}: {_log_tail(log)}")
+    return LiveResults(first, startup, rss, updates)

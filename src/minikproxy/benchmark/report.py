@@ -1,0 +1,337 @@
+"""What a run prints and writes: the Markdown table (stdout and report.md), report.md with a
+paragraph per figure, and the PNG plots (matplotlib, from the ``bench`` extra)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from minikproxy.benchmark.results import Record, Skipped
+
+Index = dict[tuple[str, int, str], Record]
+
+
+def index(records: Iterable[Record]) -> Index:
+    """Records by (mode, size, metric)."""
+    return {(r.mode, r.size, r.metric): r for r in records}
+
+
+@dataclass(frozen=True)
+class Column:
+    """One table column: its header (with the unit) and how to show a (mode, size) cell."""
+
+    header: str
+    cell: Callable[[Index, str, int], str]
+
+
+def _fmt(value: float) -> str:
+    if value >= 100:
+        return f"{value:.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    if value >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3f}"
+
+
+def median_of(metric: str, scale: float = 1.0) -> Callable[[Index, str, int], str]:
+    """A cell showing ``metric``'s median (times ``scale``), or "-"."""
+
+    def cell(idx: Index, mode: str, size: int) -> str:
+        record = idx.get((mode, size, metric))
+        return "-" if record is None else _fmt(record.median * scale)
+
+    return cell
+
+
+def count_of(metric: str) -> Callable[[Index, str, int], str]:
+    """A cell showing a count."""
+
+    def cell(idx: Index, mode: str, size: int) -> str:
+        record = idx.get((mode, size, metric))
+        return "-" if record is None else f"{record.median:.0f}"
+
+    return cell
+
+
+def median_p95(metric: str) -> Callable[[Index, str, int], str]:
+    """A cell showing ``median / p95``."""
+
+    def cell(idx: Index, mode: str, size: int) -> str:
+        record = idx.get((mode, size, metric))
+        return "-" if record is None else f"{_fmt(record.median)} / {_fmt(record.p95)}"
+
+    return cell
+
+
+COLUMNS: tuple[Column, ...] = (
+    Column("full compile (ms)", median_of("compile_full")),
+    Column("1 change compile (ms)", median_of("compile_one_change")),
+    Column("rules", count_of("ruleset_rules")),
+    Column("chains", count_of("ruleset_chains")),
+    Column("sets+maps", count_of("ruleset_sets")),
+    Column("elements", count_of("ruleset_elements")),
+    Column("ruleset (KiB)", median_of("ruleset_bytes", 1 / 1024)),
+    Column("first load (s)", median_of("load_total")),
+    Column("of it tools+kernel (s)", median_of("load_kernel")),
+    Column("kernel table (KiB)", median_of("kernel_table_bytes", 1 / 1024)),
+    Column("controller first sync (s)", median_of("controller_first_sync")),
+    Column("controller RSS (MiB)", median_of("controller_rss")),
+    Column("endpoint added p50/p95 (ms)", median_p95("update_endpoint_added")),
+    Column("endpoint removed p50/p95 (ms)", median_p95("update_endpoint_removed")),
+    Column("Service added p50/p95 (ms)", median_p95("update_service_added")),
+    Column("Service deleted p50/p95 (ms)", median_p95("update_service_deleted")),
+    Column("connect p50 (µs)", median_of("connect_latency")),
+    Column("connect p99 (µs)", median_of("connect_latency_p99")),
+    Column("new connections (1/s)", median_of("connections_per_second")),
+)
+
+
+def _rows(records: Sequence[Record]) -> list[tuple[str, int]]:
+    seen: dict[tuple[str, int], None] = {}
+    for r in records:
+        seen.setdefault((r.mode, r.size), None)
+    return list(seen)
+
+
+def markdown_table(records: Sequence[Record]) -> str:
+    """One row per mode x size (in the order measured), one column per figure."""
+    idx = index(records)
+    header = ["mode", "Services", *(c.header for c in COLUMNS)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for mode, size in _rows(records):
+        cells = [mode, str(size), *(c.cell(idx, mode, size) for c in COLUMNS)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def strategies_table(records: Sequence[Record]) -> str:
+    """iptables-restore against python-iptables, where measured ("" when not)."""
+    idx = index(records)
+    rows = [
+        (mode, size)
+        for mode, size in _rows(records)
+        if (mode, size, "apply_python_iptables") in idx
+    ]
+    if not rows:
+        return ""
+    lines = [
+        "| mode | Services | iptables-restore (s) | python-iptables (s) | ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for mode, size in rows:
+        restore = idx[(mode, size, "apply_iptables_restore")].median
+        python = idx[(mode, size, "apply_python_iptables")].median
+        lines.append(
+            f"| {mode} | {size} | {_fmt(restore)} | {_fmt(python)} | {python / restore:.0f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# --- plots ------------------------------------------------------------------------------------
+
+PLOTS = ("update_latency.png", "load_time.png", "connect_latency.png", "ruleset_size.png")
+UPDATE_KINDS = (
+    ("update_endpoint_added", "endpoint added"),
+    ("update_endpoint_removed", "endpoint removed"),
+    ("update_service_added", "Service added"),
+    ("update_service_deleted", "Service deleted"),
+)
+
+
+def _series(records: Sequence[Record], metric: str) -> dict[str, list[Record]]:
+    by_mode: dict[str, list[Record]] = {}
+    for r in records:
+        if r.metric == metric:
+            by_mode.setdefault(r.mode, []).append(r)
+    return {m: sorted(rs, key=lambda r: r.size) for m, rs in by_mode.items()}
+
+
+def _line(ax: Any, rows: list[Record], label: str, attr: str = "median", **style: Any) -> None:
+    ax.plot([r.size for r in rows], [getattr(r, attr) for r in rows], marker="o",
+            label=label, **style)  # fmt: skip
+
+
+def _finish(ax: Any, title: str, ylabel: str, logy: bool = True) -> None:
+    ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("Services")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+
+
+def write_plots(records: Sequence[Record], out: Path) -> list[str]:
+    """Write the PNGs of :data:`PLOTS` into ``out``; return their names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 8), sharex=True)
+    for ax, (metric, title) in zip(axes.flat, UPDATE_KINDS, strict=True):
+        for mode, rows in _series(records, metric).items():
+            line = ax.plot([r.size for r in rows], [r.median for r in rows], marker="o",
+                           label=f"{mode} p50")[0]  # fmt: skip
+            _line(ax, rows, f"{mode} p95", "p95", linestyle="--", color=line.get_color(),
+                  alpha=0.6)  # fmt: skip
+        _finish(ax, title, "API change → kernel (ms)")
+    fig.suptitle("Update latency through the controller (log-log)")
+    fig.tight_layout()
+    fig.savefig(out / "update_latency.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    kernel = _series(records, "load_kernel")
+    for mode, rows in _series(records, "load_total").items():
+        line = ax.plot([r.size for r in rows], [r.median for r in rows], marker="o",
+                       label=f"{mode} total")[0]  # fmt: skip
+        if mode in kernel:
+            _line(ax, kernel[mode], f"{mode} tools+kernel", linestyle="--",
+                  color=line.get_color(), alpha=0.6)  # fmt: skip
+    _finish(ax, "First full sync into an empty namespace", "seconds")
+    fig.tight_layout()
+    fig.savefig(out / "load_time.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    p99 = _series(records, "connect_latency_p99")
+    for mode, rows in _series(records, "connect_latency").items():
+        line = ax.plot([r.size for r in rows], [r.median for r in rows], marker="o",
+                       label=f"{mode} p50")[0]  # fmt: skip
+        if mode in p99:
+            _line(ax, p99[mode], f"{mode} p99", linestyle="--", color=line.get_color(),
+                  alpha=0.6)  # fmt: skip
+    _finish(ax, "TCP connect to a ClusterIP (new connections)", "µs")
+    fig.tight_layout()
+    fig.savefig(out / "connect_latency.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for mode, rows in _series(records, "ruleset_rules").items():
+        _line(axes[0], rows, f"{mode} rules")
+    for mode, rows in _series(records, "ruleset_elements").items():
+        if any(r.median for r in rows):
+            _line(axes[0], rows, f"{mode} set/map elements", linestyle=":")
+    _finish(axes[0], "Rules and set/map elements", "count")
+    for mode, rows in _series(records, "ruleset_bytes").items():
+        axes[1].plot([r.size for r in rows], [r.median / 2**20 for r in rows], marker="o",
+                     label=mode)  # fmt: skip
+    _finish(axes[1], "Rendered ruleset", "MiB")
+    fig.tight_layout()
+    fig.savefig(out / "ruleset_size.png", dpi=110)
+    plt.close(fig)
+    return list(PLOTS)
+
+
+# --- report.md --------------------------------------------------------------------------------
+
+FIGURES: tuple[tuple[str, str, str], ...] = (
+    (
+        "update_latency.png",
+        "Update latency",
+        "From just before the fake API server makes the change to the first TCP probe from the "
+        "client namespace that sees it take effect (a connection to the ClusterIP answered "
+        "once an endpoint or Service is added, refused once it is removed), through the real "
+        "controller (`minikproxy run`, `--min-sync-period 0`) watching the API server with "
+        "the `kubernetes` client. It includes the watch delivery, the controller's sync "
+        "(snapshot, incremental compile, the kernel write) and the probe's own resolution: "
+        "one probe a millisecond where connections are answered or refused, but up to the "
+        "10 ms probe timeout where the state before or after drops packets (nftables mode "
+        "drops traffic to unallocated ClusterIPs: its Service added and deleted). Solid "
+        "lines are medians, dashed p95. Where a line is "
+        "missing, the controller could not run that mode (see Skipped).",
+    ),
+    (
+        "load_time.png",
+        "First full sync",
+        "A full compile and the mode's full apply into a new, empty namespace, run by the "
+        "controller's own mode code as its first sync runs them. Dashed: the share spent in "
+        "the kernel tools and the kernel (the wall time of `iptables-restore`/`iptables-save` "
+        "processes, or of the libnftables transaction); the rest is our process (compile, "
+        "render, bookkeeping). The API list and the model's first snapshot are not included. "
+        'The table\'s "kernel table" column is the rule blob the legacy x_tables backend '
+        "reports for its tables (`IPT_SO_GET_INFO`; per-CPU rule counters come on top); "
+        "nf_tables reports no such figure, so it is left empty there.",
+    ),
+    (
+        "connect_latency.png",
+        "Data path: connect latency",
+        "New TCP connections, one after another, from the client namespace to the ClusterIP "
+        "of a Service whose endpoints answer in the backend namespace, through the node "
+        "namespace holding the mode's rules for the whole cluster (the answering Service "
+        "sorts last, so iptables walks every other Service's KUBE-SERVICES rule first). "
+        "The time is `connect()`'s: SYN to SYN-ACK, including DNAT and conntrack; each "
+        "connection is reset at once. Solid: median, dashed: p99. The table's new "
+        "connections per second come from one client opening connections back to back for "
+        "a second per round; one not answered within a second counts as an attempt only "
+        "(results.json: `connections_unanswered`).",
+    ),
+    (
+        "ruleset_size.png",
+        "Ruleset size",
+        "Counted in the rendered text a first sync loads (IPv4): rules and chains, sets and "
+        "maps with their elements, and bytes. iptables puts every Service in rules and "
+        "chains; nftables' flat layout puts them in set and map elements.",
+    ),
+)
+
+
+def report_markdown(
+    header: dict[str, Any],
+    records: Sequence[Record],
+    skipped: Sequence[Skipped],
+    plots: Sequence[str],
+) -> str:
+    """The whole report.md."""
+    machine = header["machine"]
+    settings = header["settings"]
+    out = [
+        "# minikproxy bench: proxy modes compared",
+        "",
+        f"Run started {header['date']} with minikproxy {header['minikproxy_version']}: "
+        f"{machine['cores']} cores ({machine['cpu_model']}), {machine['memory_mib']} MiB, "
+        f"kernel {machine['kernel']}, {machine['iptables']}, {machine['nft']}; load average "
+        f"{', '.join(str(x) for x in machine['load_average'])} at the start.",
+        "",
+        f"Clusters: {', '.join(str(s) for s in settings['sizes'])} Services, "
+        f"{settings['endpoints']} endpoints each (a kube-proxy-shaped mix: 85% ClusterIP, "
+        "10% NodePort, 5% LoadBalancer), IPv4, in real network namespaces.",
+        "",
+        "**Read these numbers with care.** The machine may be shared and noisy: compare the "
+        "modes within this one run only, never with another run's or another machine's "
+        "numbers. Each figure says below what it includes. Nothing is extrapolated: a size "
+        "or mode without a number was not measured.",
+        "",
+        "## Results",
+        "",
+        "Medians (and p95 where shown) of the rounds in `results.json`.",
+        "",
+        markdown_table(records),
+    ]
+    strategies = strategies_table(records)
+    if strategies:
+        out += [
+            "## iptables apply strategies (legacy backend)",
+            "",
+            "The same complete ruleset loaded into an empty namespace by one "
+            "`iptables-legacy-restore` process and by python-iptables (libiptc bindings: one "
+            "Python object per rule and match, one commit per table; its process start-up "
+            "not included). This is why minikproxy, like kube-proxy, writes rules with "
+            "`iptables-restore`.",
+            "",
+            strategies,
+        ]
+    for name, title, text in FIGURES:
+        if name in plots:
+            out += [f"## {title}", "", f"![{title}]({name})", "", text, ""]
+    if skipped:
+        out += ["## Skipped", ""]
+        out += [f"- **{s.mode}**, {s.what}: {s.reason}" for s in skipped]
+        out.append("")
+    return "\n".join(out)

@@ -1,0 +1,283 @@
+"""A whole benchmark run: every mode at every size, step by step, into records.
+
+For each size a cluster is built once; for each mode then: compile, first loads into empty
+namespaces, then a :class:`~minikproxy.testing.netns.Topology` in which the real controller
+syncs the cluster and takes the update rounds, and whose rules (left by the controller, or
+loaded directly when the controller cannot run this mode) carry the data-path probes; at
+the sizes asked for, the iptables apply strategies (legacy backend). Every namespace is
+named after :attr:`Settings.prefix` and deleted on the way out, interrupted or not.
+"""
+
+from __future__ import annotations
+
+import secrets
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from minikproxy.benchmark import ALL_MODES, DEFAULT_SIZES, strategies
+from minikproxy.benchmark.adapters import ADAPTERS, MISSING, ModeAdapter
+from minikproxy.benchmark.cluster import SERVICE_CIDR, TARGET_PORT, backend_addresses
+from minikproxy.benchmark.live import ControllerError, run_live
+from minikproxy.benchmark.measure import (
+    Cluster,
+    Scratch,
+    build_cluster,
+    measure_compile,
+    measure_datapath,
+    measure_load,
+    scratch_namespaces,
+)
+from minikproxy.benchmark.probing import ProbeError, Prober
+from minikproxy.benchmark.results import Record, Skipped
+from minikproxy.benchmark.stats import percentile
+from minikproxy.testing.netns import DEFAULT_CLIENTS, Topology
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one run measures, and how often."""
+
+    modes: tuple[str, ...] = ALL_MODES
+    sizes: tuple[int, ...] = DEFAULT_SIZES
+    endpoints: int = 10
+    rounds: int = 10  # compile rounds
+    load_rounds: int = 3
+    update_rounds: int = 20  # of each kind of update
+    connections: int = 1000  # connect-latency samples
+    rate_rounds: int = 5
+    rate_seconds: float = 1.0
+    strategy_sizes: tuple[int, ...] = (1000,)
+    strategy_rounds: int = 3
+    sync_timeout: float = 900.0
+    prefix: str = field(default_factory=lambda: f"mkpb{secrets.token_hex(3)}")
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> Settings:
+        """``--quick``: 1k Services only, few rounds (a few minutes at most)."""
+        base: dict[str, Any] = dict(
+            sizes=(1000,), rounds=3, load_rounds=2, update_rounds=5, connections=200,
+            rate_rounds=2, rate_seconds=0.5, strategy_rounds=1, sync_timeout=120.0,
+        )  # fmt: skip
+        base.update(overrides)
+        return cls(**base)
+
+
+#: Step weights for the time-left estimate (per 1000 Services).
+STEP_WEIGHT = {"compile": 1.0, "load": 2.0, "controller": 6.0, "datapath": 2.0, "strategies": 4.0}
+
+
+class Progress:
+    """Where the run is: the caller shows it (``update(description, advance)``)."""
+
+    def __init__(self, total: float, show: Callable[[str, float], None]) -> None:
+        self.total = total
+        self._show = show
+
+    def step(self, text: str, weight: float = 0.0) -> None:
+        """Announce ``text`` and count ``weight`` units of work done."""
+        self._show(text, weight)
+
+
+def plan_weight(settings: Settings) -> float:
+    """Total work units of a run (for the time-left estimate)."""
+    total = 0.0
+    for size in settings.sizes:
+        for mode in settings.modes:
+            if mode not in ADAPTERS:
+                continue
+            total += size / 1000 * sum(w for step, w in STEP_WEIGHT.items() if step != "strategies")
+            if mode == "iptables-legacy" and size in settings.strategy_sizes:
+                total += size / 1000 * STEP_WEIGHT["strategies"]
+    return total
+
+
+@dataclass
+class Outcome:
+    """Records and what was skipped."""
+
+    records: list[Record] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+
+class Runner:
+    """Runs :class:`Settings` and collects an :class:`Outcome` (also partly, if interrupted)."""
+
+    def __init__(self, settings: Settings, progress: Progress, workdir: Path) -> None:
+        self.settings = settings
+        self.progress = progress
+        self.workdir = workdir
+        self.outcome = Outcome()
+        self._topologies = 0
+
+    def _add(self, mode: str, size: int, metric: str, unit: str, values: list[float]) -> None:
+        if values:
+            self.outcome.records.append(
+                Record.of(mode, size, self.settings.endpoints, metric, unit, values)
+            )
+
+    def _skip(self, mode: str, what: str, reason: str) -> None:
+        self.outcome.skipped.append(Skipped(mode, what, " ".join(reason.split())))
+
+    def run(self) -> Outcome:
+        """Measure everything; return what was measured."""
+        s = self.settings
+        for mode in s.modes:
+            if mode not in ADAPTERS:
+                self._skip(mode, "everything", MISSING.get(mode, "no such mode"))
+        with scratch_namespaces(s.prefix) as scratch:
+            for size in s.sizes:
+                self.progress.step(f"{size} Services: building the cluster")
+                cluster = build_cluster(size, s.endpoints)
+                for mode in s.modes:
+                    if mode in ADAPTERS:
+                        self._run_mode(ADAPTERS[mode](), cluster, scratch)
+        return self.outcome
+
+    def _run_mode(self, adapter: ModeAdapter, cluster: Cluster, scratch: Scratch) -> None:
+        s, mode, size = self.settings, adapter.name, cluster.size
+        unit = size / 1000
+        reason = adapter.unavailable()
+        if reason is not None:
+            self._skip(mode, "everything", reason)
+            return
+        where = f"{mode} @ {size}"
+        self.progress.step(f"{where}: compile")
+        compiled = self._guarded(mode, size, "compile",
+                                 lambda: measure_compile(adapter, cluster, s.rounds))  # fmt: skip
+        if compiled is not None:
+            self._add(mode, size, "compile_full", "ms", [x * 1e3 for x in compiled.full])
+            self._add(mode, size, "compile_one_change", "ms",
+                      [x * 1e3 for x in compiled.incremental])  # fmt: skip
+            assert compiled.size is not None
+            for metric, value in asdict(compiled.size).items():
+                unit_name = "bytes" if metric == "bytes" else "count"
+                self._add(mode, size, f"ruleset_{metric}", unit_name, [float(value)])
+        self.progress.step(
+            f"{where}: first load into empty namespaces", unit * STEP_WEIGHT["compile"]
+        )
+        loads = self._guarded(
+            mode, size, "first load", lambda: measure_load(adapter, cluster, scratch, s.load_rounds)
+        )
+        if loads is not None:
+            self._add(mode, size, "load_total", "s", loads.total)
+            self._add(mode, size, "load_ours", "s", loads.ours)
+            self._add(mode, size, "load_kernel", "s", loads.kernel)
+            self._add(mode, size, "kernel_table_bytes", "bytes", loads.kernel_bytes)
+        self.progress.step(
+            f"{where}: controller first sync and updates", unit * STEP_WEIGHT["load"]
+        )
+        self._guarded(mode, size, "topology", lambda: self._in_topology(adapter, cluster))
+        self.progress.step(f"{where}: done", unit * STEP_WEIGHT["datapath"])
+        if mode == "iptables-legacy" and size in s.strategy_sizes and compiled is not None:
+            self.progress.step(f"{where}: iptables-restore vs python-iptables")
+            text = compiled.text
+            self._guarded(mode, size, "apply strategies",
+                          lambda: self._strategies(mode, size, text, scratch))  # fmt: skip
+            self.progress.step(f"{where}: done", unit * STEP_WEIGHT["strategies"])
+
+    def _guarded(self, mode: str, size: int, what: str, fn: Callable[[], _T]) -> _T | None:
+        """``fn()``, or None when it fails: one failed measurement (a tool timing out on a
+        busy machine, say) is reported as skipped, and the run goes on."""
+        try:
+            return fn()
+        except Exception as exc:
+            self._skip(mode, f"{what} at {size}", f"{type(exc).__name__}: {exc}")
+            return None
+
+    def _in_topology(self, adapter: ModeAdapter, cluster: Cluster) -> None:
+        """The controller's first sync and updates, then the data path, in one topology."""
+        s, mode, size = self.settings, adapter.name, cluster.size
+        self._topologies += 1
+        backends = backend_addresses(s.endpoints)
+        with self._topology(backends) as (topo, prober):
+            try:
+                live = run_live(
+                    adapter, topo.namespaces["node"], prober, cluster.objects, self.workdir,
+                    rounds=s.update_rounds, endpoints=s.endpoints, sync_timeout=s.sync_timeout,
+                )  # fmt: skip
+            except (ControllerError, TimeoutError) as exc:
+                self._skip(mode, f"controller: first sync, RSS, update latency at {size}",
+                           str(exc))  # fmt: skip
+                live = None
+            if live is not None:
+                self._add(mode, size, "controller_first_sync", "s", [live.first_sync])
+                self._add(mode, size, "controller_rss", "MiB", [live.rss_mib])
+                for kind, values in live.updates.items():
+                    self._add(mode, size, f"update_{kind}", "ms", [x * 1e3 for x in values])
+            self.progress.step(f"{mode} @ {size}: data path",
+                               size / 1000 * STEP_WEIGHT["controller"])  # fmt: skip
+            if live is None:
+                # The controller left nothing (or something partial): load the rules directly.
+                topo.reset_rules()
+                direct = adapter.build(topo.namespaces["node"])
+                try:
+                    direct.apply(adapter.compile(direct, cluster.snapshot.state), None, True)
+                finally:
+                    direct.close()
+            self._datapath(mode, size, prober)
+
+    @contextmanager
+    def _topology(self, backends: tuple[str, ...]) -> Iterator[tuple[Topology, Prober]]:
+        with Topology(
+            clients=DEFAULT_CLIENTS,
+            backends=(*backends, "fd00:10:2::2"),  # an IPv6 address too: the harness routes both
+            prefix=f"{self.settings.prefix}-t{self._topologies}",
+        ) as topo:
+            # Connections no rule rewrote are refused by the upstream (TCP RST) rather than
+            # answered with ICMP net unreachable, which the kernel rate-limits per source
+            # (routing errors: 5, then one a second): probes must all get an answer quickly.
+            topo.exec_in("upstream", ["ip", "route", "add", "local", SERVICE_CIDR, "dev", "lo"])
+            topo.serve_many([(ip, TARGET_PORT, "tcp") for ip in backends])
+            prober = Prober(topo.namespaces["client"])
+            try:
+                yield topo, prober
+            finally:
+                prober.close()
+
+    def _datapath(self, mode: str, size: int, prober: Prober) -> None:
+        s = self.settings
+        try:
+            result = measure_datapath(prober, s.connections, s.rate_rounds, s.rate_seconds)
+        except ProbeError as exc:
+            self._skip(mode, f"data path at {size}", str(exc))
+            return
+        micros = [x * 1e6 for x in result.latencies]
+        self._add(mode, size, "connect_latency", "us", micros)
+        self._add(mode, size, "connect_latency_p99", "us", [percentile(micros, 99)])
+        self._add(mode, size, "connections_per_second", "conn/s", result.rates)
+        self._add(mode, size, "connections_unanswered", "count", result.unanswered)
+
+    def _strategies(self, mode: str, size: int, payload: str, scratch: Scratch) -> None:
+        reason = strategies.python_iptables_missing()
+        if reason is not None:
+            self._skip(mode, "apply strategies", reason)
+            return
+        restore: list[float] = []
+        python: list[float] = []
+        for _ in range(self.settings.strategy_rounds):
+            for loader, into in ((strategies.restore_load, restore),
+                                 (strategies.python_iptables_load, python)):  # fmt: skip
+                netns = scratch.fresh()
+                try:
+                    into.append(loader(payload, netns))
+                finally:
+                    scratch.drop(netns)
+        self._add(mode, size, "apply_iptables_restore", "s", restore)
+        self._add(mode, size, "apply_python_iptables", "s", python)
+
+
+def run_benchmark(
+    settings: Settings, show: Callable[[str, float], None], workdir: Path | None = None
+) -> Outcome:
+    """Run ``settings``; ``show(description, advance)`` reports progress."""
+    progress = Progress(plan_weight(settings), show)
+    if workdir is not None:
+        return Runner(settings, progress, workdir).run()
+    with tempfile.TemporaryDirectory(prefix="mkpbench-") as tmp:
+        return Runner(settings, progress, Path(tmp)).run()

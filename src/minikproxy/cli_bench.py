@@ -1,0 +1,199 @@
+"""``minikproxy bench``: the proxy-mode trade-off benchmark (see :mod:`minikproxy.benchmark`).
+Wiring only: flags, progress display, output files."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from minikproxy.benchmark import ALL_MODES, DEFAULT_SIZES
+
+if TYPE_CHECKING:
+    from minikproxy.benchmark.runner import Settings
+
+EXIT_INTERRUPTED = 130
+
+
+def _modes(text: str) -> tuple[str, ...]:
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in modes if m not in ALL_MODES]
+    if not modes or unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown mode(s) {', '.join(unknown) or text!r}; choose from {', '.join(ALL_MODES)}"
+        )
+    return modes
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected Service counts like 1000,5000: {text!r}"
+        ) from None
+    if not sizes or any(s < 1 for s in sizes):
+        raise argparse.ArgumentTypeError(f"sizes must be positive: {text!r}")
+    return sizes
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def add_subcommand(sub: Any) -> None:
+    """Register ``bench`` on the top-level subparsers."""
+    bench = sub.add_parser(
+        "bench",
+        help="compare the proxy modes on synthetic clusters in network namespaces (root)",
+        description="Measure every proxy mode at every cluster size in real network "
+        "namespaces: compile, first load, update latency through the real controller, "
+        "connect latency and rate, memory; print a Markdown table, and with --out write "
+        "results.json, report.md and PNG plots. Needs root and minikproxy[bench].",
+    )
+    bench.add_argument("--modes", type=_modes, default=ALL_MODES, metavar="MODE[,MODE...]",
+                       help=f"default: {','.join(ALL_MODES)}")  # fmt: skip
+    bench.add_argument("--sizes", type=_sizes, default=None, metavar="N[,N...]",
+                       help="Services per cluster (default: 1000,5000,10000)")  # fmt: skip
+    bench.add_argument("--endpoints", type=_positive, default=10, metavar="N",
+                       help="endpoints per Service (default 10)")  # fmt: skip
+    bench.add_argument("--rounds", type=_positive, default=None, metavar="N",
+                       help="rounds of each update kind and of each compile (default 20; "
+                       "--quick: 5)")  # fmt: skip
+    bench.add_argument("--out", type=Path, default=None, metavar="DIR",
+                       help="write results.json, report.md and the plots here")  # fmt: skip
+    bench.add_argument("--quick", action="store_true",
+                       help="1000 Services only, few rounds (a few minutes at most)")  # fmt: skip
+    bench.add_argument("--netns-prefix", default=None, metavar="PREFIX",
+                       help="name the run's network namespaces PREFIX-... "
+                       "(default: mkpb and random hex)")  # fmt: skip
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """The run's :class:`Settings` from the flags."""
+    from minikproxy.benchmark.runner import Settings
+
+    overrides: dict[str, Any] = {"modes": args.modes, "endpoints": args.endpoints}
+    if args.sizes is not None:
+        overrides["sizes"] = args.sizes
+    if args.netns_prefix:
+        overrides["prefix"] = args.netns_prefix
+    if args.rounds is not None:
+        rounds = args.rounds
+        overrides.update(rounds=rounds, update_rounds=rounds,
+                         rate_rounds=min(rounds, 5), load_rounds=min(rounds, 3))  # fmt: skip
+    if args.quick:
+        return Settings.quick(**overrides)
+    if args.rounds is None:
+        overrides.update(rounds=20, update_rounds=20)
+    overrides.setdefault("sizes", DEFAULT_SIZES)
+    return Settings(**overrides)
+
+
+@contextmanager
+def progress_display(total: float) -> Iterator[Callable[[str, float], None]]:
+    """A ``show(description, advance)`` callback: a rich progress bar with the time left on
+    a terminal, plain lines on stderr otherwise."""
+    try:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+    except ImportError:
+        Console = None  # type: ignore[assignment,misc]
+    if Console is not None and sys.stderr.isatty():
+        with Progress(
+            TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+            TextColumn("left"), TimeRemainingColumn(), console=Console(stderr=True),
+        ) as bar:  # fmt: skip
+            task = bar.add_task("starting", total=total)
+            yield lambda text, advance: bar.update(task, description=text, advance=advance)
+        return
+    start = time.monotonic()
+    done = [0.0]
+
+    def show(text: str, advance: float) -> None:
+        done[0] += advance
+        elapsed = time.monotonic() - start
+        left = elapsed / done[0] * (total - done[0]) if done[0] else None
+        eta = "" if left is None else f", ~{left:.0f} s left"
+        print(f"[{elapsed:5.0f} s{eta}] {text}", file=sys.stderr, flush=True)
+
+    yield show
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def main_bench(args: argparse.Namespace) -> int:
+    """``minikproxy bench``."""
+    from minikproxy.benchmark import report
+    from minikproxy.benchmark.results import machine_info, make_header, now_utc, write_results
+    from minikproxy.benchmark.runner import plan_weight, run_benchmark
+
+    if os.geteuid() != 0:
+        print("minikproxy bench needs root (network namespaces, iptables, nftables)",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    settings = settings_from_args(args)
+    machine, started = machine_info(), now_utc()  # the load average before the run
+    signal.signal(signal.SIGTERM, _interrupt)  # cleaned up like Ctrl-C
+    # Python leaves SIGINT ignored when it starts ignored (a background job of a
+    # non-interactive shell): the run must stay interruptible all the same.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with progress_display(plan_weight(settings)) as show:
+            outcome = run_benchmark(settings, show)
+    except KeyboardInterrupt:
+        print("minikproxy bench: interrupted; its network namespaces were deleted",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_INTERRUPTED
+    print(report.markdown_table(outcome.records))
+    strategies = report.strategies_table(outcome.records)
+    if strategies:
+        print(strategies)
+    for skipped in outcome.skipped:
+        print(f"- skipped: {skipped.mode}, {skipped.what}: {skipped.reason}")
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        plots: list[str] = []
+        try:
+            plots = report.write_plots(outcome.records, args.out)
+        except ImportError as exc:
+            print(f"no plots: {exc} (install minikproxy[bench])", file=sys.stderr)
+        header = make_header(
+            settings_as_json(settings), outcome.skipped, machine=machine, date=started
+        )
+        write_results(args.out / "results.json", header, outcome.records)
+        text = report.report_markdown(header, outcome.records, outcome.skipped, plots)
+        (args.out / "report.md").write_text(text)
+        print(f"\nwrote {args.out}/results.json, report.md and {len(plots)} plots",
+              file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def settings_as_json(settings: Settings) -> dict[str, Any]:
+    """The settings for the results header (everything but the namespace prefix)."""
+    from dataclasses import asdict
+
+    body = asdict(settings)
+    body.pop("prefix")
+    return body
