@@ -25,6 +25,7 @@ from minikproxy.config import ProxyConfig
 from minikproxy.controller import Controller
 from minikproxy.dataplane.execer import ExecResult, RealExecer
 from minikproxy.model.names import IPV4
+from minikproxy.modes.iptables import IptablesMode
 from minikproxy.sources.kubeclient import load_api_client
 from minikproxy.testing.apiserver import FakeApiServer
 from minikproxy.testing.netns import Topology
@@ -70,7 +71,8 @@ def start_controller(
         config, "node-0", load_api_client(str(kubeconfig)), execer=execer, backend="nft",
         families=[IPV4],
     )  # fmt: skip
-    controller.proxier.rewrite_top_level = rewrite_top_level
+    assert isinstance(controller.mode, IptablesMode)
+    controller.mode.rewrite_top_level = rewrite_top_level
     start = time.perf_counter()
     controller.start()
     while controller.proxier.last_sync is None or not controller.proxier.last_sync.ok:

@@ -112,7 +112,9 @@ class Proxier:
     wallclock: Callable[[], float] = time.time
     full_sync_period: float = FULL_SYNC_PERIOD
     nft_batch: int = NFT_FULL_SYNC_BATCH
-    rewrite_top_level: bool = False  # True: kube-proxy's partial sync (always KUBE-SERVICES)
+    # True: kube-proxy's partial sync (always KUBE-SERVICES). Read once, to build the default
+    # iptables mode: later, set the mode's own attribute.
+    rewrite_top_level: bool = False
     runner: Runner | None = None
     last_sync: SyncResult | None = None
     on_sync: Callable[[SyncResult], None] | None = None  # called after every sync
