@@ -1,10 +1,11 @@
-"""The proxier: API events in, kernel rules out, through a bounded-frequency sync loop.
+"""The proxier: API events in, kernel rules out, through a bounded-frequency sync loop that
+every proxy mode shares.
 
 Handlers only record changes in the :class:`~minikproxy.changes.ClusterTracker` and poke the
 runner; nothing is written before both Services and EndpointSlices have been listed once.
 :meth:`Proxier.sync_proxy_rules` has kube-proxy's skeleton: decide full or partial, snapshot,
-compile (incrementally), apply atomically, and on failure keep the old rules, count, back
-off and make the next sync full.
+have the mode (:class:`~minikproxy.modes.base.ProxyMode`) compile incrementally and apply
+atomically, and on failure keep the old rules, count, back off and make the next sync full.
 """
 
 from __future__ import annotations
