@@ -344,6 +344,8 @@ class NftablesRuleset:
     port_index: Mapping[NamespacedName, tuple[ServicePortName, ...]] = field(
         default_factory=dict, repr=False
     )
+    #: The ports ``notes`` are about, one each, in the same order.
+    noted: tuple[ServicePortName, ...] = ()
 
     @property
     def family_prefix(self) -> str:
@@ -785,7 +787,7 @@ def compile_nftables(
     if not ports:
         same = NftablesRuleset(
             options, previous.skeleton, services, previous.order, previous.notes, frozenset(),
-            new_index,
+            new_index, previous.noted,
         )  # fmt: skip
         for counts in ("skeleton_refs", "shared_refs"):  # handed on, as below
             if counts in previous.__dict__:
@@ -802,10 +804,12 @@ def compile_nftables(
     skeleton = previous.skeleton
     if refs.keys() != had_skeleton_refs:
         skeleton = _skeleton_of(options, services.values())
-    notes = (
-        _notes(state, options, order, services) if previous.notes or options.family != IPV4 else ()
+    # Only the recompiled ports' notes can change: the others are carried over.
+    kept = {n: t for n, t in zip(previous.noted, previous.notes, strict=True) if n not in ports}
+    notes, noted = _notes(state, options, recompiled, services, kept)
+    ruleset = NftablesRuleset(
+        options, skeleton, services, order, notes, ports, new_index, noted=noted
     )
-    ruleset = NftablesRuleset(options, skeleton, services, order, notes, ports, new_index)
     ruleset.__dict__["skeleton_refs"] = refs
     if "shared_refs" in previous.__dict__:
         shared = previous.__dict__.pop("shared_refs")
@@ -870,24 +874,40 @@ def _skeleton_of(options: NftablesOptions, services: Iterable[ServiceElements]) 
     return _skeleton(options, picks, local_picks, timeouts)
 
 
+def _port_note(state: ProxyState, name: ServicePortName, svc: ServiceElements) -> str | None:
+    """What the flat layout cannot express for one IPv6 port, if anything."""
+    if (
+        state.services[name].session_affinity_client_ip
+        and svc.categorized.has_any
+        and not svc.affinity_timeouts
+        and len({ep.port for ep in svc.categorized.reachable}) > 1
+    ):
+        return (
+            f"{name} ({name.protocol}): ClientIP session affinity over IPv6 needs one target "
+            "port number for all endpoints in the flat nftables layout (nft 1.0.6); "
+            "connections are balanced without it"
+        )
+    return None
+
+
 def _notes(
     state: ProxyState,
     options: NftablesOptions,
-    order: Sequence[ServicePortName],
+    names: Iterable[ServicePortName],
     services: Mapping[ServicePortName, ServiceElements],
-) -> tuple[str, ...]:
+    kept: Mapping[ServicePortName, str] | None = None,
+) -> tuple[tuple[str, ...], tuple[ServicePortName, ...]]:
+    """The notes of ``names``' ports (plus the ``kept`` ones), and the ports they are about,
+    in port order."""
     if options.family == IPV4:
-        return ()
-    return tuple(
-        f"{name} ({name.protocol}): ClientIP session affinity over IPv6 needs one target "
-        "port number for all endpoints in the flat nftables layout (nft 1.0.6); "
-        "connections are balanced without it"
-        for name in order
-        if state.services[name].session_affinity_client_ip
-        and services[name].categorized.has_any
-        and not services[name].affinity_timeouts
-        and len({ep.port for ep in services[name].categorized.reachable}) > 1
-    )
+        return (), ()
+    noted = dict(kept or {})
+    for name in names:
+        note = _port_note(state, name, services[name])
+        if note is not None:
+            noted[name] = note
+    order = sorted(noted)
+    return tuple(noted[name] for name in order), tuple(order)
 
 
 def _compile_all(state: ProxyState, options: NftablesOptions) -> NftablesRuleset:
@@ -897,13 +917,15 @@ def _compile_all(state: ProxyState, options: NftablesOptions) -> NftablesRuleset
             for name, port in state.services.items()
         }
     order = tuple(sorted(services))
+    notes, noted = _notes(state, options, order, services)
     ruleset = NftablesRuleset(
         options=options,
         skeleton=_skeleton_of(options, services.values()),
         services=services,
         order=order,
-        notes=_notes(state, options, order, services),
+        notes=notes,
         port_index=state.ports_by_service,
+        noted=noted,
     )
     # Counted now, with the full compile, not by the first incremental one (which then
     # carries them forward): an endpoint change must not pay a pass over every port.
