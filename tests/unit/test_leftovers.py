@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from minikproxy.dataplane.execer import ExecResult
 from minikproxy.modes import leftovers
 
 
@@ -37,3 +38,24 @@ def test_start_up_removes_only_what_cannot_be_the_running_modes(
 ) -> None:
     leftovers.remove_other_modes(mode, object())  # type: ignore[arg-type]
     assert called == removed
+
+
+class LinkProbe:
+    """An execer answering ``ip link show dev kube-ipvs0`` with ``returncode``."""
+
+    def __init__(self, returncode: int) -> None:
+        self.returncode = returncode
+
+    def run(self, argv: Any, *, stdin: Any = None, timeout: Any = None) -> ExecResult:
+        assert list(argv) == ["ip", "link", "show", "dev", "kube-ipvs0"]
+        return ExecResult(self.returncode, b"", b"")
+
+
+@pytest.mark.parametrize(("returncode", "removed"), [(0, ["ipvs state"]), (1, [])])
+def test_ipvs_state_is_removed_at_start_up_only_where_ipvs_mode_ran(
+    monkeypatch: pytest.MonkeyPatch, returncode: int, removed: list[str]
+) -> None:
+    """Without kube-ipvs0 the node's virtual servers belong to other software (keepalived)."""
+    monkeypatch.setattr(leftovers, "remove_ipvs_leftovers", lambda execer: ["ipvs state"])
+    execer = LinkProbe(returncode)
+    assert leftovers.remove_ipvs_mode_leftovers(execer) == removed

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from minikproxy.cleanup import cleanup_iptables
 from minikproxy.compile.nftables import TABLE as FLAT_TABLE
 from minikproxy.compile.nftables_kubeproxy import TABLE as KUBE_PROXY_TABLE
-from minikproxy.dataplane.execer import Execer
+from minikproxy.dataplane.execer import Execer, ExecError
 from minikproxy.dataplane.iptables import IptablesBackend, IptablesError, RealIptables
 from minikproxy.dataplane.libnftables import NftablesError
 from minikproxy.dataplane.nftables import OWNED_TABLES, NftablesApplier
@@ -78,11 +78,24 @@ def remove_ipvs_leftovers(execer: Execer) -> list[str]:
         raise CleanupError(f"ipvs: {type(err).__name__}: {err}") from err
 
 
-#: Every mode's remover, by ``--proxy-mode``.
+def remove_ipvs_mode_leftovers(execer: Execer) -> list[str]:
+    """At start-up: IPVS mode's state only where an IPVS-mode proxy left its ``kube-ipvs0``
+    device. Removing IPVS state deletes every virtual server of the node: on a node that
+    never ran IPVS mode they belong to other software (keepalived, LVS), not to a proxy."""
+    from minikproxy.compile.ipvs import DUMMY_DEVICE
+
+    try:
+        probe = execer.run(["ip", "link", "show", "dev", DUMMY_DEVICE])
+    except (OSError, ExecError) as err:
+        raise CleanupError(f"ipvs: cannot look for {DUMMY_DEVICE}: {err}") from err
+    return remove_ipvs_leftovers(execer) if probe.returncode == 0 else []
+
+
+#: Every mode's start-up remover, by ``--proxy-mode``.
 REMOVERS: dict[str, Callable[[Execer], list[str]]] = {
     "iptables": remove_iptables_state,
     "nftables": remove_nftables_state,
-    "ipvs": remove_ipvs_leftovers,
+    "ipvs": remove_ipvs_mode_leftovers,
 }
 
 
