@@ -125,18 +125,16 @@ def _objects(files: Sequence[str], kubeconfig: str | None, config: ProxyConfig) 
 
 
 def _explain(args: argparse.Namespace, config: ProxyConfig) -> int:
-    from minikproxy.explain.driver import build_view, explain_packet, track
+    from minikproxy.explain.driver import explain_objects
     from minikproxy.explain.packet import make_packet
 
     packet = make_packet(args.src, args.dst, args.dport, args.proto, args.origin, args.in_interface)
     objects = _objects(args.files, args.kubeconfig, config)
-    tracker, problems = track(objects, config)
+    result, problems = explain_objects(
+        objects, config, packet, node_addresses=split_list(args.node_addresses or "")
+    )
     for problem in problems:
         print(f"warning: {problem} (skipped)", file=sys.stderr)
-    view = build_view(
-        tracker, config, packet.family, node_addresses=split_list(args.node_addresses or "")
-    )
-    result = explain_packet(view, packet)
     if args.json:
         json.dump(result.as_json(), sys.stdout, indent=2)
         sys.stdout.write("\n")

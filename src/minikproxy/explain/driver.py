@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from typing import Any
 
 from minikproxy.changes import ClusterTracker, Snapshot
@@ -18,6 +19,7 @@ from minikproxy.explain.engine import RuleEvaluator, endpoint_shares, merged_pat
 from minikproxy.explain.iptables import IptablesRules
 from minikproxy.explain.nft import NftRules
 from minikproxy.explain.packet import Packet
+from minikproxy.explain.prefilter import select
 from minikproxy.explain.reasons import (
     FrontendIndex,
     find_targets,
@@ -142,13 +144,16 @@ def build_view(
     node_addresses: Sequence[str] = (),
     snapshot: Snapshot | None = None,
     previous: ModeView | None = None,
+    endpoints_above: Callable[[int, int], bool] | None = None,
 ) -> ModeView:
     """Compile ``tracker``'s state of ``family`` in ``config``'s mode, as ``render`` does.
 
     ``snapshot`` is the state to compile (default: the tracker's next snapshot). With
     ``previous`` (the view of an earlier snapshot of the same tracker, same mode and options)
     only the Services ``snapshot`` names as changed are recompiled: the result is identical
-    to a full compile.
+    to a full compile. When the tracker holds part of the input (the prefilter),
+    ``endpoints_above(tracked_total, threshold)`` says whether the whole input has more
+    endpoints than ``threshold``: it decides iptables' large-cluster mode.
     """
     mode = mode_name(config)
     node = tracker.node
@@ -161,6 +166,9 @@ def build_view(
     rules: RuleEvaluator
     if mode == "iptables":
         ipt = iptables_options(config, node, family, node_addresses=node_addresses)
+        if endpoints_above is not None:
+            large = endpoints_above(state.total_endpoints, ipt.large_cluster_threshold)
+            ipt = dataclasses.replace(ipt, large_cluster_threshold=-1 if large else sys.maxsize)
         if changed is not None and previous is not None:
             ruleset: Any = compile_iptables(
                 state, ipt, previous=previous.ruleset, changed_services=changed
@@ -238,6 +246,31 @@ def _pod_interfaces(config: ProxyConfig) -> str:
     if config.detect_local_mode == "InterfaceNamePrefix":
         return f"{config.interface_name_prefix}*"
     return ""
+
+
+def explain_objects(
+    objects: Sequence[SourcedObject],
+    config: ProxyConfig,
+    packet: Packet,
+    *,
+    node_addresses: Sequence[str] = (),
+    prefilter: bool = True,
+) -> tuple[Explanation, list[ObjectProblem]]:
+    """Explain ``packet`` with the rules ``objects`` compile to for this node, and the
+    problems found in the objects read. With ``prefilter`` only the Services the packet can
+    meet are tracked and compiled (:mod:`~minikproxy.explain.prefilter`; the answer is the
+    same, and only those objects' problems are reported)."""
+    if not prefilter:
+        fed = Feed(objects, config)
+        above = None
+    else:
+        (selection,) = select([objects], {packet.dst}, {packet.dport})
+        fed = Feed(selection.kept, config)
+        above = partial(selection.endpoints_above, fed.tracker.node_name, packet.family)
+    view = build_view(
+        fed.tracker, config, packet.family, node_addresses=node_addresses, endpoints_above=above
+    )
+    return explain_packet(view, packet), fed.problems
 
 
 def explain_packet(view: ModeView, packet: Packet, *, detail: bool = True) -> Explanation:

@@ -30,11 +30,12 @@ class FrontendIndex:
 
     @classmethod
     def build(cls, state: ProxyState) -> FrontendIndex:
-        """Index every service port of ``state`` (one pass)."""
+        """Index every service port of ``state`` (one pass), in port name order: the
+        tracker's order follows set iteration, which varies with the hash seed."""
         by_address: dict[tuple[str, int, str], list[Target]] = {}
         by_node_port: dict[tuple[int, str], list[ServicePort]] = {}
         by_ip: dict[str, list[ServicePort]] = {}
-        for port in state.services.values():
+        for _, port in sorted(state.services.items()):
             proto = port.protocol
             for frontend, ips in (
                 ("ClusterIP", (port.cluster_ip,)),
