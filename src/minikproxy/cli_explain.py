@@ -144,8 +144,8 @@ def _explain(args: argparse.Namespace, config: ProxyConfig) -> int:
 
 
 def _diff(args: argparse.Namespace, config: ProxyConfig) -> int:
-    from minikproxy.explain.diff import diff_views, mode_notes
-    from minikproxy.explain.driver import Feed, build_view, mode_name, with_mode
+    from minikproxy.explain.diff import diff_objects, mode_notes
+    from minikproxy.explain.driver import mode_name, with_mode
 
     old_config = config
     new_config = config
@@ -162,33 +162,18 @@ def _diff(args: argparse.Namespace, config: ProxyConfig) -> int:
         raise ConfigError("--against-live compares with the kernel: no --against/--to-proxy-mode")
     node_addresses = split_list(args.node_addresses or "")
     old_objects = _objects(args.files, None, config)
-    fed = Feed(old_objects, config)
     families: tuple[IPFamily, ...] = (args.ip_family,) if args.ip_family else (IPV4, IPV6)
-    old_snaps = {family: fed.tracker.snapshot(family) for family in families}
-    new_snaps = old_snaps
-    if args.against:
-        fed.replace(old_objects, _objects(args.against, None, config))
-        new_snaps = {family: fed.tracker.snapshot(family) for family in families}
-    for problem in fed.problems:
-        print(f"warning: {problem} (skipped)", file=sys.stderr)
     old_mode, new_mode = mode_name(old_config), mode_name(new_config)
     notes = list(mode_notes(old_mode, new_mode))
-    changes = []
-    for family in families:
-        old = build_view(
-            fed.tracker, old_config, family, node_addresses=node_addresses,
-            snapshot=old_snaps[family],
-        )  # fmt: skip
-        if args.against_live:
-            from minikproxy.explain.live import live_view
-
-            new = live_view(old)
-        else:
-            new = build_view(
-                fed.tracker, new_config, family, node_addresses=node_addresses,
-                snapshot=new_snaps[family], previous=old if args.against else None,
-            )  # fmt: skip
-        changes.extend(diff_views(old, new))
+    if args.against and new_config == old_config:
+        new_objects = _objects(args.against, None, config)
+        changes, problems = diff_objects(
+            old_objects, new_objects, config, families, node_addresses=node_addresses
+        )
+        for problem in problems:
+            print(f"warning: {problem} (skipped)", file=sys.stderr)
+    else:
+        changes = _diff_modes(args, old_objects, old_config, new_config, families, node_addresses)
     new_label = "live kernel" if args.against_live else new_mode
     if args.json:
         out = {
@@ -215,3 +200,42 @@ def _diff(args: argparse.Namespace, config: ProxyConfig) -> int:
             if change.known:
                 print(f"    known mode difference: {change.known}")
     return 1 if args.exit_code and changes else 0
+
+
+def _diff_modes(
+    args: argparse.Namespace,
+    old_objects: Sequence[Any],
+    old_config: ProxyConfig,
+    new_config: ProxyConfig,
+    families: Sequence[IPFamily],
+    node_addresses: Sequence[str],
+) -> list[Any]:
+    """The changes of a mode switch (of one snapshot, or of two) or against the live kernel."""
+    from minikproxy.explain.diff import diff_views
+    from minikproxy.explain.driver import Feed, build_view
+
+    fed = Feed(old_objects, old_config)
+    old_snaps = {family: fed.tracker.snapshot(family) for family in families}
+    new_snaps = old_snaps
+    if args.against:
+        fed.replace(old_objects, _objects(args.against, None, old_config))
+        new_snaps = {family: fed.tracker.snapshot(family) for family in families}
+    for problem in fed.problems:
+        print(f"warning: {problem} (skipped)", file=sys.stderr)
+    changes = []
+    for family in families:
+        old = build_view(
+            fed.tracker, old_config, family, node_addresses=node_addresses,
+            snapshot=old_snaps[family],
+        )  # fmt: skip
+        if args.against_live:
+            from minikproxy.explain.live import live_view
+
+            new = live_view(old)
+        else:
+            new = build_view(
+                fed.tracker, new_config, family, node_addresses=node_addresses,
+                snapshot=new_snaps[family], previous=old if args.against else None,
+            )  # fmt: skip
+        changes.extend(diff_views(old, new))
+    return changes

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from minikproxy.changes import ClusterTracker
 from minikproxy.config import ProxyConfig
 from minikproxy.explain import driver
+from minikproxy.explain.diff import diff_objects
 from minikproxy.explain.driver import MODES, explain_objects, with_mode
 from minikproxy.explain.engine import ExplainError
 from minikproxy.explain.packet import make_packet
@@ -227,7 +228,7 @@ def _answer(objs: list[Any], cfg: ProxyConfig, packet: Any, prefilter: bool) -> 
 
 @pytest.mark.parametrize("family", ["IPv4", "IPv6"])
 @pytest.mark.parametrize("mode", MODES)
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_prefiltered_explanation_equals_the_full_one(mode: str, family: str, data: Any) -> None:
     objs = data.draw(clusters(family))
@@ -340,3 +341,113 @@ def test_an_endpoint_that_is_another_services_frontend(mode: str) -> None:
     assert full.as_json() != without_b.as_json()
     focused, _ = explain_objects(sourced, cfg, packet, prefilter=True)
     assert focused.as_json() == full.as_json()
+
+
+@st.composite
+def changed(draw: Any, family: str, old: list[Any]) -> list[Any]:
+    """``old`` with some objects kept, some replaced by others of their kind (another Service
+    on the same name, other endpoints), some dropped, and some added."""
+    other = draw(clusters(family))
+    by_kind: dict[str, list[Any]] = {}
+    for obj in other[1:]:
+        by_kind.setdefault(obj["kind"], []).append(obj)
+    new = [old[0]]  # the Node
+    for obj in old[1:]:
+        action = draw(st.sampled_from(["keep", "keep", "keep", "replace", "drop"]))
+        if action == "replace" and by_kind.get(obj["kind"]):
+            swap = dict(draw(st.sampled_from(by_kind[obj["kind"]])))
+            new.append({**swap, "metadata": obj["metadata"]})
+        elif action != "drop":
+            new.append(obj)
+    return new + draw(st.lists(st.sampled_from(other[1:]), max_size=2))
+
+
+@pytest.mark.parametrize("family", ["IPv4", "IPv6"])
+@pytest.mark.parametrize("mode", MODES)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_prefiltered_diff_equals_the_full_one(mode: str, family: str, data: Any) -> None:
+    old = data.draw(clusters(family))
+    new = data.draw(changed(family, old))
+    config = data.draw(st.sampled_from(CONFIGS))
+    cidr = POOLS[family]["cidr"]
+    cfg = with_mode(ProxyConfig(hostname_override=NODE, cluster_cidr=cidr, **config), mode)
+    threshold = data.draw(st.sampled_from([0, 3, 10, 1000]))
+    real = driver.iptables_options
+
+    def options(*args: Any, **kwargs: Any) -> Any:
+        return dataclasses.replace(real(*args, **kwargs), large_cluster_threshold=threshold)
+
+    answers: list[Any] = []
+    for prefilter in (False, True):
+        with mock.patch.object(driver, "iptables_options", options):
+            try:
+                changes, _ = diff_objects(
+                    [SourcedObject(o, "old") for o in old],
+                    [SourcedObject(o, "new") for o in new],
+                    cfg,
+                    [family],  # type: ignore[list-item]
+                    prefilter=prefilter,
+                )
+            except ExplainError as err:  # the same rule not understood on both
+                answers.append(f"error: {err}")
+                continue
+        answers.append([c.as_json() for c in changes])
+    assert answers[1] == answers[0]
+
+
+def _svc(name: str, cip: str, **spec: Any) -> Any:
+    port = {"name": "p", "port": spec.pop("port", 80), **spec.pop("port_extra", {})}
+    body = {"clusterIP": cip, "ports": [port], **spec}
+    return {"kind": "Service", "metadata": {"name": name, "namespace": "t"}, "spec": body}
+
+
+def _slice(owner: str, *ips: str) -> Any:
+    return {
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": f"{owner}-1",
+            "namespace": "t",
+            "labels": {"kubernetes.io/service-name": owner},
+        },
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [ip]} for ip in ips],
+        "ports": [{"name": "p", "port": 8080}],
+    }
+
+
+SHADOWS = {
+    # An unchanged NodePort Service on the same node port, whose rule comes first.
+    "node port": _svc("a", "10.96.0.1", type="NodePort", port_extra={"nodePort": 30080}),
+    # An unchanged Service whose external IP is the node's, on the changed node port.
+    "node address": _svc("a", "10.96.0.1", externalIPs=["10.10.1.1"], port=30080),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shadow", sorted(SHADOWS))
+def test_diff_keeps_the_services_a_probe_can_meet(mode: str, shadow: str) -> None:
+    """The NodePort probes of a changed Service meet an unchanged Service that answers on
+    the same node port, or on the node's address: the prefilter keeps it."""
+    node = {
+        "kind": "Node",
+        "metadata": {"name": NODE},
+        "status": {"addresses": [{"type": "InternalIP", "address": "10.10.1.1"}]},
+    }
+    b = _svc("b", "10.96.0.2", type="NodePort", port_extra={"nodePort": 30080})
+    common = [node, SHADOWS[shadow], _slice("a", "10.10.2.2"), b]
+    old = [*common, _slice("b", "10.10.2.3")]
+    new = [*common, _slice("b", "10.10.2.4")]
+    cfg = with_mode(ProxyConfig(hostname_override=NODE, cluster_cidr="10.10.2.0/24"), mode)
+    answers = []
+    for prefilter in (False, True):
+        changes, _ = diff_objects(
+            [SourcedObject(o, "old") for o in old],
+            [SourcedObject(o, "new") for o in new],
+            cfg,
+            ["IPv4"],
+            prefilter=prefilter,
+        )
+        answers.append([c.as_json() for c in changes])
+    assert answers[0]  # the ClusterIP of b changes at least
+    assert answers[1] == answers[0]

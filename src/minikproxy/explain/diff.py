@@ -5,16 +5,20 @@ compiled rules of each side (not by comparing rule text)."""
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from minikproxy.compile.iptables import same_rules
-from minikproxy.explain.driver import ModeView, explain_packet
+from minikproxy.config import ProxyConfig
+from minikproxy.explain.driver import Feed, ModeView, build_view, explain_packet
 from minikproxy.explain.packet import Origin, Packet
+from minikproxy.explain.prefilter import TRACKED, Selection, changed_frontends, select
 from minikproxy.explain.result import Explanation
-from minikproxy.model.names import IPV6, ServicePortName
+from minikproxy.model.names import IPV6, IPFamily, ServicePortName
+from minikproxy.model.problems import ObjectProblem
 from minikproxy.model.serviceport import ServicePort
+from minikproxy.sources.manifests import SourcedObject
 
 EXTERNAL_SOURCE = {"IPv4": "192.0.2.200", "IPv6": "2001:db8::200"}
 """The outside client diff sends from (TEST-NET-1 / documentation prefix)."""
@@ -192,6 +196,91 @@ def diff_views(old: ModeView, new: ModeView) -> list[Change]:
             if what:
                 changes.append(Change(probe, a, b, what, known_difference(old, new, probe)))
     return changes
+
+
+def diff_objects(
+    old: Sequence[SourcedObject],
+    new: Sequence[SourcedObject],
+    config: ProxyConfig,
+    families: Sequence[IPFamily],
+    *,
+    node_addresses: Sequence[str] = (),
+    prefilter: bool = True,
+) -> tuple[list[Change], list[ObjectProblem]]:
+    """What changes from the objects ``old`` to ``new`` in ``config``'s mode, and the
+    problems found in the objects read. With ``prefilter`` only the Services whose objects
+    differ and the Services their probes can meet are tracked and compiled
+    (:mod:`~minikproxy.explain.prefilter`): the same changes, and only those objects'
+    problems; it falls back to every object when a Node differs."""
+    if prefilter:
+        focused = _focused_diff(old, new, config, families, node_addresses)
+        if focused is not None:
+            return focused
+    fed = Feed(old, config)
+    old_snaps = {family: fed.tracker.snapshot(family) for family in families}
+    fed.replace(old, new)
+    changes: list[Change] = []
+    for family in families:
+        new_snap = fed.tracker.snapshot(family)
+        before = build_view(
+            fed.tracker, config, family, node_addresses=node_addresses, snapshot=old_snaps[family]
+        )
+        after = build_view(
+            fed.tracker, config, family, node_addresses=node_addresses, snapshot=new_snap,
+            previous=before,
+        )  # fmt: skip
+        changes.extend(diff_views(before, after))
+    return changes, fed.problems
+
+
+def _focused_diff(
+    old: Sequence[SourcedObject],
+    new: Sequence[SourcedObject],
+    config: ProxyConfig,
+    families: Sequence[IPFamily],
+    node_addresses: Sequence[str],
+) -> tuple[list[Change], list[ObjectProblem]] | None:
+    """:func:`diff_objects` on the prefiltered objects; None when it cannot be used."""
+    frontends = changed_frontends(old, new)
+    if frontends is None:
+        return None
+    addresses, ports = frontends
+    # The probes of NodePorts go to the node's addresses (and localhost).
+    nodes = Feed([o for o in old if o.obj.get("kind") not in TRACKED], config)
+    for family in families:
+        view = build_view(nodes.tracker, config, family, node_addresses=node_addresses)
+        addresses.update(view.local, view.nodeport_addresses or ())
+    addresses.update(("127.0.0.1", "::1"))
+    kept_old, kept_new = select([old, new], addresses, ports)
+    fed = Feed(kept_old.kept, config)
+    old_snaps = {family: fed.tracker.snapshot(family) for family in families}
+    fed.replace(kept_old.kept, kept_new.kept)
+    decided: dict[tuple[int, IPFamily], bool] = {}
+
+    def above(selection: Selection, family: IPFamily) -> Callable[[int, int], bool]:
+        def check(total: int, threshold: int) -> bool:
+            found = selection.endpoints_above(fed.tracker.node_name, family, total, threshold)
+            decided[(id(selection), family)] = found
+            return found
+
+        return check
+
+    changes: list[Change] = []
+    for family in families:
+        new_snap = fed.tracker.snapshot(family)
+        before = build_view(
+            fed.tracker, config, family, node_addresses=node_addresses,
+            snapshot=old_snaps[family], endpoints_above=above(kept_old, family),
+        )  # fmt: skip
+        after = build_view(
+            fed.tracker, config, family, node_addresses=node_addresses, snapshot=new_snap,
+            previous=before, endpoints_above=above(kept_new, family),
+        )  # fmt: skip
+        if decided.get((id(kept_old), family)) != decided.get((id(kept_new), family)):
+            # iptables' large-cluster mode flips: every port's rules change, all are probed.
+            return None
+        changes.extend(diff_views(before, after))
+    return changes, fed.problems
 
 
 def _outcome(view: ModeView, probe: Probe) -> Outcome:

@@ -250,3 +250,51 @@ def _endpoint_targets(
         if ip is not None:
             addresses.add(ip)
     ports.update(n for n in numbers if isinstance(n, int))
+
+
+def changed_frontends(
+    old: Sequence[SourcedObject], new: Sequence[SourcedObject]
+) -> tuple[set[str], set[int]] | None:
+    """The frontend addresses and ports (service ports, node ports, health-check node ports)
+    of every Service whose Service, EndpointSlices or Endpoints differ between ``old`` and
+    ``new``, from both; None when something else differs (a Node: any port may change) or a
+    changed Service has a shape this does not read."""
+    sides: list[dict[tuple[str, str, str], list[Mapping[str, Any]]]] = [{}, {}]
+    others: list[list[Mapping[str, Any]]] = [[], []]
+    for side, objects in enumerate((old, new)):
+        for item in objects:
+            obj = item.obj
+            kind = obj.get("kind")
+            meta = obj.get("metadata") or {}
+            if kind not in TRACKED or not isinstance(meta, Mapping):
+                others[side].append(obj)
+                continue
+            key = (str(kind), str(meta.get("namespace") or "default"), str(meta.get("name") or ""))
+            sides[side].setdefault(key, []).append(obj)
+    if others[0] != others[1]:
+        return None
+    before, after = sides
+    changed: set[_Owner] = set()
+    services: list[Mapping[str, Any]] = []
+    for key in before.keys() | after.keys():
+        if before.get(key) == after.get(key):
+            continue
+        try:
+            for obj in [*before.get(key, ()), *after.get(key, ())]:
+                changed.update(_owners(key[0], key, obj))
+        except _Malformed:
+            return None
+    for key in before.keys() | after.keys():
+        if key[0] == "Service" and (key[1], key[2]) in changed:
+            services += [*before.get(key, ()), *after.get(key, ())]
+    addresses: set[str] = set()
+    ports: set[int] = set()
+    for obj in services:
+        try:
+            frontends, node_ports = _service_frontends(obj)
+            numbers = [p.get("port") for p in (obj.get("spec") or {}).get("ports") or ()]
+        except (_Malformed, AttributeError, TypeError):
+            return None
+        addresses |= frontends
+        ports.update(p for p in [*node_ports, *numbers] if isinstance(p, int))
+    return addresses, ports
