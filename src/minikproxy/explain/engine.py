@@ -9,6 +9,7 @@ flow into several, each with its share of new connections.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -210,10 +211,12 @@ def endpoint_shares(walked: Walk) -> tuple[Verdict, tuple[EndpointShare, ...], b
     return verdict, endpoints, any(masqueraded.values()), list(rules)
 
 
-def _address_key(address: str) -> tuple[int, int, int]:
+def _address_key(address: str) -> tuple[int, bytes, int]:
+    """Version, address, port: the order of ``ipaddress`` objects, by ``inet_pton``."""
     host, _, port = address.rpartition(":")
-    ip = ipaddress.ip_address(host.strip("[]"))
-    return ip.version, int(ip), int(port)
+    if host.startswith("["):
+        return 6, socket.inet_pton(socket.AF_INET6, host[1:-1]), int(port)
+    return 4, socket.inet_pton(socket.AF_INET, host), int(port)
 
 
 _HOOK_RANK = {"prerouting": 0, "output": 0, "forward": 1, "input": 2, "postrouting": 3}

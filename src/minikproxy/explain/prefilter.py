@@ -34,6 +34,7 @@ from minikproxy.sources.manifests import SourcedObject
 
 TRACKED = ("Service", "EndpointSlice", "Endpoints")
 """The kinds the prefilter chooses among (every other object is always kept)."""
+_TRACKED = frozenset(TRACKED)
 
 _Owner = tuple[str, Any]
 _GroupKey = tuple[str, str, str]
@@ -108,26 +109,26 @@ def select(
         for i, item in enumerate(objects):
             obj = item.obj
             kind = obj.get("kind")
-            if kind not in TRACKED:
+            meta = obj.get("metadata") or {}
+            if kind not in _TRACKED or not (type(meta) is dict or isinstance(meta, Mapping)):
+                # Not chosen here (a Node), or the tracker cannot name it and skips it.
                 always[side].add(i)
                 continue
-            meta = obj.get("metadata") or {}
-            if not isinstance(meta, Mapping):
-                always[side].add(i)  # the tracker cannot name it: it skips it, with a warning
-                continue
-            key = (str(kind), str(meta.get("namespace") or "default"), str(meta.get("name") or ""))
+            key = (kind, str(meta.get("namespace") or "default"), str(meta.get("name") or ""))
             group = groups.get(key)
             if group is None:
                 group = groups[key] = _Group(key, [[] for _ in sides])
             group.copies[side].append(i)
             try:
-                group.owners.update(_owners(kind, key, obj))
-                if kind == "Service":
-                    frontends, node_ports = _service_frontends(obj)
-                    for address in frontends:
-                        by_address.setdefault(address, []).append(group)
-                    for port in node_ports:
-                        by_port.setdefault(port, []).append(group)
+                if kind != "Service":
+                    group.owners.update(_owners(kind, key, obj))
+                    continue
+                group.owners.add(key[1:])
+                frontends, node_ports = _service_frontends(obj)
+                for address in frontends:
+                    by_address.setdefault(address, []).append(group)
+                for port in node_ports:
+                    by_port.setdefault(port, []).append(group)
             except _Malformed:
                 group.always = True
     by_owner: dict[_Owner, list[_Group]] = {}
@@ -192,7 +193,7 @@ def _owners(kind: object, key: _GroupKey, obj: Mapping[str, Any]) -> Iterator[_O
         yield key[1], key[2]
         return
     labels = (obj.get("metadata") or {}).get("labels") or {}
-    if not isinstance(labels, Mapping):
+    if not (type(labels) is dict or isinstance(labels, Mapping)):
         raise _Malformed
     name = labels.get(SERVICE_NAME_LABEL)
     if not name:
@@ -211,21 +212,22 @@ def _canonical(text: object) -> str | None:
     return parsed[0] if parsed else None
 
 
-def _service_frontends(obj: Mapping[str, Any]) -> tuple[set[str], list[Any]]:
+def _service_frontends(obj: Mapping[str, Any]) -> tuple[list[str], list[Any]]:
     """A Service's frontend addresses (canonical) and node ports, as written; _Malformed for
     a shape it does not read (the tracker decides)."""
     try:
         spec = obj.get("spec") or {}
-        status = obj.get("status") or {}
         ips = [spec.get("clusterIP"), *(spec.get("clusterIPs") or ())]
         ips += spec.get("externalIPs") or ()
-        ips += [i.get("ip") for i in (status.get("loadBalancer") or {}).get("ingress") or ()]
-        node_ports = [spec.get("healthCheckNodePort")]
-        node_ports += [p.get("nodePort") for p in spec.get("ports") or ()]
+        status = obj.get("status")
+        if status:
+            ips += [i.get("ip") for i in (status.get("loadBalancer") or {}).get("ingress") or ()]
+        node_ports = [p.get("nodePort") for p in spec.get("ports") or ()]
+        node_ports.append(spec.get("healthCheckNodePort"))
         hash(tuple(node_ports))
     except (AttributeError, TypeError):
         raise _Malformed from None
-    frontends = {c for c in map(_canonical, ips) if c is not None}
+    frontends = [c for c in map(_canonical, ips) if c is not None]
     return frontends, [p for p in node_ports if p]
 
 
@@ -266,7 +268,7 @@ def changed_frontends(
             obj = item.obj
             kind = obj.get("kind")
             meta = obj.get("metadata") or {}
-            if kind not in TRACKED or not isinstance(meta, Mapping):
+            if kind not in _TRACKED or not (type(meta) is dict or isinstance(meta, Mapping)):
                 others[side].append(obj)
                 continue
             key = (str(kind), str(meta.get("namespace") or "default"), str(meta.get("name") or ""))
@@ -295,6 +297,6 @@ def changed_frontends(
             numbers = [p.get("port") for p in (obj.get("spec") or {}).get("ports") or ()]
         except (_Malformed, AttributeError, TypeError):
             return None
-        addresses |= frontends
+        addresses.update(frontends)
         ports.update(p for p in [*node_ports, *numbers] if isinstance(p, int))
     return addresses, ports
