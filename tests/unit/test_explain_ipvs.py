@@ -147,6 +147,17 @@ def test_load_balancer_the_node_may_not_reach_is_dropped_by_the_out_filter() -> 
     assert exp.verdict == "drop"
     (drop,) = [s for s in exp.path if s.chain == "KUBE-IPVS-OUT-FILTER"]
     assert drop.rule.startswith("-s 203.0.113.64 -m ipvs --vaddr 203.0.113.64 --vproto tcp")
+    # iptables-save spells the rule with a numeric protocol.
+    plan = view.ruleset
+    saved = plan.render_iptables().replace("--vproto tcp", "--vproto 6")
+    assert "--vproto 6" in saved
+    rules = IpvsRules.from_text(
+        plan.render_ipset(), plan.render_ipvs(), plan.render_addresses(), saved
+    )
+    again = explain(
+        dataclasses.replace(view, rules=rules), "203.0.113.64", 80, "node", "203.0.113.64"
+    )
+    assert again.verdict == "drop"
     # From its own IP the out filter does not apply (nor the source ranges: no INPUT).
     assert explain(view, "203.0.113.64", 80, "node", NODE_IP).verdict == "dnat"
 

@@ -226,7 +226,7 @@ def _ipvs_match(option: str, value: str) -> Callable[[Flow], bool]:
     if option == "--vport":
         port = int(value)
         return lambda f: bool(f.dnat_to) and f.orig_dport == port
-    proto = value.lower()
+    proto = {"6": "tcp", "17": "udp", "132": "sctp"}.get(value, value.lower())  # iptables-save
     return lambda f: bool(f.dnat_to) and f.proto == proto
 
 
