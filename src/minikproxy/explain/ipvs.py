@@ -275,8 +275,9 @@ def parse_ipvsadm(text: str) -> dict[tuple[str, str, int], Service]:
 
 
 _VALUED = frozenset({"-s", "-p", "-M", "-b", "--pe", "-r", "-w", "-x", "-y", "--tun-type",
-                     "--tun-port", "--tun-nocsum", "--tun-csum", "--tun-remcsum"})  # fmt: skip
-_FLAGS = frozenset({"-m", "-g", "-i", "--masquerading", "--gatewaying", "--ipip"})
+                     "--tun-port"})  # fmt: skip
+_FLAGS = frozenset({"-m", "-g", "-i", "--masquerading", "--gatewaying", "--ipip",
+                    "--tun-nocsum", "--tun-csum", "--tun-remcsum"})  # fmt: skip
 
 
 def _options(tokens: list[str], line: str) -> dict[str, str]:
