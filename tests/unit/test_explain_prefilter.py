@@ -17,7 +17,7 @@ from minikproxy.changes import ClusterTracker
 from minikproxy.config import ProxyConfig
 from minikproxy.explain import driver
 from minikproxy.explain.diff import diff_objects
-from minikproxy.explain.driver import MODES, explain_objects, with_mode
+from minikproxy.explain.driver import ALL_MODES, MODES, explain_objects, with_mode
 from minikproxy.explain.engine import ExplainError
 from minikproxy.explain.packet import make_packet
 from minikproxy.explain.prefilter import select
@@ -227,7 +227,7 @@ def _answer(objs: list[Any], cfg: ProxyConfig, packet: Any, prefilter: bool) -> 
 
 
 @pytest.mark.parametrize("family", ["IPv4", "IPv6"])
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ALL_MODES)
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_prefiltered_explanation_equals_the_full_one(mode: str, family: str, data: Any) -> None:
@@ -307,7 +307,7 @@ def test_prefilter_keeps_only_what_the_packet_can_meet() -> None:
     assert sel.endpoints_above(NODE, "IPv4", 4, 3) is True
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODES)  # IPVS: no filter rule there rejects
 def test_an_endpoint_that_is_another_services_frontend(mode: str) -> None:
     """After DNAT to an endpoint that is the ClusterIP of a Service without endpoints, that
     Service's rules reject in the filter hooks: the prefilter keeps it, though the packet was
@@ -363,7 +363,7 @@ def changed(draw: Any, family: str, old: list[Any]) -> list[Any]:
 
 
 @pytest.mark.parametrize("family", ["IPv4", "IPv6"])
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ALL_MODES)
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_prefiltered_diff_equals_the_full_one(mode: str, family: str, data: Any) -> None:
@@ -424,7 +424,7 @@ SHADOWS = {
 }
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ALL_MODES)
 @pytest.mark.parametrize("shadow", sorted(SHADOWS))
 def test_diff_keeps_the_services_a_probe_can_meet(mode: str, shadow: str) -> None:
     """The NodePort probes of a changed Service meet an unchanged Service that answers on
