@@ -363,7 +363,7 @@ def changed(draw: Any, family: str, old: list[Any]) -> list[Any]:
 
 
 @pytest.mark.parametrize("family", ["IPv4", "IPv6"])
-@pytest.mark.parametrize("mode", ALL_MODES)
+@pytest.mark.parametrize("mode", MODES)  # IPVS: diff does not prefilter (see diff_objects)
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_prefiltered_diff_equals_the_full_one(mode: str, family: str, data: Any) -> None:
@@ -424,7 +424,7 @@ SHADOWS = {
 }
 
 
-@pytest.mark.parametrize("mode", ALL_MODES)
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shadow", sorted(SHADOWS))
 def test_diff_keeps_the_services_a_probe_can_meet(mode: str, shadow: str) -> None:
     """The NodePort probes of a changed Service meet an unchanged Service that answers on

@@ -11,7 +11,7 @@ from typing import Any
 
 from minikproxy.compile.iptables import same_rules
 from minikproxy.config import ProxyConfig
-from minikproxy.explain.driver import Feed, ModeView, build_view, explain_packet
+from minikproxy.explain.driver import Feed, ModeView, build_view, explain_packet, mode_name
 from minikproxy.explain.packet import Origin, Packet
 from minikproxy.explain.prefilter import TRACKED, Selection, changed_frontends, select
 from minikproxy.explain.result import Explanation
@@ -227,8 +227,11 @@ def diff_objects(
     problems found in the objects read. With ``prefilter`` only the Services whose objects
     differ and the Services their probes can meet are tracked and compiled
     (:mod:`~minikproxy.explain.prefilter`): the same changes, and only those objects'
-    problems; it falls back to every object when a Node differs."""
-    if prefilter:
+    problems; it falls back to every object when a Node differs. Not in IPVS mode: there
+    Services on the same address and port share one virtual server, so what a port compiles
+    to can depend on Services sharing a frontend with it that the prefilter leaves out
+    (those sharing one with a Service that shares one with a changed Service)."""
+    if prefilter and mode_name(config) != "ipvs":
         focused = _focused_diff(old, new, config, families, node_addresses)
         if focused is not None:
             return focused
