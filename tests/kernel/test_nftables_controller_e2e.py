@@ -25,6 +25,7 @@ import pytest
 
 from minikproxy.controller import Controller
 from minikproxy.dataplane.execer import RealExecer
+from minikproxy.dataplane.libnftables import NftContext
 from minikproxy.dataplane.nftables import NftablesApplier
 from minikproxy.healthz import HealthzServer
 from minikproxy.metrics import MetricsServer
@@ -591,6 +592,74 @@ def test_dual_stack_service_and_per_family_repair(harness: Harness, layout: str)
     harness.topo.node_exec(["nft", "delete", "table", "ip6", TABLES[layout]])
     wait_for(lambda: syncs(controller, "full") > full, what="the canary's full sync")
     wait_for(lambda: harness.lands(V6_VIP) == {V6_BACKENDS[0]}, what="IPv6 repaired")
+    assert harness.lands() == set(BACKENDS)
+
+
+def test_a_failing_ipv6_table_does_not_hold_back_ipv4(harness: Harness) -> None:
+    """Another netlink socket owns the node's ``ip6 minikproxy`` table (nft's ``owner``
+    flag), so the kernel refuses every IPv6 transaction. As with kube-proxy's proxier per
+    family, IPv4 goes on: its rules, its partial (element-only) syncs, its UDP conntrack
+    cleanup; ``/healthz`` says IPv6 is late; once the owner is gone, IPv6's retry (full)
+    brings its rules in."""
+    api = harness.api
+    holder = NftContext(harness.topo.namespaces["node"])
+    try:
+        holder.run("add table ip6 minikproxy { flags owner; }\n")
+        controller = harness.start(families=(IPV4, IPV6), sync_period=1.0)
+        healthz = controller.servers[1]
+        api.create(
+            service(
+                "web", VIP, ipFamilies=["IPv4", "IPv6"], ipFamilyPolicy="RequireDualStack",
+                clusterIPs=[VIP, V6_VIP],
+            )
+        )  # fmt: skip
+        v6_slice = endpoint_slice("web", V6_BACKENDS)
+        v6_slice["metadata"]["name"] = "web-6"
+        v6_slice["addressType"] = "IPv6"
+        api.create(endpoint_slice("web", BACKENDS))
+        api.create(v6_slice)
+        api.create(service("dns", "10.96.0.53", proto="UDP"))
+        api.create(endpoint_slice("dns", ["10.10.2.2"], proto="UDP"))
+        wait_for(lambda: harness.lands() == set(BACKENDS), what="IPv4 traffic")
+        wait_for(lambda: harness.lands("10.96.0.53", proto="udp") == {"10.10.2.2"}, what="udp")
+
+        def ipv6_failed() -> bool:
+            last = controller.proxier.last_sync
+            return last is not None and last.failed == (IPV6,)
+
+        wait_for(ipv6_failed, what="a sync whose IPv6 apply failed")
+        assert nft_failures(controller) > 0
+        assert harness.lands(V6_VIP) == set()
+
+        def flows_to(ip: str) -> int:
+            return sum(
+                1
+                for e in harness.topo.conntrack_list()
+                if e.proto == "udp" and e.orig_dst == "10.96.0.53" and e.reply_src == ip
+            )
+
+        assert flows_to("10.10.2.2") > 0
+        tap = harness.tap
+        assert tap is not None
+        sent = len(tap.scripts)
+        api.update(endpoint_slice("dns", ["10.10.2.3"], proto="UDP"))
+        wait_for(lambda: flows_to("10.10.2.2") == 0, what="IPv4's stale UDP flows deleted")
+        assert harness.lands("10.96.0.53", proto="udp") == {"10.10.2.3"}
+        ipv4 = [script for script in tap.scripts[sent:] if " ip minikproxy " in script]
+        assert ipv4 and all(element_only(script) for script in ipv4), ipv4  # still partial
+
+        def healthz_answer() -> tuple[int, dict[str, Any]]:
+            status, body, _ = http_get(healthz.port, "/healthz")
+            return status, json.loads(body)
+
+        wait_for(lambda: healthz_answer()[0] == 503, what="IPv6 late for the health timeout")
+        status = healthz_answer()[1]["status"]
+        assert (status["IPv4"]["healthy"], status["IPv6"]["healthy"]) == (True, False)
+        assert ipv6_failed()
+    finally:
+        holder.close()  # the owner's socket closes: its table goes with it
+    wait_for(lambda: harness.lands(V6_VIP) == set(V6_BACKENDS), what="IPv6 after the retry")
+    wait_for(lambda: healthz_answer()[0] == 200, what="healthy again")
     assert harness.lands() == set(BACKENDS)
 
 
