@@ -132,6 +132,9 @@ class Proxier:
     runner: Runner | None = None
     last_sync: SyncResult | None = None
     on_sync: Callable[[SyncResult], None] | None = None  # called after every sync
+    # Called once, on the sync thread, after the sync that completed the first successful
+    # apply of every family (the controller removes the other modes' leftovers there).
+    on_first_sync: Callable[[], None] | None = None
     service_cidrs: tuple[str, ...] = ()  # --service-cidr or the API's ServiceCIDRs
     tracker: ClusterTracker = field(init=False)
 
@@ -148,6 +151,7 @@ class Proxier:
         self._logged_node_addresses: list[Any] | None = None
         self._node_exists = False
         self._started = False  # the first sync was queued
+        self._all_synced_once = False  # every family's rules went in once (on_first_sync)
         self._start_lock = threading.Lock()
         # Held by the controller while the initial lists arrive; released after the first sync.
         self.initial_load_gc = InitialLoadGC()
@@ -421,6 +425,12 @@ class Proxier:
             self._observe_latency(any(full[f] for f in synced), result.elapsed)
         if self.on_sync is not None:
             self.on_sync(result)
+        if not self._all_synced_once and all(
+            state.applied is not None for state in self._families.values()
+        ):
+            self._all_synced_once = True
+            if self.on_first_sync is not None:
+                self.on_first_sync()
         return not errors
 
     def _failed(self, errors: Mapping[IPFamily, Exception], full: Mapping[IPFamily, bool]) -> str:

@@ -417,9 +417,10 @@ def kube_chains(topo: Topology) -> list[str]:
     return [chain for chain in chains if chain != "KUBE-FIREWALL"]
 
 
-def test_switching_modes_removes_the_other_modes_state(harness: Harness) -> None:
-    """iptables -> nftables: iptables mode's chains go at start-up; nftables -> iptables:
-    our table goes. Traffic works after each switch."""
+def test_switching_modes_without_a_failed_connection(harness: Harness) -> None:
+    """iptables -> nftables -> iptables while a client connects to the ClusterIP all the
+    time: no connection fails. The old mode's rules serve until the new mode's first sync
+    and go right after it (iptables mode's chains; then our table)."""
     api = harness.api
     topo = harness.topo
     harness.start(mode="iptables")
@@ -427,19 +428,27 @@ def test_switching_modes_removes_the_other_modes_state(harness: Harness) -> None
     api.create(endpoint_slice("web", BACKENDS))
     wait_for(lambda: harness.lands() == set(BACKENDS), what="traffic in iptables mode")
     assert "KUBE-SERVICES" in kube_chains(topo)
-    harness.stop()
+    prober = Prober(topo, VIP)
+    try:
+        wait_for(lambda: len(prober.outcomes) >= 8, what="probes before the switch")
+        harness.stop()
+        controller = harness.start()
+        wait_for(lambda: kube_chains(topo) == [], what="iptables mode's chains removed")
+        assert syncs(controller, "full") == 1, "removed after the first nftables sync"
+        assert "ip minikproxy" in harness.tables()
+        seen = len(prober.outcomes)
+        wait_for(lambda: len(prober.outcomes) >= seen + 8, what="probes in nftables mode")
+        harness.stop()
 
-    controller = harness.start()
-    wait_for(lambda: syncs(controller, "full") > 0, what="the first nftables sync")
-    assert kube_chains(topo) == [], "iptables mode's chains removed at start-up"
-    assert "ip minikproxy" in harness.tables()
-    assert harness.lands() == set(BACKENDS)
-    harness.stop()
-
-    controller = harness.start(mode="iptables")
-    wait_for(lambda: syncs(controller, "full") > 0, what="the first iptables sync")
-    assert "ip minikproxy" not in harness.tables(), "our table removed at start-up"
-    assert "KUBE-SERVICES" in kube_chains(topo)
+        controller = harness.start(mode="iptables")
+        wait_for(lambda: "ip minikproxy" not in harness.tables(), what="our table removed")
+        assert syncs(controller, "full") == 1, "removed after the first iptables sync"
+        assert "KUBE-SERVICES" in kube_chains(topo)
+        seen = len(prober.outcomes)
+        wait_for(lambda: len(prober.outcomes) >= seen + 8, what="probes in iptables mode")
+    finally:
+        outcomes = prober.stop()
+    assert set(outcomes) == {"ok"}, [o for o in outcomes if o != "ok"]
     assert harness.lands() == set(BACKENDS)
 
 
@@ -491,26 +500,38 @@ def test_metrics_and_health_in_nftables_mode(harness: Harness) -> None:
 
 
 def test_switching_layouts_removes_the_other_layouts_table(harness: Harness) -> None:
-    """Both tables would hook the same packets (a stale one DNATs to old endpoints): starting
-    in one layout removes the other's table, as kube-proxy's nftables mode's leftovers."""
+    """Both tables would hook the same packets (a stale one DNATs to old endpoints): a
+    controller starting in one layout removes the other's table, as kube-proxy's nftables
+    mode's leftovers, right after its first sync; a client connecting to the ClusterIP all
+    the time never fails across the switches."""
     api = harness.api
     harness.start("kube-proxy")
     api.create(service("web", VIP))
     api.create(endpoint_slice("web", BACKENDS))
     wait_for(lambda: harness.lands() == set(BACKENDS), what="traffic, kube-proxy layout")
-    harness.stop()
-    harness.topo.load_nft("add table ip6 kube-proxy\n")
+    prober = Prober(harness.topo, VIP)
+    try:
+        wait_for(lambda: len(prober.outcomes) >= 8, what="probes before the switch")
+        harness.stop()
+        harness.topo.load_nft("add table ip6 kube-proxy\n")
 
-    controller = harness.start("flat")
-    wait_for(lambda: syncs(controller, "full") > 0, what="the first flat sync")
-    assert harness.tables() == {"ip minikproxy"}
-    api.update(endpoint_slice("web", ["10.10.2.2"]))
-    wait_for(lambda: harness.lands() == {"10.10.2.2"}, what="only the flat table's endpoints")
-    harness.stop()
+        controller = harness.start("flat")
+        wait_for(lambda: harness.tables() == {"ip minikproxy"}, what="kube-proxy's tables gone")
+        assert syncs(controller, "full") == 1, "removed after the first flat sync"
+        seen = len(prober.outcomes)
+        wait_for(lambda: len(prober.outcomes) >= seen + 8, what="probes in the flat layout")
+        api.update(endpoint_slice("web", ["10.10.2.2"]))
+        wait_for(lambda: harness.lands() == {"10.10.2.2"}, what="only the flat table's endpoints")
+        harness.stop()
 
-    controller = harness.start("kube-proxy")
-    wait_for(lambda: syncs(controller, "full") > 0, what="the first kube-proxy layout sync")
-    assert harness.tables() == {"ip kube-proxy"}
+        controller = harness.start("kube-proxy")
+        wait_for(lambda: harness.tables() == {"ip kube-proxy"}, what="our table gone")
+        assert syncs(controller, "full") == 1, "removed after the first kube-proxy layout sync"
+        seen = len(prober.outcomes)
+        wait_for(lambda: len(prober.outcomes) >= seen + 8, what="probes in the kube-proxy layout")
+    finally:
+        outcomes = prober.stop()
+    assert set(outcomes) == {"ok"}, [o for o in outcomes if o != "ok"]
     api.update(endpoint_slice("web", ["10.10.2.3"]))
     wait_for(lambda: harness.lands() == {"10.10.2.3"}, what="only the kube-proxy table's")
 

@@ -222,3 +222,21 @@ def test_a_snapshot_failure_fails_every_family_once(
     assert rig.proxier.sync_proxy_rules()
     assert rig.proxier.last_sync.full_families == frozenset({IPV4, IPV6})
     assert "10.244.1.7" in rig.kernels[IPV4].dump()
+
+
+def test_on_first_sync_waits_for_every_family_and_runs_once(rig: DualRig) -> None:
+    """The controller removes the other modes' leftovers there: not before every family's
+    rules are in (the old mode's keep serving the failed family), and only once."""
+    calls: list[int] = []
+    rig.proxier.on_first_sync = lambda: calls.append(len(calls))
+    rig.kernels[IPV6].fail_next_restore()
+    rig.objects(DNS, dns_v4("10.244.1.1"), dns_v6("fd01::1"))
+    rig.proxier.handler("services").on_synced()
+    rig.proxier.handler("endpointslices").on_synced()
+    assert rig.proxier.sync_proxy_rules() is False  # IPv4 in, IPv6 not
+    assert calls == []
+    assert rig.proxier.sync_proxy_rules()
+    assert calls == [0]
+    rig.objects(dns_v4("10.244.1.2"), update=True)
+    assert rig.proxier.sync_proxy_rules()
+    assert calls == [0]
