@@ -6,6 +6,7 @@ runner; nothing is written before both Services and EndpointSlices have been lis
 :meth:`Proxier.sync_proxy_rules` has kube-proxy's skeleton: decide full or partial, snapshot,
 have the mode (:class:`~minikproxy.modes.base.ProxyMode`) compile incrementally and apply
 atomically, and on failure keep the old rules, count, back off and make the next sync full.
+Each IP family does so on its own, as kube-proxy's proxier per family does.
 """
 
 from __future__ import annotations
