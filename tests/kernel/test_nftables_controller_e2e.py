@@ -217,9 +217,11 @@ def assert_always_served(outcomes: Sequence[str]) -> None:
     """Every probe met rules: none ``unreachable`` (no rules: no route) nor timed out, which
     is what removing the old mode's state before the first sync gives. Tolerated: a rare
     immediate ``refused``. In about half the switch runs on a loaded machine, one to four of
-    some hundreds of probes are rejected while both rule sets are present (the SYN is never
-    confirmed in conntrack: a reject rule). It has not been seen in a restart in one mode,
-    nor with the same two rule sets loaded by hand; its cause is not known yet."""
+    some hundreds of probes are rejected while both rule sets are present. An nft trace of
+    one: its SYN passed both NAT chains (ours first), each ran its ``dnat`` with verdict
+    accept, yet it left prerouting with the ClusterIP as destination, and our table's
+    ``cluster-ips-check`` rejected it. It has not been seen in a restart in one mode, nor
+    with the same two rule sets loaded by hand; why the DNAT did not take is not known."""
     failed = [outcome for outcome in outcomes if outcome != "ok"]
     assert set(failed) <= {"refused"}, failed
     assert len(failed) * 50 <= len(outcomes), f"{len(failed)} of {len(outcomes)}: {failed}"
