@@ -3,8 +3,8 @@ change end to end (snapshot, incremental compile, partial apply) through the app
 in-memory kernel, counting the kernel operations it makes (one).
 
 The netlink cost of those operations, and the initial load against ``ipvsadm -R`` + ``ipset
-restore``, need an IPVS kernel: tests/kernel/test_ipvs_vm.py runs in one (emulated, so absolute
-times there mean little).
+restore``, need an IPVS kernel: bench/bench_ipvs_kernel.py measures them in the IPVS VM
+(emulated, so only ratios within one run there mean much).
 
 Run: .venv/bin/python -m pytest bench/bench_ipvs.py --benchmark-only
 """

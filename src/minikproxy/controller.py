@@ -179,7 +179,8 @@ class Controller:
         """Start servers, watches and the sync loop (returns at once)."""
         self.proxier.initial_load_gc.hold()
         if self.execer is not None:
-            remove_other_modes(self.config.mode, self.execer, self.config.nftables_layout)
+            # Not before the first sync: the old mode's rules keep serving until ours are in.
+            self.proxier.on_first_sync = self._remove_other_modes
         if (
             self.execer is not None
             and self.config.mode == "iptables"
@@ -214,6 +215,16 @@ class Controller:
             self._spawn("node-wait", self._log_node_wait)
         if self.execer is not None:
             self._spawn("canary-monitor", self._monitor_canaries)
+
+    def _remove_other_modes(self) -> None:
+        """Remove the other modes' leftovers, once every family has its rules (see
+        :func:`~minikproxy.modes.leftovers.remove_other_modes`): until then the old mode's
+        rules keep new connections working."""
+        assert self.execer is not None
+        try:
+            remove_other_modes(self.config.mode, self.execer, self.config.nftables_layout)
+        except Exception:  # stopping (commands cancelled), or a bug: never fail the sync
+            logger.exception("removing the other modes' leftovers failed")
 
     @staticmethod
     def _enable_route_localnet(execer: Execer) -> None:

@@ -6,6 +6,7 @@ runner; nothing is written before both Services and EndpointSlices have been lis
 :meth:`Proxier.sync_proxy_rules` has kube-proxy's skeleton: decide full or partial, snapshot,
 have the mode (:class:`~minikproxy.modes.base.ProxyMode`) compile incrementally and apply
 atomically, and on failure keep the old rules, count, back off and make the next sync full.
+Each IP family does so on its own, as kube-proxy's proxier per family does.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, TextIO
@@ -60,6 +61,12 @@ class SyncResult:
     reconcile that follows a successful one (kube-proxy's cleanup at the end of
     ``syncProxyRules``); ``elapsed`` the whole sync, from its start to the end of the
     reconcile: what ``sync_proxy_rules_duration_seconds`` observes (see :attr:`total`).
+
+    The families are independent, as kube-proxy's one proxier per family: ``ok`` is True when
+    every family's rules went in; ``failed`` names the families whose apply failed (they kept
+    their previous rules), ``full_families`` those whose sync was full (``full``: any was).
+    The rules of the families not in ``failed`` include the changes up to
+    ``resource_versions``.
     """
 
     full: bool
@@ -70,6 +77,8 @@ class SyncResult:
     ended: float = 0.0
     conntrack_seconds: float = 0.0
     elapsed: float = 0.0
+    failed: tuple[IPFamily, ...] = ()
+    full_families: frozenset[IPFamily] = frozenset()
 
     @property
     def total(self) -> float:
@@ -80,10 +89,15 @@ class SyncResult:
 
 @dataclass
 class _FamilyState:
+    """One family's bookkeeping: each family syncs, fails and backs off on its own."""
+
     applied: Any = None  # the mode's Plan the kernel holds
     applied_state: ProxyState | None = None
     compiled: Any = None  # the last Plan compiled (dry-run: the one printed)
     changed: frozenset[NamespacedName] | None = None  # Services the last sync changed
+    needs_full: bool = True  # the next sync of this family is full
+    last_full: float = -float("inf")  # the proxier's clock at its last successful full sync
+    failures: int = 0  # consecutive failed syncs
 
 
 @dataclass
@@ -119,6 +133,9 @@ class Proxier:
     runner: Runner | None = None
     last_sync: SyncResult | None = None
     on_sync: Callable[[SyncResult], None] | None = None  # called after every sync
+    # Called once, on the sync thread, after the sync that completed the first successful
+    # apply of every family (the controller removes the other modes' leftovers there).
+    on_first_sync: Callable[[], None] | None = None
     service_cidrs: tuple[str, ...] = ()  # --service-cidr or the API's ServiceCIDRs
     tracker: ClusterTracker = field(init=False)
 
@@ -130,14 +147,12 @@ class Proxier:
         self._lock = threading.Lock()
         self._synced: set[str] = set()
         self._resource_versions: dict[str, str] = {}
-        self._needs_full = True
-        self._last_full = -float("inf")
-        self._failures = 0
         self._families: dict[IPFamily, _FamilyState] = {f: _FamilyState() for f in self.families}
         self._no_local = {f: NoLocalCounter() for f in self.families}
         self._logged_node_addresses: list[Any] | None = None
         self._node_exists = False
         self._started = False  # the first sync was queued
+        self._all_synced_once = False  # every family's rules went in once (on_first_sync)
         self._start_lock = threading.Lock()
         # Held by the controller while the initial lists arrive; released after the first sync.
         self.initial_load_gc = InitialLoadGC()
@@ -282,7 +297,8 @@ class Proxier:
         took its decision already, the flag is for the one after it)."""
         logger.info("forcing a full sync: %s", reason)
         with self._lock:
-            self._needs_full = True
+            for state in self._families.values():
+                state.needs_full = True
         self.sync()
 
     def set_service_cidrs(self, cidrs: Sequence[str]) -> None:
@@ -302,9 +318,14 @@ class Proxier:
         """Ask the mode whether our state is still in the kernel (iptables: the
         KUBE-PROXY-CANARY chains; nftables: the table and its rules); if someone removed it,
         force a full sync. Returns True when it is there (or nothing has been written yet)."""
-        if self._mode.dry_run or self._needs_full:
+        if self._mode.dry_run:
             return True
-        applied = {f: s.applied for f, s in self._families.items() if s.applied is not None}
+        # A family whose next sync is full anyway (failed, or forced) is not looked at.
+        applied = {
+            f: s.applied
+            for f, s in self._families.items()
+            if s.applied is not None and not s.needs_full
+        }
         if not applied:
             return True
         reason = self._mode.intact(applied)
@@ -316,15 +337,23 @@ class Proxier:
     # --- the sync --------------------------------------------------------------------------
 
     def sync_proxy_rules(self) -> bool:
-        """One sync: returns False on failure (the runner then retries)."""
+        """One sync of every family: returns False when some family failed (the runner then
+        retries). The families are independent, as kube-proxy's proxier per family: one that
+        fails keeps its previous rules, is counted, backs off and syncs in full next time,
+        while the others get their rules and everything that follows a successful sync
+        (health, health-check node ports, metrics, conntrack cleanup) and stay partial."""
         if not self.initialized:
             return True
         start = self.clock()
         with self._lock:
-            full = self._needs_full or start - self._last_full >= self.full_sync_period
+            full = {
+                family: state.needs_full or start - state.last_full >= self.full_sync_period
+                for family, state in self._families.items()
+            }
             # Cleared when the decision is taken, under the lock: a force_full_sync() that
             # comes while this sync runs (the canary monitor) is kept for the next one.
-            self._needs_full = False
+            for state in self._families.values():
+                state.needs_full = False
         versions: dict[str, str] = {}
         try:
             with self._lock:
@@ -337,62 +366,117 @@ class Proxier:
                 self.tracker.checkout_pending()
                 self.metrics.service_changes_pending.set(0)
                 self.metrics.endpoint_changes_pending.set(0)
-            for family in self.families:
-                self._sync_family(family, snapshots[family], node, service_cidrs, full)
-            end = self.clock()
-            duration = end - start
-            self.initial_load_gc.release()
-            self._failures = 0
-            if full:
-                self._last_full = start
-            result = SyncResult(full, True, duration, "", versions, end)
-            self.last_sync = result
-            self._after_success(snapshots, full)
         except Exception as err:
             # Whatever went wrong, the changes taken from the tracker must not be lost: the
             # next sync is full. (A snapshot that fails half-way keeps its dirty set.)
-            return self._failed(err, full, start, versions)
-        # kube-proxy cleans conntrack at the end of syncProxyRules, inside the time its
-        # sync_proxy_rules_duration_seconds observes (a deferred call from the start): so do we.
-        reconcile_start = self.clock()
-        self._reconcile_conntrack()
-        finished = self.clock()
-        result.conntrack_seconds = finished - reconcile_start
-        result.elapsed = finished - start
-        self._observe_latency(full, result.elapsed)
+            return self._finish(start, full, versions, {}, dict.fromkeys(self.families, err))
+        synced: dict[IPFamily, Snapshot] = {}
+        errors: dict[IPFamily, Exception] = {}
+        for family in self.families:
+            try:
+                self._sync_family(family, snapshots[family], node, service_cidrs, full[family])
+            except Exception as err:
+                errors[family] = err
+                if _cancelled(err):  # stopping: the families not tried yet are not synced
+                    errors.update((f, err) for f in self.families if f not in synced)
+                    break
+                continue
+            synced[family] = snapshots[family]
+        return self._finish(start, full, versions, synced, errors)
+
+    def _finish(
+        self,
+        start: float,
+        full: Mapping[IPFamily, bool],
+        versions: Mapping[str, str],
+        synced: Mapping[IPFamily, Snapshot],
+        errors: Mapping[IPFamily, Exception],
+    ) -> bool:
+        """The bookkeeping after the families were tried: ``synced`` got their rules (with
+        their snapshots), ``errors`` did not (with why)."""
+        for family in synced:
+            state = self._families[family]
+            state.failures = 0
+            if full[family]:
+                state.last_full = start
+        detail = self._failed(errors, full) if errors else ""
+        end = self.clock()
+        result = SyncResult(
+            full=any(full[f] for f in (*synced, *errors)),
+            ok=not errors,
+            duration=end - start,
+            error=detail,
+            resource_versions=versions,
+            ended=end,
+            failed=tuple(errors),
+            full_families=frozenset(f for f in (*synced, *errors) if full[f]),
+        )
+        self.last_sync = result
+        if synced:
+            self.initial_load_gc.release()
+            self._after_success(synced, full)
+            # kube-proxy cleans conntrack at the end of syncProxyRules, inside the time its
+            # sync_proxy_rules_duration_seconds observes (a deferred call from the start):
+            # so do we.
+            reconcile_start = self.clock()
+            self._reconcile_conntrack(synced)
+            finished = self.clock()
+            result.conntrack_seconds = finished - reconcile_start
+            result.elapsed = finished - start
+            self._observe_latency(any(full[f] for f in synced), result.elapsed)
         if self.on_sync is not None:
             self.on_sync(result)
-        return True
+        if not self._all_synced_once and all(
+            state.applied is not None for state in self._families.values()
+        ):
+            self._all_synced_once = True
+            if self.on_first_sync is not None:
+                self.on_first_sync()
+        return not errors
 
-    def _failed(
-        self, err: Exception, full: bool, start: float, versions: Mapping[str, str]
-    ) -> bool:
-        if isinstance(err.__cause__, ExecCancelledError):  # stopping: not a failure
-            logger.info("%s sync interrupted: %s", _kind(full), err)
-            with self._lock:
-                self._needs_full = True
-            return False
-        expected = self._mode.expected_error(err)
-        if expected is not None:
-            detail = expected
-            logger.error("%s sync failed, keeping the previous rules: %s", _kind(full), detail)
-        else:
-            detail = f"{type(err).__name__}: {err}"
-            logger.exception("%s sync failed unexpectedly, keeping the previous rules", _kind(full))
-        self._mode.record_failure(self.metrics, full, err)
+    def _failed(self, errors: Mapping[IPFamily, Exception], full: Mapping[IPFamily, bool]) -> str:
+        """Log and count each failed family, make its next sync full and back off; returns
+        the detail for :attr:`SyncResult.error`."""
         with self._lock:
-            self._needs_full = True
-        self._failures += 1
-        for state in self._families.values():
+            for family in errors:
+                self._families[family].needs_full = True
+        details: list[str] = []
+        counted: set[int] = set()  # one error (a snapshot's) fails every family, counted once
+        failed = False
+        for family, err in errors.items():
+            what = self._what(family, full)
+            if _cancelled(err):  # stopping: not a failure
+                logger.info("%s sync interrupted: %s", what, err)
+                details.append(f"interrupted: {err}")
+                continue
+            failed = True
+            state = self._families[family]
+            state.failures += 1
             state.compiled = None
-        if self.runner is not None:
-            backoff = min(self.config.sync_period, 0.5 * 2 ** min(self._failures, 10))
+            expected = self._mode.expected_error(err)
+            if expected is not None:
+                detail = expected
+                logger.error("%s sync failed, keeping the previous rules: %s", what, detail)
+            else:
+                detail = f"{type(err).__name__}: {err}"
+                logger.error(
+                    "%s sync failed unexpectedly, keeping the previous rules",
+                    what,
+                    exc_info=err,
+                )
+            if id(err) not in counted:
+                counted.add(id(err))
+                self._mode.record_failure(self.metrics, full[family], err)
+            details.append(detail if len(self.families) == 1 else f"{family}: {detail}")
+        if failed and self.runner is not None:
+            failures = max(self._families[f].failures for f in errors)
+            backoff = min(self.config.sync_period, 0.5 * 2 ** min(failures, 10))
             self.runner.retry_after(backoff)
-        end = self.clock()
-        self.last_sync = SyncResult(full, False, end - start, detail, versions, end)
-        if self.on_sync is not None:
-            self.on_sync(self.last_sync)
-        return False
+        return "; ".join(dict.fromkeys(details))
+
+    def _what(self, family: IPFamily, full: Mapping[IPFamily, bool]) -> str:
+        kind = _kind(full[family])
+        return kind if len(self.families) == 1 else f"{family} {kind}"
 
     def _sync_family(
         self,
@@ -435,11 +519,15 @@ class Proxier:
             else metrics.sync_partial_proxy_rules_latency
         ).observe(seconds)
 
-    def _after_success(self, snapshots: Mapping[IPFamily, Snapshot], full: bool) -> None:
+    def _after_success(
+        self, synced: Mapping[IPFamily, Snapshot], full: Mapping[IPFamily, bool]
+    ) -> None:
+        """What follows a successful sync of the ``synced`` families (the others keep what
+        their last success set: their rules in the kernel did not change)."""
         metrics = self.metrics
         metrics.sync_proxy_rules_last_timestamp.set(self.wallclock())
         now = self.wallclock()
-        for snapshot in snapshots.values():
+        for snapshot in synced.values():
             for times in snapshot.trigger_times.values():
                 for text in times:
                     stamp = _timestamp(text)
@@ -451,12 +539,15 @@ class Proxier:
         }
         no_local = {"internal": 0, "external": 0}
         for family, plan in applied.items():
-            state = self._families[family].applied_state
-            assert state is not None
             counter = self._no_local[family]
-            counter.recount(
-                state, mode.categorized(plan), None if full else mode.changed_ports(plan)
-            )
+            if family in synced:
+                state = self._families[family].applied_state
+                assert state is not None
+                counter.recount(
+                    state,
+                    mode.categorized(plan),
+                    None if full[family] else mode.changed_ports(plan),
+                )
             for policy, count in counter.counts.items():
                 no_local[policy] += count
         for policy, total in no_local.items():
@@ -464,7 +555,7 @@ class Proxier:
                 total
             )
         mode.record_metrics(metrics, applied)
-        for family in self.families:
+        for family in synced:
             self.health.updated(family)
         self._sync_service_health()
 
@@ -501,12 +592,14 @@ class Proxier:
         self.service_health.sync_services(ports)
         self.service_health.sync_endpoints(local)
 
-    def _reconcile_conntrack(self) -> None:
-        """Delete stale UDP flows of every family (see :mod:`minikproxy.ctreconcile`).
-        A failure is logged and counted, never fails the sync: the next sync retries."""
+    def _reconcile_conntrack(self, families: Iterable[IPFamily]) -> None:
+        """Delete stale UDP flows of the ``families`` just synced (see
+        :mod:`minikproxy.ctreconcile`). A failure is logged and counted, never fails the
+        sync: the next sync retries."""
         if self.conntrack is None or self._mode.dry_run:
             return
-        for family, fam in self._families.items():
+        for family in families:
+            fam = self._families[family]
             if fam.applied is None or fam.applied_state is None:
                 continue
             try:
@@ -597,6 +690,11 @@ def _health_check_addresses(nodeport: Mapping[IPFamily, tuple[str, ...] | None])
 
 def _kind(full: bool) -> str:
     return "full" if full else "partial"
+
+
+def _cancelled(err: Exception) -> bool:
+    """Whether ``err`` is a command killed because the proxy is stopping (not a failure)."""
+    return isinstance(err.__cause__, ExecCancelledError)
 
 
 def _timestamp(rfc3339: str) -> float | None:

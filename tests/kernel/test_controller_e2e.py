@@ -5,7 +5,6 @@ namespace, and its netlink sockets (conntrack, addresses) are opened there."""
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,15 +16,13 @@ from minikproxy.controller import Controller
 from minikproxy.dataplane.execer import ExecResult, RealExecer
 from minikproxy.model.names import IPV4
 from minikproxy.testing.apiserver import FakeApiServer
-from minikproxy.testing.netns import Probe, Proto, Topology
+from minikproxy.testing.netns import Topology
 
 from ..helpers import wait_for
-from .cluster_objects import NODE_OBJ, endpoint_slice, service, start_controller
+from .cluster_objects import endpoint_slice, service
+from .controller_harness import BACKENDS, VIP, ControllerHarness, running_harness, syncs
 
 pytestmark = pytest.mark.kernel
-
-BACKENDS = ["10.10.2.2", "10.10.2.3", "10.10.2.4"]
-VIP = "10.96.0.10"
 
 
 class FlakyExecer(RealExecer):
@@ -56,59 +53,31 @@ class FlakyExecer(RealExecer):
         return super().run(argv, stdin=stdin, timeout=timeout)
 
 
-class Harness:
+class Harness(ControllerHarness):
+    """The shared harness in iptables mode, over a :class:`FlakyExecer` (:attr:`execer`)."""
+
     def __init__(self, topo: Topology, api: FakeApiServer, kubeconfig: Path) -> None:
-        self.topo, self.api, self.kubeconfig = topo, api, kubeconfig
+        super().__init__(topo, api, kubeconfig)
         self.execer = FlakyExecer(topo.namespaces["node"])
-        self.controller: Controller | None = None
+
+    def new_execer(self) -> FlakyExecer:
+        if self.execer.closed:  # a stopped controller closed it
+            self.execer = FlakyExecer(self.topo.namespaces["node"])
+        return self.execer
 
     def start(self, **config: Any) -> Controller:
-        if self.controller is None and self.execer.closed:  # a stopped controller closed it
-            self.execer = FlakyExecer(self.topo.namespaces["node"])
-        self.controller = start_controller(self.kubeconfig, self.execer, **config)
-        return self.controller
+        return super().start(mode="iptables", **config)
 
     def stop(self) -> None:
         self.execer.restores.set()
-        if self.controller is not None:
-            self.controller.stop()
-            self.controller = None
-
-    def lands(
-        self, dst: str = VIP, port: int = 80, count: int = 40, proto: Proto = "tcp"
-    ) -> set[str]:
-        # 40 random picks of 3 backends miss one with p < 1e-6 (20: p ~ 1e-3)
-        results = self.topo.connect_many([Probe(dst, port, proto)] * count, timeout=1.0)
-        return {r.server_ip for r in results if r.ok}
-
-    def outcome(self, dst: str = VIP, port: int = 80) -> str:
-        return self.topo.connect(dst, port, timeout=0.5).outcome
-
-
-def syncs(controller: Controller, kind: str) -> float:
-    """How many ``full`` or ``partial`` syncs ``controller`` has completed."""
-    name = f"kubeproxy_sync_{kind}_proxy_rules_duration_seconds_count"
-    return controller.metrics.registry.get_sample_value(name) or 0.0
-
-
-def refused(caplog: pytest.LogCaptureFixture, reflector: str) -> bool:
-    """Whether ``reflector`` has logged a request answered 503 by the API server."""
-    return any(
-        r.getMessage().startswith(f"{reflector}: ") and "HTTP 503" in r.getMessage()
-        for r in caplog.records
-    )
+        super().stop()
 
 
 @pytest.fixture
 def harness(topology: Topology, tmp_path: Path) -> Iterator[Harness]:
     topology.serve_backends(8080, protos=("tcp", "udp"), family=IPV4)
-    with FakeApiServer() as api:
-        api.create(NODE_OBJ)
-        h = Harness(topology, api, api.write_kubeconfig(tmp_path / "kubeconfig"))
-        try:
-            yield h
-        finally:
-            h.stop()
+    with running_harness(Harness, topology, tmp_path) as harness:
+        yield harness
 
 
 def test_service_lifecycle_scaling_and_deletion(harness: Harness) -> None:
@@ -145,36 +114,6 @@ def test_external_traffic_policy_local(harness: Harness) -> None:
     assert not harness.topo.masqueraded(result)
     api.update(endpoint_slice("local", BACKENDS))  # no local endpoint left: DROP
     wait_for(lambda: harness.outcome("10.10.1.1", 30020) == "timeout", what="DROP")
-
-
-def test_api_outage_and_410_relist(harness: Harness, caplog: pytest.LogCaptureFixture) -> None:
-    api = harness.api
-    caplog.set_level(logging.WARNING, logger="minikproxy.sources.kubeapi")
-    harness.start()
-    api.create(service("web", VIP))
-    api.create(endpoint_slice("web", BACKENDS))
-    api.create(service("gone", "10.96.0.30"))
-    api.create(endpoint_slice("gone", BACKENDS))
-    wait_for(lambda: harness.lands("10.96.0.30") == set(BACKENDS), what="both services up")
-
-    with api.outage():
-        # the watches are down and every reflector has had a request refused: nothing flushed
-        wait_for(
-            lambda: all(refused(caplog, r) for r in ("services", "endpointslices", "nodes")),
-            what="every reflector to see the outage",
-        )
-        assert harness.lands() == set(BACKENDS)
-        assert harness.lands("10.96.0.30") == set(BACKENDS)
-
-    # A deletion the watch never sees: history is compacted and the watches dropped, so the
-    # reflectors get 410 Gone, relist, and must notice "gone" disappeared.
-    api.delete("services", "default", "gone")
-    api.delete("endpointslices", "default", "gone-1")
-    api.update(endpoint_slice("web", ["10.10.2.2"]))
-    api.compact()
-    api.drop_watches()
-    wait_for(lambda: harness.outcome("10.96.0.30") == "unreachable", what="deletion reconciled")
-    wait_for(lambda: harness.lands() == {"10.10.2.2"}, what="update reconciled")
 
 
 def test_restart_keeps_connections_working(harness: Harness) -> None:
@@ -227,26 +166,6 @@ def test_external_flush_is_repaired(harness: Harness) -> None:
     wait_for(lambda: harness.lands() == set(BACKENDS), what="canary noticed, full resync")
 
 
-def test_stale_udp_conntrack_entries_are_removed(harness: Harness) -> None:
-    api = harness.api
-    harness.start()
-    api.create(service("dns", "10.96.0.53", proto="UDP"))
-    api.create(endpoint_slice("dns", ["10.10.2.2"], proto="UDP"))
-    wait_for(lambda: harness.lands("10.96.0.53", proto="udp") == {"10.10.2.2"}, what="udp")
-
-    def flows_to(ip: str) -> int:
-        return sum(
-            1
-            for e in harness.topo.conntrack_list()
-            if e.proto == "udp" and e.orig_dst == "10.96.0.53" and e.reply_src == ip
-        )
-
-    assert flows_to("10.10.2.2") > 0
-    api.update(endpoint_slice("dns", ["10.10.2.3"], proto="UDP"))
-    wait_for(lambda: flows_to("10.10.2.2") == 0, what="flows to the removed endpoint deleted")
-    assert harness.lands("10.96.0.53", proto="udp") == {"10.10.2.3"}
-
-
 def test_udp_flows_follow_serving_endpoints_deleted_services_and_restarts(
     harness: Harness,
 ) -> None:
@@ -260,11 +179,7 @@ def test_udp_flows_follow_serving_endpoints_deleted_services_and_restarts(
     wait_for(lambda: harness.lands(dns, proto="udp") == {"10.10.2.2"}, what="udp")
 
     def flows_to(ip: str, vip: str = dns) -> int:
-        return sum(
-            1
-            for e in harness.topo.conntrack_list()
-            if e.proto == "udp" and e.orig_dst == vip and e.reply_src == ip
-        )
+        return harness.udp_flows(ip, vip)
 
     def reconciles(ctl: Controller) -> float:
         name = "kubeproxy_conntrack_reconciler_sync_duration_seconds_count"

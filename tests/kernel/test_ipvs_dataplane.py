@@ -4,7 +4,10 @@ real servers gracefully, repairs tampering, and cleans up (twice)."""
 
 from __future__ import annotations
 
+import os
 import socket
+import struct
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,6 +30,7 @@ from minikproxy.sources.manifests import SourcedObject
 from minikproxy.testing.ipvsload import ipvsadm_save, reset_ipvs, split_sections
 from minikproxy.testing.netns import Topology
 
+from ..helpers import wait_for
 from .traffic import BACKENDS, NODE, NODE_OBJ, landings, service, slice_
 
 pytestmark = [pytest.mark.kernel, pytest.mark.ipvs]
@@ -120,48 +124,144 @@ def test_initial_load_in_bulk_gives_the_same_state(node: Any) -> None:
     assert kernel.writes == 0
 
 
-def test_one_endpoint_change_is_one_netlink_operation_and_graceful(node: Any) -> None:
+SCALE = float(os.environ.get("MINIKPROXY_TIME_SCALE", "1"))
+ECHO_PORT = 9090
+
+
+class EchoBackends:
+    """A TCP server on ``ECHO_PORT`` of every backend address that keeps each connection open
+    and answers every line with the backend address that took the connection."""
+
+    def __init__(self, netns: str) -> None:
+        def listen() -> socket.socket:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("0.0.0.0", ECHO_PORT))
+            sock.listen(16)
+            return sock
+
+        self.listener = run_in_netns(netns, listen)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _answer(conn: socket.socket) -> None:
+        with conn:
+            me = conn.getsockname()[0].encode()
+            try:
+                while conn.recv(64):
+                    conn.sendall(me + b"\n")
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept()
+        self.listener.close()
+
+
+def ask(sock: socket.socket) -> str:
+    """The backend at the other end of ``sock`` (one round trip through IPVS)."""
+    sock.sendall(b"?\n")
+    return sock.recv(64).decode().strip()
+
+
+def echo_slice(ips: list[str]) -> Any:
+    obj = slice_("gt", ips)
+    obj["ports"][0]["port"] = ECHO_PORT
+    return obj
+
+
+def test_graceful_termination_of_a_tcp_real_server(node: Any) -> None:
+    """An endpoint removed under an open connection: weight 0, the connection keeps working,
+    new ones go elsewhere; back in the meantime: weight 1 again; removed again and the
+    connection reset: the graceful-termination check deletes it once IPVS drops the
+    connection (CLOSE state, 10 s)."""
     topo, applier, kernel = node
-    objs = [service("web", "10.96.0.10"), slice_("web", BACKENDS)]
-    plan = plan_for(objs)
+    echo = EchoBackends(topo.namespaces["backend"])
+    client = topo.namespaces["client"]
+
+    def connect() -> socket.socket:
+        return run_in_netns(
+            client, lambda: socket.create_connection(("10.96.0.30", 80), timeout=5 * SCALE)
+        )
+
+    svc = service("gt", "10.96.0.30")
+    changed = {NamespacedName("t", "gt")}
+    plan = plan_for([svc, echo_slice(BACKENDS)])
     applier.apply(plan)
-    changed = {NamespacedName("t", "web")}
-    # a held-open connection to the endpoint that goes away
-    netns = topo.namespaces["client"]
-    held: list[socket.socket] = []
-
-    def hold() -> None:
-        for _ in range(6):
-            s = socket.create_connection(("10.96.0.10", 80), timeout=3)
-            held.append(s)
-
-    run_in_netns(netns, hold)
+    key = ("TCP", "10.96.0.30", 80)
+    held = connect()
     try:
-        busy = [ip for ip in BACKENDS if f"{ip}:8080" in ipvsadm_conns(topo)]
-        assert busy, "no connection reached a backend"
-        gone = busy[0]
+        gone = ask(held)
+        dest = (gone, ECHO_PORT)
+        assert kernel.dests(key)[dest].active == 1
+        others = [b for b in BACKENDS if b != gone]
         kernel.writes = 0
-        plan = plan_for([objs[0], slice_("web", [b for b in BACKENDS if b != gone])], plan, changed)
+        plan = plan_for([svc, echo_slice(others)], plan, changed)
         applier.apply(plan)
         assert kernel.writes == 1  # weight 0, not deleted: it still has a connection
-        assert f"-a -t 10.96.0.10:80 -r {gone}:8080 -m -w 0" in ipvsadm_save(
-            topo.namespaces["node"]
-        )
-        # back again: its weight returns, one operation
+        assert kernel.dests(key)[dest].weight == 0
+        assert ask(held) == gone  # the open connection still works ...
+        for _ in range(4):  # ... and new ones go to the others
+            with connect() as sock:
+                assert ask(sock) in others
+        assert applier.process_terminating() == []  # kept while the connection lives
+
+        # back while terminating: its weight returns, and the check leaves it
         kernel.writes = 0
-        plan = plan_for(objs, plan, changed)
+        plan = plan_for([svc, echo_slice(BACKENDS)], plan, changed)
         applier.apply(plan)
         assert kernel.writes == 1
-        assert f"-a -t 10.96.0.10:80 -r {gone}:8080 -m -w 1" in ipvsadm_save(
-            topo.namespaces["node"]
-        )
+        assert kernel.dests(key)[dest].weight == 1
+        assert len(applier.terminating) == 0
+
+        plan = plan_for([svc, echo_slice(others)], plan, changed)
+        applier.apply(plan)
+        assert kernel.dests(key)[dest].weight == 0
+        assert ask(held) == gone
     finally:
-        for s in held:
-            s.close()
+        # RST (SO_LINGER 0): IPVS moves the connection to CLOSE, then drops it after 10 s
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        held.close()
+        echo.close()
+    deleted: list[Any] = []
+
+    def checked() -> bool:
+        deleted.extend(applier.process_terminating())
+        return bool(deleted)
+
+    wait_for(checked, timeout=30 * SCALE, interval=0.5, what="the real server deleted")
+    assert deleted == [(key, dest)]
+    assert set(kernel.dests(key)) == {(b, ECHO_PORT) for b in others}
+    assert len(applier.terminating) == 0
 
 
-def ipvsadm_conns(topo: Topology) -> str:
-    return topo.node_exec(["ipvsadm", "-L", "-n", "-c"]).stdout
+def test_udp_real_server_deleted_at_once(node: Any) -> None:
+    """UDP real servers are not terminated gracefully, even with a flow in IPVS."""
+    topo, applier, kernel = node
+    svc = service("dns", "10.96.0.53", port=53, proto="UDP")
+    plan = plan_for([svc, slice_("dns", BACKENDS, proto="UDP")])
+    applier.apply(plan)
+    result = topo.connect("10.96.0.53", 53, "udp")
+    assert result.ok, result.outcome
+    key = ("UDP", "10.96.0.53", 53)
+    dest = (result.server_ip, 8080)
+    state = kernel.dests(key)[dest]
+    assert state.active + state.inactive > 0  # IPVS holds the flow
+    kernel.writes = 0
+    others = [b for b in BACKENDS if b != result.server_ip]
+    changed = {NamespacedName("t", "dns")}
+    applier.apply(plan_for([svc, slice_("dns", others, proto="UDP")], plan, changed))
+    assert kernel.writes == 1
+    assert set(kernel.dests(key)) == {(b, 8080) for b in others}
+    assert len(applier.terminating) == 0
 
 
 def test_tampering_repaired_and_cleanup_twice(node: Any) -> None:

@@ -2,7 +2,9 @@
 ``kubernetes`` client and programs the node netns of a test topology through its long-lived
 libnftables context, in both layouts (``flat``: our ``minikproxy`` table; ``kube-proxy``:
 kube-proxy's ``kube-proxy`` table); connections from the client netns show what the kernel
-does. The twin of test_controller_e2e.py (iptables mode), plus what only nftables mode has:
+does. The twin of test_controller_e2e.py (iptables mode; both on the shared harness of
+controller_harness.py, whose scenarios alike in every mode are in
+test_controller_modes_e2e.py), plus what only nftables mode has:
 element-only updates, the table canary, mode and layout switches, the nftables cleanup,
 ClientIP affinity across full syncs, UDP flows of Services deleted while the proxy was down,
 and one table per family.
@@ -13,7 +15,6 @@ probe servers on every backend's port 8080)."""
 from __future__ import annotations
 
 import json
-import logging
 import subprocess
 import sys
 import threading
@@ -24,23 +25,22 @@ from typing import Any
 import pytest
 
 from minikproxy.controller import Controller
-from minikproxy.dataplane.execer import RealExecer
+from minikproxy.dataplane.libnftables import NftContext
 from minikproxy.dataplane.nftables import NftablesApplier
 from minikproxy.healthz import HealthzServer
 from minikproxy.metrics import MetricsServer
 from minikproxy.model.names import IPV4, IPV6, IPFamily
 from minikproxy.modes.nftables import NftablesMode
 from minikproxy.testing.apiserver import FakeApiServer
-from minikproxy.testing.netns import Probe, Proto, Topology
+from minikproxy.testing.netns import Probe, Topology
 
 from ..helpers import wait_for
-from .cluster_objects import NODE_OBJ, endpoint_slice, service, start_controller
+from .cluster_objects import endpoint_slice, service
+from .controller_harness import BACKENDS, VIP, ControllerHarness, running_harness, syncs
 from .test_metrics_health_e2e import http_get, samples, value
 
 pytestmark = pytest.mark.kernel
 
-BACKENDS = ["10.10.2.2", "10.10.2.3", "10.10.2.4"]
-VIP = "10.96.0.10"
 NODE_IP = "10.10.1.1"  # NODE_OBJ's InternalIP: nftables mode's NodePort address (primary)
 TABLES = {"flat": "minikproxy", "kube-proxy": "kube-proxy"}
 LAYOUTS = pytest.mark.parametrize("layout", list(TABLES))
@@ -74,13 +74,14 @@ class ScriptTap:
         return self._run(script)
 
 
-class Harness:
-    """The fake API server, the topology and the controller under test (one at a time)."""
+class Harness(ControllerHarness):
+    """The shared harness, in nftables mode by default, tapping each nftables-mode
+    controller's libnftables context (:attr:`tap`) before its first sync."""
 
     def __init__(self, topo: Topology, api: FakeApiServer, kubeconfig: Path) -> None:
-        self.topo, self.api, self.kubeconfig = topo, api, kubeconfig
-        self.controller: Controller | None = None
+        super().__init__(topo, api, kubeconfig)
         self.tap: ScriptTap | None = None
+        self._layout = "flat"
 
     def start(
         self,
@@ -89,42 +90,19 @@ class Harness:
         families: Sequence[IPFamily] = (IPV4,),
         **config: Any,
     ) -> Controller:
-        """Start a controller (``mode`` and ``layout``) programming the node netns; in
-        nftables mode, tap its libnftables context (:attr:`tap`) before its first sync."""
-        assert self.controller is None
-        self.tap = None
+        """Start a controller (``mode`` and ``layout``) programming the node netns."""
+        self.tap, self._layout = None, layout
+        return super().start(mode=mode, layout=layout, families=families, **config)
 
-        def tap(controller: Controller) -> None:
-            if isinstance(controller.mode, NftablesMode):
-                assert controller.mode.applier is not None
-                self.tap = ScriptTap(controller.mode.applier, TABLES[layout])
-
-        execer = RealExecer(self.topo.namespaces["node"])
-        self.controller = start_controller(
-            self.kubeconfig, execer, tap, families, mode=mode, nftables_layout=layout, **config
-        )
-        return self.controller
+    def before_start(self, controller: Controller) -> None:
+        if isinstance(controller.mode, NftablesMode):
+            assert controller.mode.applier is not None
+            self.tap = ScriptTap(controller.mode.applier, TABLES[self._layout])
 
     def stop(self) -> None:
         if self.tap is not None:
             self.tap.open.set()
-        if self.controller is not None:
-            self.controller.stop()
-            self.controller = None
-
-    def lands(
-        self, dst: str = VIP, port: int = 80, count: int = 40, proto: Proto = "tcp"
-    ) -> set[str]:
-        """The backends that answered ``count`` connections (40 random picks of 3 backends
-        miss one with p < 1e-6); none if a first one fails (a batch of probes to a
-        destination without rules costs a second: some get no ICMP error back)."""
-        if not self.topo.connect(dst, port, proto, timeout=1.0).ok:
-            return set()
-        results = self.topo.connect_many([Probe(dst, port, proto)] * count, timeout=1.0)
-        return {r.server_ip for r in results if r.ok}
-
-    def outcome(self, dst: str = VIP, port: int = 80) -> str:
-        return self.topo.connect(dst, port, timeout=0.5).outcome
+        super().stop()
 
     def tables(self) -> set[str]:
         """The node's nftables tables, as ``family name``."""
@@ -134,12 +112,6 @@ class Harness:
             for item in listed["nftables"]
             if "table" in item
         }
-
-
-def syncs(controller: Controller, kind: str) -> float:
-    """How many ``full`` or ``partial`` syncs ``controller`` has completed."""
-    name = f"kubeproxy_sync_{kind}_proxy_rules_duration_seconds_count"
-    return controller.metrics.registry.get_sample_value(name) or 0.0
 
 
 def counted_first_sync(controller: Controller) -> float:
@@ -165,13 +137,8 @@ def nft_failures(controller: Controller) -> float:
 
 @pytest.fixture
 def harness(topo: Topology, tmp_path: Path) -> Iterator[Harness]:
-    with FakeApiServer() as api:
-        api.create(NODE_OBJ)
-        h = Harness(topo, api, api.write_kubeconfig(tmp_path / "kubeconfig"))
-        try:
-            yield h
-        finally:
-            h.stop()
+    with running_harness(Harness, topo, tmp_path) as harness:
+        yield harness
 
 
 def element_only(script: str) -> bool:
@@ -238,42 +205,26 @@ def test_nodeport_external_traffic_policy_local(harness: Harness, layout: str) -
     wait_for(lambda: harness.outcome(NODE_IP, 30020) == "timeout", what="DROP")
 
 
-def refused(caplog: pytest.LogCaptureFixture, reflector: str) -> bool:
-    """Whether ``reflector`` has logged a request answered 503 by the API server."""
-    return any(
-        r.getMessage().startswith(f"{reflector}: ") and "HTTP 503" in r.getMessage()
-        for r in caplog.records
-    )
+#: A cluster CIDR that holds the client: its connections to ClusterIPs are not masqueraded.
+#: A Prober's thousands of connections a second through SNAT make the backends hold
+#: TIME_WAIT sockets for source ports the node's conntrack no longer remembers (the client
+#: reusing its port ends the old entry early); a new connection SNATed to one of them is
+#: reset by the backend, whatever the rules. Tests of connection continuity avoid SNAT.
+UNMASQUERADED = "10.10.0.0/16"
 
 
-def test_api_outage_and_410_relist(harness: Harness, caplog: pytest.LogCaptureFixture) -> None:
-    """An API outage flushes nothing; changes missed while the watches were down (history
-    compacted: 410 Gone) are reconciled by the relist."""
-    api = harness.api
-    caplog.set_level(logging.WARNING, logger="minikproxy.sources.kubeapi")
-    harness.start()
-    api.create(service("web", VIP))
-    api.create(endpoint_slice("web", BACKENDS))
-    api.create(service("gone", "10.96.0.30"))
-    api.create(endpoint_slice("gone", BACKENDS))
-    wait_for(lambda: harness.lands("10.96.0.30") == set(BACKENDS), what="both services up")
-
-    with api.outage():
-        wait_for(
-            lambda: all(refused(caplog, r) for r in ("services", "endpointslices", "nodes")),
-            what="every reflector to see the outage",
-        )
-        assert harness.lands() == set(BACKENDS)
-        assert harness.lands("10.96.0.30") == set(BACKENDS)
-
-    # A deletion the watch never sees: 410 Gone, relist, and "gone" must disappear.
-    api.delete("services", "default", "gone")
-    api.delete("endpointslices", "default", "gone-1")
-    api.update(endpoint_slice("web", ["10.10.2.2"]))
-    api.compact()
-    api.drop_watches()
-    wait_for(lambda: harness.outcome("10.96.0.30") == "unreachable", what="deletion reconciled")
-    wait_for(lambda: harness.lands() == {"10.10.2.2"}, what="update reconciled")
+def assert_always_served(outcomes: Sequence[str]) -> None:
+    """Every probe met rules: none ``unreachable`` (no rules: no route) nor timed out, which
+    is what removing the old mode's state before the first sync gives. Tolerated: a rare
+    immediate ``refused``. In about half the switch runs on a loaded machine, one to four of
+    some hundreds of probes are rejected while both rule sets are present. An nft trace of
+    one: its SYN passed both NAT chains (ours first), each ran its ``dnat`` with verdict
+    accept, yet it left prerouting with the ClusterIP as destination, and our table's
+    ``cluster-ips-check`` rejected it. It has not been seen in a restart in one mode, nor
+    with the same two rule sets loaded by hand; why the DNAT did not take is not known."""
+    failed = [outcome for outcome in outcomes if outcome != "ok"]
+    assert set(failed) <= {"refused"}, failed
+    assert len(failed) * 50 <= len(outcomes), f"{len(failed)} of {len(outcomes)}: {failed}"
 
 
 class Prober:
@@ -416,52 +367,40 @@ def kube_chains(topo: Topology) -> list[str]:
     return [chain for chain in chains if chain != "KUBE-FIREWALL"]
 
 
-def test_switching_modes_removes_the_other_modes_state(harness: Harness) -> None:
-    """iptables -> nftables: iptables mode's chains go at start-up; nftables -> iptables:
-    our table goes. Traffic works after each switch."""
+def test_switching_modes_keeps_serving_new_connections(harness: Harness) -> None:
+    """iptables -> nftables -> iptables while a client connects to the ClusterIP all the
+    time: every connection meets rules (see assert_always_served). The old mode's rules
+    serve until the new mode's first sync and go right after it (iptables mode's chains;
+    then our table)."""
     api = harness.api
     topo = harness.topo
-    harness.start(mode="iptables")
+    harness.start(mode="iptables", cluster_cidr=UNMASQUERADED)
     api.create(service("web", VIP))
     api.create(endpoint_slice("web", BACKENDS))
     wait_for(lambda: harness.lands() == set(BACKENDS), what="traffic in iptables mode")
     assert "KUBE-SERVICES" in kube_chains(topo)
-    harness.stop()
+    prober = Prober(topo, VIP)
+    try:
+        wait_for(lambda: len(prober.outcomes) >= 8, what="probes before the switch")
+        harness.stop()
+        controller = harness.start(cluster_cidr=UNMASQUERADED)
+        wait_for(lambda: kube_chains(topo) == [], what="iptables mode's chains removed")
+        assert syncs(controller, "full") == 1, "removed after the first nftables sync"
+        assert "ip minikproxy" in harness.tables()
+        seen = len(prober.outcomes)
+        wait_for(lambda: len(prober.outcomes) >= seen + 8, what="probes in nftables mode")
+        harness.stop()
 
-    controller = harness.start()
-    wait_for(lambda: syncs(controller, "full") > 0, what="the first nftables sync")
-    assert kube_chains(topo) == [], "iptables mode's chains removed at start-up"
-    assert "ip minikproxy" in harness.tables()
+        controller = harness.start(mode="iptables", cluster_cidr=UNMASQUERADED)
+        wait_for(lambda: "ip minikproxy" not in harness.tables(), what="our table removed")
+        assert syncs(controller, "full") == 1, "removed after the first iptables sync"
+        assert "KUBE-SERVICES" in kube_chains(topo)
+        seen = len(prober.outcomes)
+        wait_for(lambda: len(prober.outcomes) >= seen + 8, what="probes in iptables mode")
+    finally:
+        outcomes = prober.stop()
+    assert_always_served(outcomes)
     assert harness.lands() == set(BACKENDS)
-    harness.stop()
-
-    controller = harness.start(mode="iptables")
-    wait_for(lambda: syncs(controller, "full") > 0, what="the first iptables sync")
-    assert "ip minikproxy" not in harness.tables(), "our table removed at start-up"
-    assert "KUBE-SERVICES" in kube_chains(topo)
-    assert harness.lands() == set(BACKENDS)
-
-
-@LAYOUTS
-def test_stale_udp_conntrack_entries_are_removed(harness: Harness, layout: str) -> None:
-    """UDP flows to a removed endpoint are deleted, in nftables mode too."""
-    api = harness.api
-    harness.start(layout)
-    api.create(service("dns", "10.96.0.53", proto="UDP"))
-    api.create(endpoint_slice("dns", ["10.10.2.2"], proto="UDP"))
-    wait_for(lambda: harness.lands("10.96.0.53", proto="udp") == {"10.10.2.2"}, what="udp")
-
-    def flows_to(ip: str) -> int:
-        return sum(
-            1
-            for e in harness.topo.conntrack_list()
-            if e.proto == "udp" and e.orig_dst == "10.96.0.53" and e.reply_src == ip
-        )
-
-    assert flows_to("10.10.2.2") > 0
-    api.update(endpoint_slice("dns", ["10.10.2.3"], proto="UDP"))
-    wait_for(lambda: flows_to("10.10.2.2") == 0, what="flows to the removed endpoint deleted")
-    assert harness.lands("10.96.0.53", proto="udp") == {"10.10.2.3"}
 
 
 def test_metrics_and_health_in_nftables_mode(harness: Harness) -> None:
@@ -490,26 +429,38 @@ def test_metrics_and_health_in_nftables_mode(harness: Harness) -> None:
 
 
 def test_switching_layouts_removes_the_other_layouts_table(harness: Harness) -> None:
-    """Both tables would hook the same packets (a stale one DNATs to old endpoints): starting
-    in one layout removes the other's table, as kube-proxy's nftables mode's leftovers."""
+    """Both tables would hook the same packets (a stale one DNATs to old endpoints): a
+    controller starting in one layout removes the other's table, as kube-proxy's nftables
+    mode's leftovers, right after its first sync; a client connecting to the ClusterIP all
+    the time meets rules with every connection across the switches."""
     api = harness.api
-    harness.start("kube-proxy")
+    harness.start("kube-proxy", cluster_cidr=UNMASQUERADED)
     api.create(service("web", VIP))
     api.create(endpoint_slice("web", BACKENDS))
     wait_for(lambda: harness.lands() == set(BACKENDS), what="traffic, kube-proxy layout")
-    harness.stop()
-    harness.topo.load_nft("add table ip6 kube-proxy\n")
+    prober = Prober(harness.topo, VIP)
+    try:
+        wait_for(lambda: len(prober.outcomes) >= 8, what="probes before the switch")
+        harness.stop()
+        harness.topo.load_nft("add table ip6 kube-proxy\n")
 
-    controller = harness.start("flat")
-    wait_for(lambda: syncs(controller, "full") > 0, what="the first flat sync")
-    assert harness.tables() == {"ip minikproxy"}
-    api.update(endpoint_slice("web", ["10.10.2.2"]))
-    wait_for(lambda: harness.lands() == {"10.10.2.2"}, what="only the flat table's endpoints")
-    harness.stop()
+        controller = harness.start("flat", cluster_cidr=UNMASQUERADED)
+        wait_for(lambda: harness.tables() == {"ip minikproxy"}, what="kube-proxy's tables gone")
+        assert syncs(controller, "full") == 1, "removed after the first flat sync"
+        seen = len(prober.outcomes)
+        wait_for(lambda: len(prober.outcomes) >= seen + 8, what="probes in the flat layout")
+        api.update(endpoint_slice("web", ["10.10.2.2"]))
+        wait_for(lambda: harness.lands() == {"10.10.2.2"}, what="only the flat table's endpoints")
+        harness.stop()
 
-    controller = harness.start("kube-proxy")
-    wait_for(lambda: syncs(controller, "full") > 0, what="the first kube-proxy layout sync")
-    assert harness.tables() == {"ip kube-proxy"}
+        controller = harness.start("kube-proxy", cluster_cidr=UNMASQUERADED)
+        wait_for(lambda: harness.tables() == {"ip kube-proxy"}, what="our table gone")
+        assert syncs(controller, "full") == 1, "removed after the first kube-proxy layout sync"
+        seen = len(prober.outcomes)
+        wait_for(lambda: len(prober.outcomes) >= seen + 8, what="probes in the kube-proxy layout")
+    finally:
+        outcomes = prober.stop()
+    assert_always_served(outcomes)
     api.update(endpoint_slice("web", ["10.10.2.3"]))
     wait_for(lambda: harness.lands() == {"10.10.2.3"}, what="only the kube-proxy table's")
 
@@ -536,12 +487,7 @@ def test_udp_flows_of_services_deleted_while_down_are_removed(
     wait_for(lambda: harness.lands("10.96.0.55", proto="udp") == {"10.10.2.3"}, what="dns3")
     wait_for(lambda: harness.lands(NODE_IP, 30053, proto="udp") == {"10.10.2.3"}, what="NodePort")
 
-    def flows_to(ip: str, dst: str) -> int:
-        return sum(
-            1
-            for e in harness.topo.conntrack_list()
-            if e.proto == "udp" and e.orig_dst == dst and e.reply_src == ip
-        )
+    flows_to = harness.udp_flows
 
     assert flows_to("10.10.2.4", "10.96.0.54") > 0 and flows_to("10.10.2.3", "10.96.0.55") > 0
     assert flows_to("10.10.2.3", NODE_IP) > 0
@@ -560,13 +506,9 @@ V6_BACKENDS = ["fd00:10:2::2", "fd00:10:2::3", "fd00:10:2::4"]
 V6_VIP = "fd00:96::60"
 
 
-@LAYOUTS
-def test_dual_stack_service_and_per_family_repair(harness: Harness, layout: str) -> None:
-    """One table per family (``ip`` and ``ip6``): a dual-stack Service works in both, a
-    change of one family's endpoints leaves the other alone, and a deleted ``ip6`` table is
-    noticed and repaired on its own."""
-    api = harness.api
-    controller = harness.start(layout, families=(IPV4, IPV6), sync_period=0.3)
+def create_dual_stack_web(api: FakeApiServer) -> dict[str, Any]:
+    """Create the dual-stack Service ``web`` (VIP, V6_VIP) with its IPv4 (BACKENDS) and IPv6
+    (V6_BACKENDS) EndpointSlices; return the IPv6 one."""
     api.create(
         service(
             "web", VIP, ipFamilies=["IPv4", "IPv6"], ipFamilyPolicy="RequireDualStack",
@@ -578,6 +520,17 @@ def test_dual_stack_service_and_per_family_repair(harness: Harness, layout: str)
     v6_slice["addressType"] = "IPv6"
     api.create(endpoint_slice("web", BACKENDS))
     api.create(v6_slice)
+    return v6_slice
+
+
+@LAYOUTS
+def test_dual_stack_service_and_per_family_repair(harness: Harness, layout: str) -> None:
+    """One table per family (``ip`` and ``ip6``): a dual-stack Service works in both, a
+    change of one family's endpoints leaves the other alone, and a deleted ``ip6`` table is
+    noticed and repaired on its own."""
+    api = harness.api
+    controller = harness.start(layout, families=(IPV4, IPV6), sync_period=0.3)
+    v6_slice = create_dual_stack_web(api)
     wait_for(lambda: harness.lands() == set(BACKENDS), what="IPv4 traffic")
     wait_for(lambda: harness.lands(V6_VIP) == set(V6_BACKENDS), what="IPv6 traffic")
     assert {f"ip {TABLES[layout]}", f"ip6 {TABLES[layout]}"} <= harness.tables()
@@ -591,6 +544,60 @@ def test_dual_stack_service_and_per_family_repair(harness: Harness, layout: str)
     harness.topo.node_exec(["nft", "delete", "table", "ip6", TABLES[layout]])
     wait_for(lambda: syncs(controller, "full") > full, what="the canary's full sync")
     wait_for(lambda: harness.lands(V6_VIP) == {V6_BACKENDS[0]}, what="IPv6 repaired")
+    assert harness.lands() == set(BACKENDS)
+
+
+def test_a_failing_ipv6_table_does_not_hold_back_ipv4(harness: Harness) -> None:
+    """Another netlink socket owns the node's ``ip6 minikproxy`` table (nft's ``owner``
+    flag), so the kernel refuses every IPv6 transaction. As with kube-proxy's proxier per
+    family, IPv4 goes on: its rules, its partial (element-only) syncs, its UDP conntrack
+    cleanup; ``/healthz`` says IPv6 is late; once the owner is gone, IPv6's retry (full)
+    brings its rules in."""
+    api = harness.api
+    holder = NftContext(harness.topo.namespaces["node"])
+    try:
+        holder.run("add table ip6 minikproxy { flags owner; }\n")
+        controller = harness.start(families=(IPV4, IPV6), sync_period=1.0)
+        healthz = controller.servers[1]
+        create_dual_stack_web(api)
+        api.create(service("dns", "10.96.0.53", proto="UDP"))
+        api.create(endpoint_slice("dns", ["10.10.2.2"], proto="UDP"))
+        wait_for(lambda: harness.lands() == set(BACKENDS), what="IPv4 traffic")
+        wait_for(lambda: harness.lands("10.96.0.53", proto="udp") == {"10.10.2.2"}, what="udp")
+
+        def ipv6_failed() -> bool:
+            last = controller.proxier.last_sync
+            return last is not None and last.failed == (IPV6,)
+
+        wait_for(ipv6_failed, what="a sync whose IPv6 apply failed")
+        assert nft_failures(controller) > 0
+        assert harness.lands(V6_VIP) == set()
+
+        def flows_to(ip: str) -> int:
+            return harness.udp_flows(ip, "10.96.0.53")
+
+        assert flows_to("10.10.2.2") > 0
+        tap = harness.tap
+        assert tap is not None
+        sent = len(tap.scripts)
+        api.update(endpoint_slice("dns", ["10.10.2.3"], proto="UDP"))
+        wait_for(lambda: flows_to("10.10.2.2") == 0, what="IPv4's stale UDP flows deleted")
+        assert harness.lands("10.96.0.53", proto="udp") == {"10.10.2.3"}
+        ipv4 = [script for script in tap.scripts[sent:] if " ip minikproxy " in script]
+        assert ipv4 and all(element_only(script) for script in ipv4), ipv4  # still partial
+
+        def healthz_answer() -> tuple[int, dict[str, Any]]:
+            status, body, _ = http_get(healthz.port, "/healthz")
+            return status, json.loads(body)
+
+        wait_for(lambda: healthz_answer()[0] == 503, what="IPv6 late for the health timeout")
+        status = healthz_answer()[1]["status"]
+        assert (status["IPv4"]["healthy"], status["IPv6"]["healthy"]) == (True, False)
+        assert ipv6_failed()
+    finally:
+        holder.close()  # the owner's socket closes: its table goes with it
+    wait_for(lambda: harness.lands(V6_VIP) == set(V6_BACKENDS), what="IPv6 after the retry")
+    wait_for(lambda: healthz_answer()[0] == 200, what="healthy again")
     assert harness.lands() == set(BACKENDS)
 
 

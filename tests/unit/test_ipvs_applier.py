@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from minikproxy.compile.ipvs import IPSETS, IpvsOptions, IpvsPlan, compile_ipvs, ipset_name
+from minikproxy.compile.ipvs import IPSETS, JUMPS, IpvsOptions, IpvsPlan, compile_ipvs, ipset_name
 from minikproxy.dataplane.ipvs import (
     IpvsApplier,
     entry_from_netlink,
@@ -238,3 +238,50 @@ def test_initial_load_goes_in_bulk_and_small_changes_do_not() -> None:
     other = IpvsApplier(FakeIpvsKernel(), FakeIptables(), IPV4, small)
     other.apply(compile_ipvs(state(*services[:3]), OPTIONS))
     assert small.texts == {}
+
+
+def builtin_rules(ipt: FakeIptables) -> list[str]:
+    """The rules of the built-in chains (the jumps), in each table's order."""
+    builtin = {"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"}
+    return [
+        line
+        for table in ("nat", "filter")
+        for line in ipt.save(table).decode().splitlines()
+        if line.startswith("-A ") and line.split()[1] in builtin
+    ]
+
+
+def test_full_apply_prepends_missing_jumps_in_its_one_restore() -> None:
+    ipt = FakeIptables()
+    ipt.restore(b"*filter\n-A INPUT -j ACCEPT\nCOMMIT\n")  # someone else's rule stays last
+    applier = IpvsApplier(FakeIpvsKernel(), ipt, IPV4)
+    plan = compile_ipvs(state((port("web", "10.96.0.1"), eps(1))), OPTIONS)
+    before = ipt.restore_count
+    applier.apply(plan)
+    assert ipt.restore_count == before + 1
+    rules = builtin_rules(ipt)
+    # kube-proxy prepends each jump in turn: the last one of a chain ends up first
+    assert rules[:4] == [
+        '-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
+        '-A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
+        '-A POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING',
+        '-A INPUT -m comment --comment "kubernetes ipvs access filter" -j KUBE-IPVS-FILTER',
+    ]
+    assert rules[4:6] == [
+        '-A INPUT -m comment --comment "kube-proxy firewall rules" -j KUBE-PROXY-FIREWALL',
+        '-A INPUT -m comment --comment "kubernetes health check rules" -j KUBE-NODE-PORT',
+    ]
+    assert "-A INPUT -j ACCEPT" in rules[6:]
+    assert len(rules) == len(JUMPS) + 1
+    # again: nothing duplicated; a jump removed by someone comes back first in its chain
+    applier.apply(plan, full=True)
+    assert builtin_rules(ipt) == rules
+    ipt.restore(
+        b'*nat\n-D OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES\n'
+        b"-A OUTPUT -j RETURN\nCOMMIT\n"
+    )
+    applier.apply(plan, full=True)
+    nat_output = [
+        r for r in builtin_rules(ipt) if r.startswith("-A OUTPUT") and "KUBE-IPVS" not in r
+    ]
+    assert nat_output == [rules[1], "-A OUTPUT -j RETURN"]

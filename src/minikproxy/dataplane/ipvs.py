@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import shlex
 import socket
 import struct
 import threading
@@ -32,6 +33,7 @@ from minikproxy.compile.ipvs import (
     NAT_CHAINS,
     WEIGHT,
     IpsetInfo,
+    IpvsJump,
     IpvsPlan,
     RealServer,
     VirtualServer,
@@ -39,7 +41,7 @@ from minikproxy.compile.ipvs import (
     ipvsadm_lines,
 )
 from minikproxy.dataplane.execer import Execer
-from minikproxy.dataplane.iptables import IptablesRunner, RealIptables
+from minikproxy.dataplane.iptables import IptablesError, IptablesRunner, RealIptables
 from minikproxy.dataplane.nsenter import enter_netns
 from minikproxy.model.names import IPV4, IPV6, IPFamily
 
@@ -427,6 +429,28 @@ class NetlinkIpvsKernel:
 # --- the applier ---------------------------------------------------------------------------
 
 
+def _with_jumps(text: str, jumps: Iterable[IpvsJump]) -> str:
+    """``text`` (an ``iptables-restore`` input) with ``-I SOURCE 1`` lines for ``jumps`` at the
+    end of their tables: prepended in turn, as kube-proxy's EnsureRule(Prepend) does."""
+    by_table: dict[str, list[str]] = {}
+    for jump in jumps:
+        rule = jump.line().replace(f"-A {jump.source} ", f"-I {jump.source} 1 ", 1)
+        by_table.setdefault(jump.table, []).append(rule)
+    if not by_table:
+        return text
+    out: list[str] = []
+    table = ""
+    for line in text.splitlines(keepends=True):
+        if line.startswith("*"):
+            table = line[1:].strip()
+        elif line.strip() == "COMMIT":
+            out.extend(by_table.pop(table, []))
+        out.append(line)
+    if by_table:
+        raise ValueError(f"no table {sorted(by_table)} in the iptables rules")
+    return "".join(out)
+
+
 def _family_of(address: str) -> IPFamily:
     return IPV6 if ":" in address else IPV4
 
@@ -686,12 +710,14 @@ class IpvsApplier:
         if full or self._iptables_dirty:
             text = plan.render_iptables(jumps=False)
             if full or text != self._iptables_text:
-                self.iptables.restore(text.encode(), noflush=True, counters=False)
+                # A full apply also prepends the missing jumps, in the same restore: one
+                # iptables-save per table instead of an iptables -C (and -I) per jump.
+                missing = self._missing_jumps() if full else []
+                self.iptables.restore(
+                    _with_jumps(text, missing).encode(), noflush=True, counters=False
+                )
                 self._iptables_text = text
             self._iptables_dirty = False
-        if full:
-            for jump in JUMPS:
-                self.iptables.ensure_rule_prepended(jump.table, jump.source, jump.args())
         addresses, services = self._pending_removals
         self._pending_removals = ([], [])
         for address in addresses:
@@ -703,6 +729,19 @@ class IpvsApplier:
             self.kernel.delete_service(key)
             for item in [p for p in self.terminating.pending if p[0] == key]:
                 del self.terminating.pending[item]
+
+    def _missing_jumps(self) -> list[IpvsJump]:
+        """The jumps (kube-proxy's ``iptablesJumpChain``) not in their built-in chains."""
+        present: set[tuple[str, ...]] = set()
+        for table in {jump.table for jump in JUMPS}:
+            try:
+                saved = self.iptables.save(table).decode()
+            except IptablesError:
+                continue  # no such table yet (nf_tables backend, fresh namespace)
+            present.update(
+                (table, *shlex.split(line)) for line in saved.splitlines() if line.startswith("-A ")
+            )
+        return [j for j in JUMPS if (j.table, "-A", j.source, *j.args()) not in present]
 
     def _sync_service(self, vs: VirtualServer, current: ServiceState | None) -> None:
         """kube-proxy's syncService + syncEndpoint for one virtual server."""

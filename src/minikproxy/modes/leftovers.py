@@ -1,6 +1,7 @@
 """Removing what each proxy mode leaves in the kernel (``minikproxy cleanup``, and the
-start-up removal of the *other* modes' state, as kube-proxy does since it made mode switches
-work without a reboot).
+removal of the *other* modes' state when ``run`` starts, as kube-proxy does since it made mode
+switches work without a reboot; minikproxy does it right after its first successful sync, so
+that the old mode's rules serve new connections until the new mode's are in).
 
 Each remover returns one line per thing it removed and raises nothing for state that is not
 there: running it twice is safe.
@@ -79,9 +80,10 @@ def remove_ipvs_leftovers(execer: Execer) -> list[str]:
 
 
 def remove_ipvs_mode_leftovers(execer: Execer) -> list[str]:
-    """At start-up: IPVS mode's state only where an IPVS-mode proxy left its ``kube-ipvs0``
-    device. Removing IPVS state deletes every virtual server of the node: on a node that
-    never ran IPVS mode they belong to other software (keepalived, LVS), not to a proxy."""
+    """For another mode's ``run``: IPVS mode's state only where an IPVS-mode proxy left its
+    ``kube-ipvs0`` device. Removing IPVS state deletes every virtual server of the node: on a
+    node that never ran IPVS mode they belong to other software (keepalived, LVS), not to a
+    proxy."""
     from minikproxy.compile.ipvs import DUMMY_DEVICE
 
     try:
@@ -91,7 +93,7 @@ def remove_ipvs_mode_leftovers(execer: Execer) -> list[str]:
     return remove_ipvs_leftovers(execer) if probe.returncode == 0 else []
 
 
-#: Every mode's start-up remover, by ``--proxy-mode``.
+#: Every mode's remover of its leftovers (for the other modes' ``run``), by ``--proxy-mode``.
 REMOVERS: dict[str, Callable[[Execer], list[str]]] = {
     "iptables": remove_iptables_state,
     "nftables": remove_nftables_state,
@@ -107,11 +109,15 @@ LAYOUT_TABLES: dict[str, str] = {"flat": FLAT_TABLE, "kube-proxy": KUBE_PROXY_TA
 
 
 def remove_other_modes(mode: str, execer: Execer, nftables_layout: str = "flat") -> list[str]:
-    """At start-up in ``mode``: remove every other mode's state; in nftables mode, the other
-    layout's table too (kube-proxy's nftables mode's leftovers, or ours): its hooks would
-    still see every packet, and its stale rules could DNAT or reject our Services' traffic.
-    Failures are logged, never fatal (the proxy still works; the leftovers may shadow nothing
-    or be cleaned later)."""
+    """Once ``mode`` has its rules in (the controller calls this after the first sync in
+    which every family succeeded): remove every other mode's state; in nftables mode, the
+    other layout's table too (kube-proxy's nftables mode's leftovers, or ours): its hooks
+    would still see every packet, and its stale rules could DNAT or reject our Services'
+    traffic. Until then both rule sets are present; each DNATs a new connection to an
+    endpoint of the same Service (the first NAT chain that translates a connection decides
+    it; a later one is skipped), so only what changed while the proxy was down can go to
+    the old mode's stale choice, for that short window. Failures are logged, never fatal
+    (the proxy still works; the leftovers may shadow nothing or be cleaned later)."""
     # As kube-proxy's platformCleanup: iptables and ipvs mode share chains (KUBE-SERVICES,
     # KUBE-POSTROUTING, ...), so neither removes the other's state: that would flush the
     # running mode's own chains at every restart, breaking Services until the first sync.
