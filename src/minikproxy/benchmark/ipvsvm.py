@@ -123,13 +123,17 @@ def run_vm_part(
     with tempfile.TemporaryDirectory(prefix="mkpb-ipvsvm-") as tmp:
         shared = Path(tmp)
         (shared / SETTINGS_FILE).write_text(json.dumps(settings))
-        command = [sys.executable, "-m", "minikproxy", "bench", "--ipvs-vm-part", str(shared)]
+        # The guest gets PATH and little else from the environment: pass what matters.
+        guest_env = ["MINIKPROXY_TIME_SCALE=10"]
+        if os.environ.get("PYTHONPATH"):
+            guest_env.append(f"PYTHONPATH={os.environ['PYTHONPATH']}")
+        command = ["env", *guest_env, sys.executable, "-m", "minikproxy", "bench",
+                   "--ipvs-vm-part", str(shared)]  # fmt: skip
         env = {
             **os.environ,
             "IPVS_VM_RW": str(shared),
             "IPVS_VM_TIMEOUT": str(int(timeout)),
             "IPVS_VM_MEM": os.environ.get("IPVS_VM_MEM", str(VM_MEMORY_MIB)),
-            "MINIKPROXY_TIME_SCALE": "10",
         }
         start = time.monotonic()
         tail: list[str] = []
