@@ -1,5 +1,6 @@
 """IPVS initial full load in an IPVS kernel: the netlink applier against ``ipvsadm -R`` +
-``ipset restore`` (+ ``ip addr`` batch) of the same state, each into a fresh network namespace.
+``ipset restore`` (+ ``ip -batch`` of the addresses, ``iptables-restore``) of the same state, each
+into a fresh network namespace (``minikproxy bench`` measures the same in the VM by itself).
 
 Needs a kernel with IPVS (skipped elsewhere): run it in the VM, where emulation makes absolute
 times meaningless but the ratio holds::
@@ -21,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from minikproxy.benchmark.measure import ipvs_tool_load
 from minikproxy.compile.ipvs import compile_ipvs
 from minikproxy.dataplane.execer import RealExecer
 from minikproxy.dataplane.iptables import RealIptables
@@ -50,10 +52,6 @@ def _fresh() -> str:
     return netns
 
 
-def _run(netns: str, argv: list[str], stdin: str) -> None:
-    subprocess.run(["ip", "netns", "exec", netns, *argv], input=stdin, text=True, check=True)
-
-
 def test_initial_load_applier(benchmark, sections) -> None:  # type: ignore[no-untyped-def]
     plan, _ = sections
     created: list[str] = []
@@ -78,21 +76,17 @@ def test_initial_load_applier(benchmark, sections) -> None:  # type: ignore[no-u
 
 
 def test_initial_load_ipvsadm_and_ipset_restore(benchmark, sections) -> None:  # type: ignore[no-untyped-def]
-    _, text = sections
+    plan, _ = sections
+    text = plan.render()
     created: list[str] = []
 
     def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
         netns = _fresh()
         created.append(netns)
-        _run(netns, ["ip", "link", "add", "kube-ipvs0", "type", "dummy"], "")
         return (netns,), {}
 
     def load(netns: str) -> None:
-        _run(netns, ["ipset", "restore"], text["ipset"])
-        _run(netns, ["ipvsadm", "-R"], text["ipvs"])
-        batch = "".join(f"address add {line}\n" for line in text["addresses"].splitlines())
-        _run(netns, ["ip", "-batch", "-"], batch)
-        _run(netns, ["iptables-restore", "--noflush"], text["iptables"])
+        ipvs_tool_load(netns, text)  # minikproxy bench's baseline: kube-ipvs0 included
 
     try:
         benchmark.pedantic(load, setup=setup, rounds=3, iterations=1)

@@ -164,7 +164,7 @@ def main_bench(args: argparse.Namespace) -> int:
               file=sys.stderr)  # fmt: skip
         return 1
     if args.ipvs_vm_part is not None:
-        return _vm_part(args.ipvs_vm_part)
+        return vm_part_main(args.ipvs_vm_part)
     settings = settings_from_args(args)
     machine, started = machine_info(), now_utc()  # the load average before the run
     signal.signal(signal.SIGTERM, _interrupt)  # cleaned up like Ctrl-C
@@ -207,7 +207,7 @@ def main_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _vm_part(directory: Path) -> int:
+def vm_part_main(directory: Path) -> int:
     """Inside the IPVS VM: run the part the host asked for, write its results.json."""
     from minikproxy.benchmark.ipvsvm import read_vm_settings, write_vm_results
     from minikproxy.benchmark.results import machine_info, make_header, now_utc
