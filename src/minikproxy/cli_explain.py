@@ -56,14 +56,15 @@ def add_subcommands(sub: Any) -> None:
         "--against", action="append", default=[], metavar="PATH",
         help="the new snapshot (default: the same files, for --to-proxy-mode)",
     )  # fmt: skip
-    diff.add_argument("--to-proxy-mode", choices=("iptables", "nftables"), default=None)
+    diff.add_argument("--to-proxy-mode", choices=("iptables", "nftables", "ipvs"), default=None)
     diff.add_argument(
         "--to-nftables-layout", choices=NFTABLES_LAYOUTS, default=None, metavar="LAYOUT"
     )
     diff.add_argument(
         "--against-live",
         action="store_true",
-        help="compare with the rules in this node's kernel (iptables-save, or nft list table)",
+        help="compare with the rules in this node's kernel (iptables-save, nft list table, or "
+        "for ipvs: ipset save, ipvsadm -S -n, kube-ipvs0's addresses and iptables-save)",
     )
     diff.add_argument("--ip-family", choices=(IPV4, IPV6), default=None)
     diff.add_argument("--json", action="store_true", help="one JSON object")

@@ -69,8 +69,12 @@ def _source(send: Send, family: str) -> tuple[str, str]:
     return "client", CLIENT6 if family == "IPv6" else CLIENT
 
 
-def check_agreement(topo: Topology, view: ModeView, send: Send) -> Explanation:
-    """Explain ``send`` with ``view`` and send it through the kernel; assert they agree."""
+def check_agreement(
+    topo: Topology, view: ModeView, send: Send, *, scale: float = 1.0, tries: int = 12
+) -> Explanation:
+    """Explain ``send`` with ``view`` and send it through the kernel; assert they agree.
+    ``scale`` stretches the waits for answers (an emulated kernel is slower); ``tries``
+    connections per endpoint show the endpoints reached (2 suffice for round robin)."""
     ns, src = _source(send, view.family)
     packet = make_packet(src, send.dst, send.port, send.proto, send.origin, send.in_interface)  # type: ignore[arg-type]
     exp = explain_packet(view, packet)
@@ -80,9 +84,10 @@ def check_agreement(topo: Topology, view: ModeView, send: Send) -> Explanation:
         ips = {e.address.rpartition(":")[0].strip("[]") for e in exp.endpoints}
         masq = {e.address.rpartition(":")[0].strip("[]"): e.masquerade for e in exp.endpoints}
         if exp.affinity:
-            results = [topo.connect_many([probe], from_ns=ns)[0] for _ in range(6)]
+            results = [topo.connect_many([probe], from_ns=ns, timeout=scale)[0] for _ in range(6)]
         else:
-            results = topo.connect_many([probe] * (12 * len(ips)), from_ns=ns, timeout=2.0)
+            probes = [probe] * (tries * len(ips))
+            results = topo.connect_many(probes, from_ns=ns, timeout=2.0 * scale)
         assert all(r.ok for r in results), (where, [r.outcome for r in results])
         seen = {r.server_ip for r in results}
         if exp.affinity:
@@ -92,7 +97,7 @@ def check_agreement(topo: Topology, view: ModeView, send: Send) -> Explanation:
         for r in results:
             assert topo.masqueraded(r, src) == masq[r.server_ip], (where, r, exp.masquerade)
         return exp
-    timeout = 0.5 if exp.verdict == "drop" else 1.0
+    timeout = 0.5 if exp.verdict == "drop" else scale
     result = topo.connect_many([probe], from_ns=ns, timeout=timeout)[0]
     expected = {"reject": "refused", "drop": "timeout"}.get(exp.verdict)
     if exp.verdict == "none":

@@ -146,7 +146,9 @@ def wait_first_sync(proc: subprocess.Popen[bytes], netns: str, log: Path, timeou
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise ControllerError(f"minikproxy run exited {proc.returncode}: {_log_tail(log)}")
-        if _metric(netns, "kubeproxy_sync_proxy_rules_last_timestamp_seconds"):
+        # The histogram's count, not the last-sync timestamp: the proxier sets the
+        # timestamp before the conntrack reconcile and only then observes the duration.
+        if _metric(netns, "kubeproxy_sync_proxy_rules_duration_seconds_count"):
             took = _metric(netns, "kubeproxy_sync_proxy_rules_duration_seconds_sum")
             if took is not None:
                 return took

@@ -149,13 +149,20 @@ def unchanged_ports(old: ModeView, new: ModeView) -> set[ServicePortName]:
         return set()
     if old.mode != new.mode or old.ruleset.options != new.ruleset.options:
         return set()
+    if old.mode == "ipvs" and old.ruleset.render_iptables() != new.ruleset.render_iptables():
+        return set()  # set-based rules shared by every port: any port may behave differently
     out: set[ServicePortName] = set()
     olds, news = old.ruleset.services, new.ruleset.services
     for name, frag in news.items():
         prev = olds.get(name)
         if prev is None or old.state.services.get(name) != new.state.services.get(name):
             continue
-        same = same_rules(prev, frag) if old.mode == "iptables" else _same_nft(prev, frag)
+        if old.mode == "iptables":
+            same = same_rules(prev, frag)
+        elif old.mode == "ipvs":
+            same = _same_ipvs(prev, frag)
+        else:
+            same = _same_nft(prev, frag)
         if same:
             out.add(name)
     return out
@@ -165,6 +172,15 @@ def _same_nft(a: Any, b: Any) -> bool:
     if hasattr(a, "elements") and hasattr(a, "pick_counts"):
         return bool(a.elements == b.elements)
     return bool(a == b)
+
+
+def _same_ipvs(a: Any, b: Any) -> bool:
+    return bool(
+        a.virtual_servers == b.virtual_servers
+        and a.entries == b.entries
+        and a.bind_addresses == b.bind_addresses
+        and a.out_filter == b.out_filter
+    )
 
 
 def diff_views(old: ModeView, new: ModeView) -> list[Change]:
@@ -207,6 +223,8 @@ def known_difference(old: ModeView, new: ModeView, probe: Probe) -> str:
     if old.mode == new.mode:
         return ""
     modes = {old.mode.split("/")[0], new.mode.split("/")[0]}
+    if "ipvs" in modes:
+        return _ipvs_difference(old, new, probe, modes)
     if probe.frontend == "NodePort" and modes == {"iptables", "nftables"}:
         p = probe.packet
         if p.dst in ("127.0.0.1", "::1"):
@@ -218,6 +236,62 @@ def known_difference(old: ModeView, new: ModeView, probe: Probe) -> str:
     return ""
 
 
+def _ipvs_difference(old: ModeView, new: ModeView, probe: Probe, modes: set[str]) -> str:
+    """The intended difference between IPVS mode and the other one behind a change."""
+    other = next(iter(modes - {"ipvs"}))
+    p = probe.packet
+    if probe.frontend == "NodePort" and p.dst in ("127.0.0.1", "::1"):
+        return f"IPVS mode has no localhost NodePorts; {other} mode " + (
+            "has them (kube-proxy too)" if other == "iptables" else "neither"
+        )
+    view, other_view = (old, new) if old.mode == "ipvs" else (new, old)
+    port = view.state.services.get(probe.port)
+    if port is not None:
+        external = probe.frontend != "ClusterIP"
+        local = port.external_policy_local if external else port.internal_policy_local
+        cat = view.state.categorize(port)
+        if local and cat.has_any and not cat.local:
+            if not cat.cluster:
+                return (
+                    "a Local traffic policy with no endpoint on this node: IPVS mode's virtual "
+                    f"server has no real server (ICMP port unreachable), {other} mode drops"
+                )
+            return (
+                "a Local traffic policy with no endpoint on this node: IPVS mode falls back to "
+                f"the cluster's endpoints (kube-proxy #97081), {other} mode drops"
+            )
+        if local and external and p.origin in ("pod", "node"):
+            return (
+                "externalTrafficPolicy: Local from a pod or the node: IPVS mode uses this "
+                f"node's endpoints only (one virtual server per frontend), {other} mode "
+                "short-circuits to every endpoint"
+            )
+    addresses = other_view.nodeport_addresses
+    if probe.frontend == "NodePort" and addresses is not None and p.dst not in addresses:
+        return (
+            f"IPVS mode answers NodePorts on every node address, {other} mode on "
+            + ("the primary IP only by default" if other == "nftables" else "those selected")
+            + " (--nodeport-addresses)"
+        )
+    return ""
+
+
+_IPVS_NOTES = (
+    "IPVS binds every Service IP to the kube-ipvs0 dummy interface: the node owns them, "
+    "answers ARP for them unless strictARP, and KUBE-IPVS-FILTER rejects new connections to "
+    "other ports of them",
+    "IPVS mode answers NodePorts on every node address, and has no localhost NodePorts",
+    "IPVS mode falls back to the cluster's endpoints when a Local traffic policy finds none on "
+    "this node (kube-proxy #97081; with internalTrafficPolicy: Local alone there are none to "
+    "fall back to: reject); the other modes drop",
+    "with externalTrafficPolicy: Local, IPVS mode sends pods and the node to this node's "
+    "endpoints only; the other modes short-circuit them to every endpoint",
+    "IPVS schedules round robin (--ipvs-scheduler) and keeps ClientIP affinity as persistence; "
+    "the other modes pick at random and track affinity per client",
+    "IPVS keeps removed TCP endpoints at weight 0 while they have connections (graceful "
+    "termination); the other modes remove them at once (conntrack keeps existing connections)",
+)
+
 MODE_NOTES: dict[frozenset[str], tuple[str, ...]] = {
     frozenset({"iptables", "nftables"}): (
         "nftables mode does not support localhost NodePorts (127.0.0.1:<nodePort>)",
@@ -227,12 +301,13 @@ MODE_NOTES: dict[frozenset[str], tuple[str, ...]] = {
         "traffic to unallocated addresses of the service CIDR; iptables mode leaves it alone",
     ),
     frozenset({"ipvs", "nftables"}): (
-        "IPVS binds every Service IP to the kube-ipvs0 dummy interface, so the node answers "
-        "(and accepts) any port on a Service IP; nftables mode does not",
+        *_IPVS_NOTES,
+        "nftables mode answers NodePorts on the node's primary IP only by default "
+        "(--nodeport-addresses primary)",
     ),
     frozenset({"ipvs", "iptables"}): (
-        "IPVS binds every Service IP to the kube-ipvs0 dummy interface, so the node answers "
-        "(and accepts) any port on a Service IP; iptables mode does not",
+        *_IPVS_NOTES,
+        "iptables mode also answers NodePorts on 127.0.0.1 (localhost NodePorts)",
     ),
 }
 

@@ -20,6 +20,7 @@ from minikproxy.explain.nft import NftRules
 from minikproxy.explain.packet import Packet
 from minikproxy.explain.reasons import (
     FrontendIndex,
+    Target,
     find_targets,
     no_target_reasons,
     service_reasons,
@@ -34,7 +35,9 @@ from minikproxy.render import choose_node_name
 from minikproxy.sources.manifests import SourcedObject
 
 MODES = ("iptables", "nftables", "nftables/kube-proxy")
-"""What explain and diff can evaluate: a proxy mode (and nftables layout)."""
+"""The rule-based modes explain and diff evaluate: a proxy mode (and nftables layout)."""
+ALL_MODES = (*MODES, "ipvs")
+"""Every mode explain and diff evaluate (IPVS: its iptables rules, ipsets and IPVS)."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,7 @@ def mode_name(config: ProxyConfig) -> str:
     """``iptables``, ``nftables`` or ``nftables/kube-proxy`` (the layout)."""
     if config.mode == "nftables" and config.nftables_layout == "kube-proxy":
         return "nftables/kube-proxy"
-    if config.mode in ("iptables", "nftables"):
+    if config.mode in ("iptables", "nftables", "ipvs"):
         return config.mode
     raise ConfigError(f"--proxy-mode: explain does not support mode {config.mode!r} yet")
 
@@ -76,9 +79,9 @@ def with_mode(config: ProxyConfig, mode: str) -> ProxyConfig:
         return dataclasses.replace(config, mode="nftables", nftables_layout="kube-proxy")
     if mode == "nftables":
         return dataclasses.replace(config, mode="nftables", nftables_layout="flat")
-    if mode == "iptables":
-        return dataclasses.replace(config, mode="iptables")
-    raise ConfigError(f"unknown mode {mode!r} (one of {', '.join(MODES)})")
+    if mode in ("iptables", "ipvs"):
+        return dataclasses.replace(config, mode=mode)
+    raise ConfigError(f"unknown mode {mode!r} (one of {', '.join(ALL_MODES)})")
 
 
 class Feed:
@@ -169,6 +172,12 @@ def build_view(
             ruleset = compile_iptables(state, ipt)
         rules = IptablesRules.from_ruleset(ruleset)
         nodeports = ipt.nodeport_addresses
+    elif mode == "ipvs":
+        from minikproxy.explain.ipvs import build_ipvs
+
+        ruleset, rules, nodeports = build_ipvs(
+            state, config, node, family, node_addresses, changed, previous
+        )
     else:
         nft = nftables_options(
             config, node, family, node_addresses=node_addresses, service_cidrs=config.service_cidrs
@@ -240,6 +249,14 @@ def _pod_interfaces(config: ProxyConfig) -> str:
     return ""
 
 
+def _localhost_node_port(view: ModeView, packet: Packet, targets: Sequence[Target]) -> bool:
+    return (
+        packet.dst in ("127.0.0.1", "::1")
+        and not any(t.frontend == "NodePort" for t in targets)
+        and any(port == packet.dport for port, _ in view.frontends.by_node_port)
+    )
+
+
 def explain_packet(view: ModeView, packet: Packet, *, detail: bool = True) -> Explanation:
     """What ``view``'s rules do to ``packet``, with the Kubernetes reasons; without
     ``detail`` (diff), only the verdict, endpoints, masquerading and affinity."""
@@ -276,13 +293,16 @@ def explain_packet(view: ModeView, packet: Packet, *, detail: bool = True) -> Ex
         reasons.extend(no_target_reasons(view.frontends, packet))
     # The mode's notes about this port (IPv6 affinity in the flat nftables layout).
     notes = [n for n in view.notes if targets and n.startswith(f"{targets[0].port.name} (")]
-    if (
-        view.mode.startswith("nftables")
-        and packet.dst in ("127.0.0.1", "::1")
-        and not any(t.frontend == "NodePort" for t in targets)
-        and any(port == packet.dport for port, _ in view.frontends.by_node_port)
+    if (view.mode.startswith("nftables") or view.mode == "ipvs") and _localhost_node_port(
+        view, packet, targets
     ):
-        notes.append("localhost NodePorts are not supported in nftables mode (as in kube-proxy)")
+        notes.append(f"localhost NodePorts are not supported in {view.mode.split('/')[0]} mode "
+                     "(as in kube-proxy)")  # fmt: skip
+    if view.mode == "ipvs":
+        from minikproxy.explain.ipvs import ipvs_reasons
+
+        reasons = ipvs_reasons(view, packet, targets, reasons)
+        notes.extend(view.rules.notes_for(packet))  # type: ignore[attr-defined]
     return Explanation(
         packet=packet,
         mode=view.mode,

@@ -12,7 +12,7 @@ import ipaddress
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 from minikproxy.explain.packet import Packet
 from minikproxy.explain.result import EndpointShare, Step, Verdict
@@ -97,6 +97,22 @@ class Walk:
     flows: tuple[tuple[Verdict, Flow], ...]
 
 
+@runtime_checkable
+class PacketWalker(Protocol):
+    """An evaluator whose mode does not fit the netfilter walk alone (IPVS schedules at
+    LOCAL_IN/LOCAL_OUT): it walks the packet itself."""
+
+    def walk_packet(
+        self,
+        packet: Packet,
+        local_addresses: Collection[str],
+        pod_interface: str,
+        *,
+        trace: bool = True,
+    ) -> Walk:
+        """Follow ``packet`` through the hooks and the mode's own stages."""
+
+
 def walk(
     evaluator: RuleEvaluator,
     packet: Packet,
@@ -106,25 +122,10 @@ def walk(
     trace: bool = True,
 ) -> Walk:
     """Follow ``packet`` through PREROUTING (or OUTPUT), routing, FORWARD/INPUT, POSTROUTING."""
+    if isinstance(evaluator, PacketWalker):
+        return evaluator.walk_packet(packet, local_addresses, pod_interface, trace=trace)
     local = set(local_addresses)
-    iif = None
-    if packet.in_interface:
-        iif = packet.in_interface
-    elif not packet.locally_generated:
-        iif = pod_interface if packet.origin == "pod" else EXTERNAL_INTERFACE
-    start = Flow(
-        prob=1.0,
-        src=packet.src,
-        dst=packet.dst,
-        dport=packet.dport,
-        proto=packet.proto,
-        iif=iif,
-        src_local=packet.locally_generated or _is_local(packet.src, local),
-        local=frozenset(local),
-        orig_dst=packet.dst,
-        orig_dport=packet.dport,
-        trace=trace,
-    )
+    start = start_flow(packet, local, pod_interface, trace=trace)
     first = "output" if packet.locally_generated else "prerouting"
     alive = _run_hook(evaluator, first, [start])
     done: list[tuple[Verdict | None, Flow]] = [(v, f) for v, f in alive if v is not None]
@@ -145,6 +146,36 @@ def walk(
     return Walk(tuple((_final(v, f), f) for v, f in done))
 
 
+def start_flow(
+    packet: Packet, local: Collection[str], pod_interface: str, *, trace: bool = True
+) -> Flow:
+    """The flow of ``packet`` as it enters the first hook (its input interface chosen by
+    origin: the pod interface for a pod, none for the node itself)."""
+    iif = None
+    if packet.in_interface:
+        iif = packet.in_interface
+    elif not packet.locally_generated:
+        iif = pod_interface if packet.origin == "pod" else EXTERNAL_INTERFACE
+    return Flow(
+        prob=1.0,
+        src=packet.src,
+        dst=packet.dst,
+        dport=packet.dport,
+        proto=packet.proto,
+        iif=iif,
+        src_local=packet.locally_generated or _is_local(packet.src, local),
+        local=frozenset(local),
+        orig_dst=packet.dst,
+        orig_dport=packet.dport,
+        trace=trace,
+    )
+
+
+def final_verdict(verdict: Verdict | None, flow: Flow) -> Verdict:
+    """The verdict of a flow at the end of the walk (None: it went through)."""
+    return _final(verdict, flow)
+
+
 def _final(verdict: Verdict | None, flow: Flow) -> Verdict:
     if verdict is not None:
         return verdict
@@ -157,8 +188,19 @@ def _run_hook(
     evaluator: RuleEvaluator, hook: str, flows: list[Flow]
 ) -> list[tuple[Verdict | None, Flow]]:
     """Each flow through every base chain of ``hook``; None = still travelling."""
+    return run_chains(evaluator, hook, evaluator.base_chains(hook), flows)
+
+
+def run_chains(
+    evaluator: RuleEvaluator,
+    hook: str,
+    chains: Sequence[tuple[int, str, str]],
+    flows: list[Flow],
+) -> list[tuple[Verdict | None, Flow]]:
+    """Each flow through the base chains ``chains`` (in order) on ``hook``; None = still
+    travelling."""
     current: list[tuple[Verdict | None, Flow]] = [(None, f) for f in flows]
-    for _, table, chain in evaluator.base_chains(hook):
+    for _, table, chain in chains:
         nxt: list[tuple[Verdict | None, Flow]] = []
         for verdict, flow in current:
             if verdict is not None:
@@ -240,5 +282,7 @@ def merged_path(walked: Walk) -> tuple[Step, ...]:
                 out.append(step)
             else:
                 out[at] = replace(out[at], probability=out[at].probability + step.probability)
-    rank = _HOOK_RANK
+    rank: dict[str, float] = dict(_HOOK_RANK)
+    if any(s.hook == "prerouting" for s in out):
+        rank["output"] = 2.5  # an arriving packet IPVS sent on through LOCAL_OUT
     return tuple(sorted(out, key=lambda s: rank.get(s.hook, 9)))

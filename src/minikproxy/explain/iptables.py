@@ -1,8 +1,10 @@
 """Evaluate iptables-restore rules (what ``render`` prints, or ``iptables-save``) on a flow.
 
 Only what kube-proxy-shaped rules use is understood (addresses, interfaces, protocol and
-port, ``addrtype``, ``conntrack``, ``mark``, ``statistic``, ``recent``, ``comment``; the
-targets DNAT, MARK, MASQUERADE, REJECT, DROP, ACCEPT, RETURN and jumps); any other match or
+port, ``addrtype``, ``conntrack``, ``mark``, ``statistic``, ``recent``, ``comment``; with an
+:class:`IpsetLookup` the ``set`` match of IPVS mode, and its ``ipvs`` and ``physdev``
+matches; the targets DNAT, MARK, MASQUERADE, REJECT, DROP, ACCEPT, RETURN and jumps); any
+other match or
 target is an :class:`ExplainError` naming the rule, never silently ignored. Both spellings
 work: the compiler's (``-m tcp -p tcp``) and ``iptables-save``'s (``-d 10.0.0.1/32 -p tcp -m
 tcp``).
@@ -15,6 +17,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Protocol
 
 from minikproxy.compile.iptables import IptablesRuleset, jump_rules
 from minikproxy.explain.engine import ExplainError, Flow, Outcome
@@ -54,20 +57,31 @@ def _in(ip: str, cidr: str) -> bool:
     return ipaddress.ip_address(ip) in _network(cidr)
 
 
+class IpsetLookup(Protocol):
+    """The ipsets a ``-m set`` match reads (IPVS mode)."""
+
+    def match(self, name: str, dirs: str, flow: Flow) -> str | None:
+        """The entry of set ``name`` the flow matches with directions ``dirs`` (``dst,dst``),
+        or None; ExplainError for an unknown set."""
+
+
 @dataclass
 class Rule:
-    """One parsed ``-A`` rule: its matches (each a predicate on the flow) and its target."""
+    """One parsed ``-A`` rule: its matches (each a predicate on the flow) and its target;
+    ``lookups`` say which set entry a matching flow hit (for the path)."""
 
     text: str
     matches: list[Callable[[Flow], bool]] = field(default_factory=list)
+    lookups: list[Callable[[Flow], str]] = field(default_factory=list)
     target: str = ""
     target_args: dict[str, str] = field(default_factory=dict)
     probability: float | None = None
     recent: tuple[str, str, str] | None = None  # (name, rcheck|set, seconds)
 
 
-def parse_rule(text: str) -> Rule:
-    """Parse one ``-A CHAIN ...`` line; ExplainError for anything not understood."""
+def parse_rule(text: str, ipsets: IpsetLookup | None = None) -> Rule:
+    """Parse one ``-A CHAIN ...`` line; ExplainError for anything not understood (a ``set``
+    match without ``ipsets`` included)."""
     tokens = [t[1:-1] if t.startswith('"') else t for t in _TOKEN.findall(text)]
     if len(tokens) < 2 or tokens[0] != "-A":
         raise ExplainError(f"not a rule: {text!r}")
@@ -155,6 +169,21 @@ def parse_rule(text: str) -> Rule:
             i += 1
         elif tok == "--mask" and module == "recent":
             i += 2
+        elif tok == "--match-set" and module == "set":
+            name, dirs = need(2)
+            if ipsets is None:
+                raise ExplainError(f"no ipsets to match {name} in rule {text!r}")
+            rule.matches.append(_set_match(ipsets, name, dirs, neg))
+            rule.lookups.append(_set_lookup(ipsets, name, dirs, neg))
+            i += 3
+        elif tok == "--physdev-is-in":
+            # A routed packet did not come in through a bridge port (no br_netfilter here).
+            rule.matches.append(_not(lambda f: False, neg))
+            i += 1
+        elif tok in ("--vaddr", "--vproto", "--vport") and module == "ipvs":
+            (value,) = need(1)
+            rule.matches.append(_not(_ipvs_match(tok, value), neg))
+            i += 2
         elif tok in ("-j", "--jump"):
             rule.target = need(1)[0]
             i += 2
@@ -168,8 +197,37 @@ def parse_rule(text: str) -> Rule:
 
 
 _MODULES = frozenset(
-    {"comment", "tcp", "udp", "sctp", "addrtype", "conntrack", "mark", "statistic", "recent"}
-)
+    {
+        "comment", "tcp", "udp", "sctp", "addrtype", "conntrack", "mark", "statistic", "recent",
+        "set", "physdev", "ipvs",
+    }
+)  # fmt: skip
+
+
+def _set_match(ipsets: IpsetLookup, name: str, dirs: str, neg: bool) -> Callable[[Flow], bool]:
+    return _not(lambda f: ipsets.match(name, dirs, f) is not None, neg)
+
+
+def _set_lookup(ipsets: IpsetLookup, name: str, dirs: str, neg: bool) -> Callable[[Flow], str]:
+    def describe(flow: Flow) -> str:
+        entry = ipsets.match(name, dirs, flow)
+        if entry is None:
+            return f"{name} ({dirs}): no entry" + (" (negated: matches)" if neg else "")
+        return f"{name} ({dirs}): {entry}"
+
+    return describe
+
+
+def _ipvs_match(option: str, value: str) -> Callable[[Flow], bool]:
+    """``-m ipvs``: the packet belongs to an IPVS connection of that virtual service (IPVS
+    is the only DNAT in IPVS mode: ``dnat_to`` set, the original destination its VIP)."""
+    if option == "--vaddr":
+        return lambda f: bool(f.dnat_to) and _in(f.orig_dst, value)
+    if option == "--vport":
+        port = int(value)
+        return lambda f: bool(f.dnat_to) and f.orig_dport == port
+    proto = {"6": "tcp", "17": "udp", "132": "sctp"}.get(value, value.lower())  # iptables-save
+    return lambda f: bool(f.dnat_to) and f.proto == proto
 
 
 def _target_args(tokens: Sequence[str], text: str) -> dict[str, str]:
@@ -242,15 +300,19 @@ class IptablesRules:
 
     mode = "iptables"
 
-    def __init__(self, lines: Callable[[str, str], list[str]]) -> None:
+    def __init__(
+        self, lines: Callable[[str, str], list[str]], ipsets: IpsetLookup | None = None
+    ) -> None:
         self._lines = lines
+        self._ipsets = ipsets
         self._chains: dict[tuple[str, str], list[Rule | None]] = {}
         self._raw: dict[tuple[str, str], list[str]] = {}
         self._index: dict[tuple[str, str], tuple[dict[str, list[int]], list[int]]] = {}
 
     @classmethod
-    def from_text(cls, text: str) -> IptablesRules:
-        """Rules from restore text (one family; ``*table`` sections, ``-A`` lines)."""
+    def from_text(cls, text: str, ipsets: IpsetLookup | None = None) -> IptablesRules:
+        """Rules from restore text (one family; ``*table`` sections, ``-A`` lines);
+        ``ipsets`` for the ``set`` matches of IPVS mode."""
         chains: dict[tuple[str, str], list[str]] = {}
         table = ""
         for line in text.splitlines():
@@ -259,7 +321,7 @@ class IptablesRules:
             elif line.startswith("-A "):
                 chain = line.split(" ", 2)[1]
                 chains.setdefault((table, chain), []).append(line)
-        return cls(lambda t, c: chains.get((t, c), []))
+        return cls(lambda t, c: chains.get((t, c), []), ipsets)
 
     @classmethod
     def from_ruleset(cls, ruleset: IptablesRuleset) -> IptablesRules:
@@ -311,7 +373,7 @@ class IptablesRules:
         parsed = self._chains[(table, chain)]
         rule = parsed[i]
         if rule is None:
-            rule = parsed[i] = parse_rule(self._raw[(table, chain)][i])
+            rule = parsed[i] = parse_rule(self._raw[(table, chain)][i], self._ipsets)
         return rule
 
     def _candidates(self, table: str, chain: str, flow: Flow) -> Iterable[int]:
@@ -381,7 +443,8 @@ class IptablesRules:
         (its outcomes appended to ``results``)."""
         target = rule.target
         if flow.trace:
-            flow.path.append(Step(hook, table, chain, _short(rule.text, chain), flow.prob))
+            lookup = "; ".join(d(flow) for d in rule.lookups)
+            flow.path.append(Step(hook, table, chain, _short(rule.text, chain), flow.prob, lookup))
         if not target:
             return None
         if target == "MARK":

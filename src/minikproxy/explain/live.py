@@ -53,13 +53,16 @@ def list_cluster(kubeconfig: str | None, node_name: str) -> list[SourcedObject]:
 def live_view(view: ModeView, netns: str = "", *, timeout: float = 60.0) -> ModeView:
     """``view`` with the rules this node's kernel holds instead of the compiled ones: in
     iptables mode ``iptables-save`` of the backend the node uses (detected as ``run`` does),
-    in nftables mode ``nft list table`` of the mode's table. ``netns`` runs the tools in
-    that network namespace."""
+    in nftables mode ``nft list table`` of the mode's table, in IPVS mode ``ipset save``,
+    ``ipvsadm -S -n``, the addresses of ``kube-ipvs0`` and ``iptables-save``. ``netns`` runs
+    the tools in that network namespace."""
     from minikproxy.dataplane.execer import RealExecer
     from minikproxy.dataplane.iptables import binary_name, detect_backend
 
     execer = RealExecer(netns or None, timeout=timeout)
     try:
+        if view.mode == "ipvs":
+            return dataclasses.replace(view, rules=_live_ipvs(execer, view), ruleset=None)
         if view.mode == "iptables":
             tool = binary_name(view.family, detect_backend(execer), "save")
             text = _run(execer, [tool])
@@ -71,6 +74,21 @@ def live_view(view: ModeView, netns: str = "", *, timeout: float = 60.0) -> Mode
         execer.close()
     rules = NftRules.from_lines(list_to_commands(text))
     return dataclasses.replace(view, rules=rules, ruleset=None)
+
+
+def _live_ipvs(execer: Any, view: ModeView) -> Any:
+    from minikproxy.compile.ipvs import DUMMY_DEVICE
+    from minikproxy.dataplane.iptables import binary_name, detect_backend
+    from minikproxy.explain.ipvs import IpvsRules
+
+    ipset = _run(execer, ["ipset", "save"])
+    ipvs = _run(execer, ["ipvsadm", "-S", "-n"])
+    links = _run(execer, ["ip", "-o", "link", "show"])
+    addresses = ""
+    if f" {DUMMY_DEVICE}:" in links:
+        addresses = _run(execer, ["ip", "-o", "addr", "show", "dev", DUMMY_DEVICE])
+    tool = binary_name(view.family, detect_backend(execer), "save")
+    return IpvsRules.from_text(ipset, ipvs, addresses, _run(execer, [tool]))
 
 
 def _run(execer: Any, argv: list[str]) -> str:
