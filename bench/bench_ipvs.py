@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from itertools import count
 
+from minikproxy.benchmark.adapters import ipvs_options
 from minikproxy.compile.ipvs import IpvsOptions, compile_ipvs
-from minikproxy.compile.localdetect import make_local_detector
 from minikproxy.dataplane.ipvs import IpvsApplier
 from minikproxy.model.names import IPV4
 from minikproxy.testing.fake_iptables import FakeIptables
@@ -25,11 +25,9 @@ from .conftest import ENDPOINTS_PER_SERVICE, tracked
 
 
 def bench_ipvs_options() -> IpvsOptions:
-    """Options like a real node's: ClusterCIDR detection, a node IP for NodePorts."""
-    detector = make_local_detector("ClusterCIDR", IPV4, cluster_cidrs=["10.128.0.0/9"])
-    return IpvsOptions(
-        local_detector=detector, node_ip="192.168.0.10", node_addresses=("192.168.0.10",)
-    )
+    """Options like a real node's: ClusterCIDR detection, a node IP for NodePorts (the
+    engine's, as ``minikproxy bench`` uses them)."""
+    return ipvs_options()
 
 
 def test_full_compile(benchmark) -> None:  # type: ignore[no-untyped-def]

@@ -38,6 +38,7 @@ from typing import Any
 
 import pytest
 
+from minikproxy.benchmark.measure import ipvs_tool_load
 from minikproxy.compile.ipvs import compile_ipvs
 from minikproxy.dataplane.execer import RealExecer
 from minikproxy.dataplane.iptables import RealIptables
@@ -45,7 +46,7 @@ from minikproxy.dataplane.ipvs import ExecBulkLoader, IpvsApplier, NetlinkIpvsKe
 from minikproxy.model.names import IPV4
 from minikproxy.testing.fake_iptables import FakeIptables
 from minikproxy.testing.fake_ipvs import FakeIpvsKernel
-from minikproxy.testing.ipvsload import kernel_has_ipvs, split_sections
+from minikproxy.testing.ipvsload import kernel_has_ipvs
 from minikproxy.testing.synthetic import service_type, synthetic_slice
 
 from .bench_ipvs import bench_ipvs_options
@@ -58,10 +59,10 @@ ROUNDS = int(os.environ.get("MINIKPROXY_IPVS_BENCH_ROUNDS", "3"))
 
 
 @pytest.fixture(scope="module")
-def sections() -> Iterator[tuple[Any, dict[str, str]]]:
+def sections() -> Iterator[tuple[Any, str]]:
     _, snapshot = tracked(SERVICES)
     plan = compile_ipvs(snapshot.state, bench_ipvs_options())
-    yield plan, split_sections(plan.render())
+    yield plan, plan.render()
 
 
 @pytest.fixture
@@ -89,10 +90,6 @@ def _fresh(created: list[str]) -> str:
     return netns
 
 
-def _run(netns: str, argv: list[str], stdin: str) -> None:
-    subprocess.run(["ip", "netns", "exec", netns, *argv], input=stdin, text=True, check=True)
-
-
 def _applier(netns: str, kernel: NetlinkIpvsKernel) -> IpvsApplier:
     execer = RealExecer(netns)
     # No time limit on the tools: emulated, a 10k load takes minutes
@@ -102,15 +99,6 @@ def _applier(netns: str, kernel: NetlinkIpvsKernel) -> IpvsApplier:
         else None
     )
     return IpvsApplier(kernel, RealIptables(execer, IPV4, "nft"), IPV4, bulk)
-
-
-def _load_with_tools(netns: str, text: dict[str, str]) -> None:
-    _run(netns, ["ip", "link", "add", "kube-ipvs0", "type", "dummy"], "")
-    _run(netns, ["ipset", "restore"], text["ipset"])
-    _run(netns, ["ipvsadm", "-R"], text["ipvs"])
-    batch = "".join(f"address add {line}\n" for line in text["addresses"].splitlines())
-    _run(netns, ["ip", "-batch", "-"], batch)
-    _run(netns, ["iptables-restore", "--noflush"], text["iptables"])
 
 
 def test_initial_load_against_the_tools(benchmark, sections, namespaces) -> None:  # type: ignore[no-untyped-def]
@@ -128,9 +116,7 @@ def test_initial_load_against_the_tools(benchmark, sections, namespaces) -> None
             kernels[-1].close()
         _drop(namespaces)  # each load starts from a kernel without the others' state
         netns = _fresh(namespaces)
-        start = time.perf_counter()
-        _load_with_tools(netns, text)
-        tools.append(time.perf_counter() - start)
+        tools.append(ipvs_tool_load(netns, text))  # minikproxy bench's baseline
         _drop(namespaces)
         netns = _fresh(namespaces)
         kernels.append(NetlinkIpvsKernel(netns))

@@ -80,6 +80,11 @@ def add_subcommand(sub: Any) -> None:
     bench.add_argument("--netns-prefix", default=None, metavar="PREFIX",
                        help="name the run's network namespaces PREFIX-... "
                        "(default: mkpb and random hex)")  # fmt: skip
+    bench.add_argument("--ipvs-vm-sizes", type=_sizes, default=None, metavar="N[,N...]",
+                       help="where this kernel has no IPVS, the sizes IPVS's kernel parts run "
+                       "at in the emulated IPVS VM (default: 1000)")  # fmt: skip
+    # Internal: this process is the IPVS VM's part of a run (settings in, results out, in DIR).
+    bench.add_argument("--ipvs-vm-part", type=Path, default=None, help=argparse.SUPPRESS)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -89,6 +94,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {"modes": args.modes, "endpoints": args.endpoints}
     if args.sizes is not None:
         overrides["sizes"] = args.sizes
+    if args.ipvs_vm_sizes is not None:
+        overrides["vm_sizes"] = args.ipvs_vm_sizes
     if args.netns_prefix:
         overrides["prefix"] = args.netns_prefix
     if args.rounds is not None:
@@ -104,9 +111,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 @contextmanager
-def progress_display(total: float) -> Iterator[Callable[[str, float], None]]:
+def progress_display(
+    total: float, *, plain: bool = False
+) -> Iterator[Callable[[str, float], None]]:
     """A ``show(description, advance)`` callback: a rich progress bar with the time left on
-    a terminal, plain lines on stderr otherwise."""
+    a terminal, plain lines on stderr otherwise (or when ``plain``)."""
     try:
         from rich.console import Console
         from rich.progress import (
@@ -118,7 +127,7 @@ def progress_display(total: float) -> Iterator[Callable[[str, float], None]]:
         )
     except ImportError:
         Console = None  # type: ignore[assignment,misc]
-    if Console is not None and sys.stderr.isatty():
+    if Console is not None and sys.stderr.isatty() and not plain:
         with Progress(
             TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
             TextColumn("left"), TimeRemainingColumn(), console=Console(stderr=True),
@@ -146,6 +155,7 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 def main_bench(args: argparse.Namespace) -> int:
     """``minikproxy bench``."""
     from minikproxy.benchmark import report
+    from minikproxy.benchmark.ipvsvm import is_vm
     from minikproxy.benchmark.results import machine_info, make_header, now_utc, write_results
     from minikproxy.benchmark.runner import plan_weight, run_benchmark
 
@@ -153,6 +163,8 @@ def main_bench(args: argparse.Namespace) -> int:
         print("minikproxy bench needs root (network namespaces, iptables, nftables)",
               file=sys.stderr)  # fmt: skip
         return 1
+    if args.ipvs_vm_part is not None:
+        return vm_part_main(args.ipvs_vm_part)
     settings = settings_from_args(args)
     machine, started = machine_info(), now_utc()  # the load average before the run
     signal.signal(signal.SIGTERM, _interrupt)  # cleaned up like Ctrl-C
@@ -170,6 +182,10 @@ def main_bench(args: argparse.Namespace) -> int:
     strategies = report.strategies_table(outcome.records)
     if strategies:
         print(strategies)
+    ipvs = report.ipvs_table(outcome.records)
+    if ipvs:
+        vm = any(is_vm(r.mode) for r in outcome.records)
+        print(f"{report.IPVS_VM_TITLE if vm else 'IPVS'}:\n\n{ipvs}")
     for skipped in outcome.skipped:
         print(f"- skipped: {skipped.mode}, {skipped.what}: {skipped.reason}")
     if args.out is not None:
@@ -182,12 +198,38 @@ def main_bench(args: argparse.Namespace) -> int:
         header = make_header(
             settings_as_json(settings), outcome.skipped, machine=machine, date=started
         )
+        header.update(outcome.header)
         write_results(args.out / "results.json", header, outcome.records)
         text = report.report_markdown(header, outcome.records, outcome.skipped, plots)
         (args.out / "report.md").write_text(text)
         print(f"\nwrote {args.out}/results.json, report.md and {len(plots)} plots",
               file=sys.stderr)  # fmt: skip
     return 0
+
+
+def vm_part_main(directory: Path) -> int:
+    """Inside the IPVS VM: run the part the host asked for, write its results.json."""
+    from minikproxy.benchmark.ipvsvm import read_vm_settings, write_vm_results
+    from minikproxy.benchmark.results import machine_info, make_header, now_utc
+    from minikproxy.benchmark.runner import plan_weight, run_benchmark
+
+    settings = settings_from_json(read_vm_settings(directory))
+    machine, started = machine_info(), now_utc()
+    # Plain lines: the host shows them in its own progress display.
+    with progress_display(plan_weight(settings), plain=True) as show:
+        outcome = run_benchmark(settings, show)
+    header = make_header(settings_as_json(settings), outcome.skipped, machine=machine,
+                         date=started)  # fmt: skip
+    write_vm_results(directory, header, outcome.records)
+    return 0
+
+
+def settings_from_json(body: dict[str, Any]) -> Settings:
+    """:class:`Settings` from :func:`settings_as_json`'s form (lists back to tuples)."""
+    from minikproxy.benchmark.runner import Settings
+
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in body.items()}
+    return Settings(**fields)
 
 
 def settings_as_json(settings: Settings) -> dict[str, Any]:

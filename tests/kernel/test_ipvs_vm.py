@@ -2,7 +2,8 @@
 Debian's kernel under qemu (``scripts/ipvs-vm.sh``: one boot, ~4 s, this machine's files
 visible) and runs every ``ipvs``-marked test inside it, failing if any fails or none ran.
 
-The VM's kernel and initrd are built once into ``$MINIKPROXY_IPVS_VM`` (default
+The VM's kernel and initrd are built once (``minikproxy.benchmark.ipvsvm.ensure_vm``, shared with
+``minikproxy bench``) into ``$MINIKPROXY_IPVS_VM`` (default
 ``/var/cache/minikproxy/ipvs-vm``; the build apt-downloads the kernel package). Emulation makes
 Python 9-20x slower inside, hence the generous timeout.
 """
@@ -17,42 +18,30 @@ from pathlib import Path
 
 import pytest
 
+from minikproxy.benchmark.ipvsvm import VM_DIR, ensure_vm, vm_argv
 from minikproxy.testing.ipvsload import kernel_has_ipvs
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "scripts" / "ipvs-vm.sh"
-VM_DIR = Path(os.environ.get("MINIKPROXY_IPVS_VM", "/var/cache/minikproxy/ipvs-vm"))
 VM_TIMEOUT = 1200
-
-
-def _ensure_vm() -> None:
-    if (VM_DIR / "vmlinux").exists() and (VM_DIR / "initrd.gz").exists():
-        return
-    VM_DIR.parent.mkdir(parents=True, exist_ok=True)
-    build = subprocess.run(
-        ["bash", str(SCRIPT), "build", str(VM_DIR)], capture_output=True, text=True, check=False
-    )
-    assert build.returncode == 0, f"building the IPVS VM failed:\n{build.stdout}\n{build.stderr}"
 
 
 @pytest.mark.skipif(kernel_has_ipvs(), reason="this kernel has IPVS: the ipvs tests run directly")
 @pytest.mark.timeout(VM_TIMEOUT + 60)
 def test_ipvs_marked_tests_pass_in_an_ipvs_kernel() -> None:
-    _ensure_vm()
+    ensure_vm(VM_DIR)  # the bench's own VM handling (minikproxy.benchmark.ipvsvm)
     # Only the files holding ipvs tests: collecting the whole suite under emulation costs ~1 min.
     files = sorted(
         str(p.relative_to(ROOT))
         for p in (ROOT / "tests" / "kernel").glob("test_ipvs_*.py")
         if p.name != Path(__file__).name
     )
-    argv = [
-        "bash", str(SCRIPT), "run", str(VM_DIR), "--",
+    argv = vm_argv([
         "env", "MINIKPROXY_TIME_SCALE=10",
         sys.executable, "-m", "pytest", "-q", "-m", "ipvs", "-p", "no:cacheprovider",
         "-o", "addopts=-ra --strict-markers", *files,
-    ]  # fmt: skip
+    ], VM_DIR)  # fmt: skip
     env = {**os.environ, "IPVS_VM_TIMEOUT": str(VM_TIMEOUT)}
     run = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env=env, check=False)
     output = run.stdout + run.stderr

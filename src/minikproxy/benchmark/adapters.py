@@ -2,7 +2,8 @@
 the benchmark's node options, how to measure its ruleset, what a partial sync sends, and the
 ``run`` flags that start the real controller in that mode.
 
-A new mode (IPVS, when it lands) is one more :class:`ModeAdapter` in :data:`ADAPTERS`.
+A new mode is one more :class:`ModeAdapter` in :data:`ADAPTERS`. IPVS needs a kernel with IPVS:
+where this one has none, :mod:`.ipvsvm` runs its kernel parts inside the IPVS VM.
 """
 
 from __future__ import annotations
@@ -17,17 +18,21 @@ from minikproxy.benchmark.cluster import CLUSTER_CIDR, SERVICE_CIDR
 from minikproxy.benchmark.kmem import legacy_table_bytes
 from minikproxy.changes import Snapshot
 from minikproxy.compile.iptables import IptablesOptions
+from minikproxy.compile.ipvs import IpvsOptions
 from minikproxy.compile.localdetect import make_local_detector
 from minikproxy.compile.nftables_options import LocalMatch, NftablesOptions
 from minikproxy.config import ProxyConfig
 from minikproxy.dataplane.execer import ExecResult, RealExecer
 from minikproxy.dataplane.iptables import IptablesBackend
+from minikproxy.dataplane.ipvs import NetlinkIpvsKernel
 from minikproxy.dataplane.libnftables import NftContext
 from minikproxy.dataplane.nftables import NftablesApplier
 from minikproxy.model.names import IPV4
 from minikproxy.model.state import ProxyState
 from minikproxy.modes.base import ProxyMode
 from minikproxy.modes.factory import build_mode
+from minikproxy.modes.ipvs import IpvsMode
+from minikproxy.testing.ipvsload import kernel_has_ipvs, split_sections
 
 _T = TypeVar("_T")
 
@@ -51,6 +56,13 @@ def nftables_options() -> NftablesOptions:
     )
 
 
+def ipvs_options() -> IpvsOptions:
+    """IPVS options like a real node's: ClusterCIDR detection, the node IP (and NodePort
+    virtual servers on it)."""
+    detector = make_local_detector("ClusterCIDR", IPV4, cluster_cidrs=[CLUSTER_CIDR])
+    return IpvsOptions(local_detector=detector, node_ip=NODE_IP, node_addresses=(NODE_IP,))
+
+
 @dataclass(frozen=True)
 class RulesetSize:
     """How big a compiled ruleset is, counted in its rendered text."""
@@ -60,6 +72,16 @@ class RulesetSize:
     sets: int  # sets and maps
     elements: int
     bytes: int
+
+
+@dataclass(frozen=True)
+class IpvsRulesetSize(RulesetSize):
+    """An IPVS plan's size: its iptables rules and chains, ipsets and their entries
+    (``elements``), and the IPVS objects."""
+
+    virtual_servers: int
+    real_servers: int
+    addresses: int  # on kube-ipvs0
 
 
 def count_elements(line: str) -> int:
@@ -104,6 +126,24 @@ def nft_size(text: str) -> RulesetSize:
         elif words[1] == "element":
             elements += count_elements(line)
     return RulesetSize(rules, chains, sets, elements, len(text.encode()))
+
+
+def ipvs_size(text: str) -> IpvsRulesetSize:
+    """Size of ``render --proxy-mode ipvs`` output (its four sections)."""
+    sections = split_sections(text)
+    rules = iptables_size(sections["iptables"])
+    ipset = sections["ipset"].splitlines()
+    ipvs = sections["ipvs"].splitlines()
+    return IpvsRulesetSize(
+        rules=rules.rules,
+        chains=rules.chains,
+        sets=sum(line.startswith("create ") for line in ipset),
+        elements=sum(line.startswith("add ") for line in ipset),
+        bytes=len(text.encode()),
+        virtual_servers=sum(line.startswith("-A ") for line in ipvs),
+        real_servers=sum(line.startswith("-a ") for line in ipvs),
+        addresses=len(sections["addresses"].splitlines()),
+    )
 
 
 class ToolTimer:
@@ -156,6 +196,20 @@ class TimedContext:
         return getattr(self.context, name)
 
 
+class TimedKernel:
+    """An IPVS kernel handle whose netlink calls' wall time goes to a :class:`ToolTimer`."""
+
+    def __init__(self, kernel: NetlinkIpvsKernel, timer: ToolTimer) -> None:
+        self.kernel = kernel
+        self.timer = timer
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.kernel, name)
+        if not callable(attr) or name == "close":
+            return attr
+        return lambda *args, **kwargs: self.timer.timed(lambda: attr(*args, **kwargs))
+
+
 class ModeAdapter(ABC):
     """A proxy mode (and layout or backend) as the benchmark sees it: the controller's own
     :class:`~minikproxy.modes.base.ProxyMode` (built by the controller's factory), with
@@ -190,6 +244,12 @@ class ModeAdapter(ABC):
         applier = getattr(mode, "applier", None)
         if isinstance(applier, NftablesApplier) and execer is not None:
             applier.context = TimedContext(applier.context, execer.timer)  # type: ignore[assignment]
+        if isinstance(mode, IpvsMode) and execer is not None and mode.appliers is not None:
+            # Netlink operations are the kernel's share too (the tools' processes already are).
+            assert isinstance(mode.kernel, NetlinkIpvsKernel)
+            timed = TimedKernel(mode.kernel, execer.timer)
+            for ipvs_applier in mode.appliers.values():
+                ipvs_applier.kernel = timed
         return mode
 
     def compile(self, mode: ProxyMode[Any], state: ProxyState) -> Any:
@@ -271,12 +331,33 @@ class NftablesKubeProxy(NftablesAdapter):
     run_flags = ("--proxy-mode", "nftables", "--nftables-layout", "kube-proxy")
 
 
+class Ipvs(ModeAdapter):
+    """ipvs mode (netlink, large first loads by ``ipvsadm -R``/``ipset restore``/``ip
+    -batch``, the iptables rules by ``iptables-restore`` on the nf_tables backend)."""
+
+    name = "ipvs"
+    config = {"mode": "ipvs"}
+    run_flags = ("--proxy-mode", "ipvs")
+
+    def unavailable(self) -> str | None:
+        if kernel_has_ipvs():
+            return None
+        return "this kernel has no IPVS"
+
+    def options(self) -> IpvsOptions:
+        return ipvs_options()
+
+    def increment_text(self, mode: ProxyMode[Any], previous: Any, plan: Any) -> str:
+        # A partial sync is netlink operations, not text: what it changes, as ipset, ipvsadm
+        # and address lines (the dry-run diff), stands for it.
+        return "\n".join(mode.describe(previous, plan))
+
+    def size(self, text: str) -> RulesetSize:
+        return ipvs_size(text)
+
+
 ADAPTERS: dict[str, type[ModeAdapter]] = {
-    a.name: a for a in (IptablesNft, IptablesLegacy, NftablesFlat, NftablesKubeProxy)
+    a.name: a for a in (IptablesNft, IptablesLegacy, NftablesFlat, NftablesKubeProxy, Ipvs)
 }
-#: Modes named in the issue that have no adapter yet, and why.
-MISSING: dict[str, str] = {
-    "ipvs": "no adapter yet: IPVS mode reached main only as this benchmark was finished, and "
-    "this machine's kernel has no IPVS (it is to be measured in the IPVS VM, apart, against "
-    "the VM's own ipvsadm -R)",
-}
+#: Modes named in the issue that have no adapter, and why.
+MISSING: dict[str, str] = {}

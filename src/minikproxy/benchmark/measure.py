@@ -7,6 +7,9 @@
   exactly as the controller's first sync runs them): the tools' and kernel's share (the wall
   time of the ``iptables-restore``/``iptables-save`` processes; of the libnftables
   transaction for nftables) and our process's (the rest: compile, render, bookkeeping).
+* baseline (IPVS): the same rendered state loaded by the stock tools alone (``ipset restore``,
+  ``ipvsadm -R``, ``ip -batch``, ``iptables-restore``) into a new, empty namespace: what our
+  first load is compared with.
 * data path: with the ruleset loaded in a topology's node, new TCP connections from the
   client namespace to a ClusterIP whose endpoints answer in the backend namespace.
 """
@@ -26,7 +29,10 @@ from minikproxy.benchmark.adapters import ModeAdapter, RulesetSize, ToolTimer
 from minikproxy.benchmark.cluster import DATAPATH_VIP, NODE, PORT, cluster_objects
 from minikproxy.benchmark.probing import Prober
 from minikproxy.changes import ClusterTracker, Snapshot
+from minikproxy.compile.ipvs import DUMMY_DEVICE
+from minikproxy.dataplane.execer import RealExecer
 from minikproxy.model.names import IPV4
+from minikproxy.testing.ipvsload import split_sections
 from minikproxy.testing.synthetic import synthetic_slice
 
 
@@ -106,7 +112,7 @@ def measure_compile(
 
 
 class Scratch:
-    """Empty network namespaces named ``<prefix>-ldN``, created one at a time and all
+    """Empty network namespaces (loopback up) named ``<prefix>-ldN``, created one at a time and all
     deleted by :meth:`close` (also on an interrupt)."""
 
     def __init__(self, prefix: str) -> None:
@@ -120,6 +126,8 @@ class Scratch:
         name = f"{self.prefix}-ld{self._n}"
         self._live.append(name)
         subprocess.run(["ip", "netns", "add", name], check=True)
+        # IPVS refuses real servers (EINVAL) in a namespace whose loopback is down.
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
         return name
 
     def drop(self, name: str) -> None:
@@ -185,6 +193,47 @@ def measure_load(
             scratch.drop(netns)
         out.ours.append(total - timer.seconds)
         out.kernel.append(timer.seconds)
+        tick()
+    return out
+
+
+def ipvs_tool_load(netns: str, text: str) -> float:
+    """Load ``render --proxy-mode ipvs`` output (one family) into the empty namespace
+    ``netns`` with the stock tools, as a person would by hand: ``kube-ipvs0``, ``ipset
+    restore``, ``ipvsadm -R``, ``ip -batch`` of the addresses, ``iptables-restore --noflush``
+    (nf_tables backend, as ipvs mode's). Returns the seconds it took (the text's split into
+    sections not included)."""
+    sections = split_sections(text)
+    batch = "".join(f"address add {line}\n" for line in sections["addresses"].splitlines())
+    steps: list[tuple[list[str], str]] = [
+        (["ip", "link", "add", DUMMY_DEVICE, "type", "dummy"], ""),
+        (["ipset", "restore"], sections["ipset"]),
+        (["ipvsadm", "-R"], sections["ipvs"]),
+        (["ip", "-batch", "-"], batch),
+        (["iptables-nft-restore", "-w", "60", "--noflush"], sections["iptables"]),
+    ]
+    execer = RealExecer(netns, timeout=900.0)
+    start = time.perf_counter()
+    for argv, stdin in steps:
+        result = execer.run(argv, stdin=stdin.encode())
+        if result.returncode != 0:
+            stderr = result.stderr.decode(errors="replace").strip()
+            raise RuntimeError(f"{' '.join(argv)} exited {result.returncode}: {stderr[:300]}")
+    return time.perf_counter() - start
+
+
+def measure_tool_baseline(
+    text: str, scratch: Scratch, rounds: int, tick: Callable[[], None] = lambda: None
+) -> list[float]:
+    """``rounds`` loads of ``text`` by :func:`ipvs_tool_load`, each into a new empty
+    namespace made outside the timing; seconds per round."""
+    out = []
+    for _ in range(rounds):
+        netns = scratch.fresh()
+        try:
+            out.append(ipvs_tool_load(netns, text))
+        finally:
+            scratch.drop(netns)
         tick()
     return out
 

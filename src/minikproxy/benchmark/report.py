@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from minikproxy.benchmark.ipvsvm import is_vm
 from minikproxy.benchmark.results import Record, Skipped
 
 Index = dict[tuple[str, int, str], Record]
@@ -96,15 +97,70 @@ def _rows(records: Sequence[Record]) -> list[tuple[str, int]]:
     return list(seen)
 
 
-def markdown_table(records: Sequence[Record]) -> str:
-    """One row per mode x size (in the order measured), one column per figure."""
+def _table(records: Sequence[Record], rows: Sequence[tuple[str, int]],
+           columns: Sequence[Column]) -> str:  # fmt: skip
     idx = index(records)
-    header = ["mode", "Services", *(c.header for c in COLUMNS)]
+    header = ["mode", "Services", *(c.header for c in columns)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for mode, size in _rows(records):
-        cells = [mode, str(size), *(c.cell(idx, mode, size) for c in COLUMNS)]
+    for mode, size in rows:
+        cells = [mode, str(size), *(c.cell(idx, mode, size) for c in columns)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def markdown_table(records: Sequence[Record]) -> str:
+    """One row per mode x size (in the order measured), one column per figure; the modes
+    measured in the IPVS VM are left to :func:`ipvs_table`."""
+    rows = [(mode, size) for mode, size in _rows(records) if not is_vm(mode)]
+    return _table(records, rows, COLUMNS)
+
+
+IPVS_RULESET_COLUMNS: tuple[Column, ...] = (
+    Column("virtual servers", count_of("ruleset_virtual_servers")),
+    Column("real servers", count_of("ruleset_real_servers")),
+    Column("addresses on kube-ipvs0", count_of("ruleset_addresses")),
+    Column("ipsets", count_of("ruleset_sets")),
+    Column("ipset entries", count_of("ruleset_elements")),
+    Column("iptables rules", count_of("ruleset_rules")),
+    Column("rendered (KiB)", median_of("ruleset_bytes", 1 / 1024)),
+)
+
+IPVS_COLUMNS: tuple[Column, ...] = (
+    Column("first load (s)", median_of("load_total")),
+    Column("of it tools+kernel (s)", median_of("load_kernel")),
+    Column("stock tools' load (s)", median_of("load_baseline_tools")),
+    Column("first load / stock tools", median_of("load_vs_baseline")),
+    Column("controller first sync (s)", median_of("controller_first_sync")),
+    Column("controller RSS (MiB)", median_of("controller_rss")),
+    Column("endpoint added p50/p95 (ms)", median_p95("update_endpoint_added")),
+    Column("endpoint removed p50/p95 (ms)", median_p95("update_endpoint_removed")),
+    Column("Service added p50/p95 (ms)", median_p95("update_service_added")),
+    Column("Service deleted p50/p95 (ms)", median_p95("update_service_deleted")),
+    Column("connect p50 (µs)", median_of("connect_latency")),
+    Column("connect p99 (µs)", median_of("connect_latency_p99")),
+    Column("new connections (1/s)", median_of("connections_per_second")),
+)
+
+
+def ipvs_ruleset_table(records: Sequence[Record]) -> str:
+    """IPVS's compiled objects per size ("" when IPVS was not compiled)."""
+    rows = [(m, s) for m, s in _rows(records) if m == "ipvs"]
+    idx = index(records)
+    rows = [(m, s) for m, s in rows if (m, s, "ruleset_virtual_servers") in idx]
+    return _table(records, rows, IPVS_RULESET_COLUMNS) if rows else ""
+
+
+def ipvs_table(records: Sequence[Record]) -> str:
+    """IPVS's kernel figures against the stock tools' load, with the data path of the
+    reference measured in the same kernel: the modes measured in the IPVS VM, or IPVS
+    measured here ("" when neither)."""
+    idx = index(records)
+    rows = [
+        (m, s)
+        for m, s in _rows(records)
+        if is_vm(m) or (m == "ipvs" and (m, s, "load_baseline_tools") in idx)
+    ]
+    return _table(records, rows, IPVS_COLUMNS) if rows else ""
 
 
 def strategies_table(records: Sequence[Record]) -> str:
@@ -167,8 +223,11 @@ def _finish(ax: Any, title: str, ylabel: str, logy: bool = True) -> None:
 
 
 def write_plots(records: Sequence[Record], out: Path) -> list[str]:
-    """Write the PNGs of :data:`PLOTS` into ``out``; return their names."""
+    """Write the PNGs of :data:`PLOTS` into ``out``; return their names. Records measured in
+    the IPVS VM are left out: emulation makes their times incomparable."""
     import matplotlib
+
+    records = [r for r in records if not is_vm(r.mode)]
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -327,6 +386,7 @@ def report_markdown(
             "",
             strategies,
         ]
+    out += ipvs_section(header, records)
     for name, title, text in FIGURES:
         if name in plots:
             out += [f"## {title}", "", f"![{title}]({name})", "", text, ""]
@@ -335,3 +395,62 @@ def report_markdown(
         out += [f"- **{s.mode}**, {s.what}: {s.reason}" for s in skipped]
         out.append("")
     return "\n".join(out)
+
+
+IPVS_VM_TITLE = "IPVS (in an emulated VM; compare only with its own baseline)"
+
+
+def _vm_sentence(vm: dict[str, Any]) -> str:
+    machine, settings = vm.get("machine", {}), vm.get("settings", {})
+    sizes = ", ".join(str(x) for x in settings.get("sizes", []))
+    minutes = float(vm.get("seconds", 0)) / 60
+    return (
+        f"This machine's kernel has no IPVS, so these rows were measured inside the IPVS VM "
+        f"(`scripts/ipvs-vm.sh`: Debian's kernel {machine.get('kernel', '?')} under qemu "
+        f"without KVM, {machine.get('cores', '?')} vCPU, {machine.get('memory_mib', '?')} "
+        f"MiB; started {vm.get('date', '?')}) at {sizes} Services "
+        f"(`--ipvs-vm-sizes`), {settings.get('update_rounds', '?')} update rounds of each "
+        f"kind, {settings.get('load_rounds', '?')} loads, {settings.get('connections', '?')} "
+        f"connections; the VM's part took {minutes:.1f} min. Emulation runs Python and "
+        "every tool 10-50x slower than this machine does, so compare these rows only with "
+        "each other: IPVS's first load with the stock tools' load of the same state in the "
+        "same kernel, its data path with iptables mode's measured in the same VM "
+        "(`iptables (VM)`), never with the table above. Larger VM sizes take "
+        "proportionally longer (see README)."
+    )
+
+
+def ipvs_section(header: dict[str, Any], records: Sequence[Record]) -> list[str]:
+    """report.md's IPVS section ([] when IPVS was not measured)."""
+    ruleset, kernel = ipvs_ruleset_table(records), ipvs_table(records)
+    if not ruleset and not kernel:
+        return []
+    vm = header.get("ipvs_vm")
+    out = [f"## {IPVS_VM_TITLE if vm else 'IPVS'}", ""]
+    if ruleset:
+        out += [
+            "IPVS's compile is pure and was measured here, natively, like every mode's (its "
+            "full and one-change compile times are in the table above; the one-change "
+            "figure includes the change's ipset/ipvsadm/address lines, standing for the "
+            "netlink operations a partial sync makes). What one plan holds:",
+            "",
+            ruleset,
+        ]
+    if kernel:
+        if vm:
+            out += [_vm_sentence(vm), ""]
+        out += [
+            "First load: a full compile and the mode's own full apply into a new, empty "
+            "namespace (its bulk path: `ipvsadm -R`, `ipset restore`, `ip -batch` for the "
+            "additions, netlink for the rest, `iptables-restore`, then the jump rules one "
+            "`iptables` call each); tools+kernel is the wall time of those processes and "
+            "netlink calls. The stock tools' load is `ip link add kube-ipvs0`, `ipset "
+            "restore`, `ipvsadm -R`, `ip -batch` and `iptables-restore --noflush` of the "
+            "same rendered state into another empty namespace, nothing else (no compile, "
+            "no read-back): the ratio is what our apply costs over loading the text by hand. "
+            "Update latency and the data path are measured as for the "
+            "other modes (see below), through IPVS's hash lookup.",
+            "",
+            kernel,
+        ]
+    return out
