@@ -66,7 +66,7 @@ def _bench(benchmark: Any, argv: list[str]) -> Any:
     return out
 
 
-@pytest.mark.parametrize("mode", ["iptables", "nftables", "nftables/kube-proxy"])
+@pytest.mark.parametrize("mode", ["iptables", "nftables", "nftables/kube-proxy", "ipvs"])
 def test_explain_10k(benchmark: Any, snapshots: tuple[Path, Path], mode: str) -> None:
     """One ClusterIP packet from a pod, explained in ``mode`` (JSON output)."""
     proxy_mode, _, layout = mode.partition("/")

@@ -268,8 +268,10 @@ def explain_objects(
     """Explain ``packet`` with the rules ``objects`` compile to for this node, and the
     problems found in the objects read. With ``prefilter`` only the Services the packet can
     meet are tracked and compiled (:mod:`~minikproxy.explain.prefilter`; the answer is the
-    same, and only those objects' problems are reported). Not in IPVS mode yet: there the
-    order of the endpoints' steps in the path can differ (the answer is otherwise the same)."""
+    same, and only those objects' problems are reported). Not in IPVS mode: its ipsets are
+    shared by every Service, so another Service can change the answer (an endpoint local in
+    another Service's EndpointSlice puts it in ``KUBE-LOOP-BACK``, and the hairpin
+    masquerade follows; found by the prefilter's property test)."""
     if not prefilter or mode_name(config) == "ipvs":
         fed = Feed(objects, config)
         above = None
