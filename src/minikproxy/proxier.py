@@ -134,7 +134,9 @@ class Proxier:
     last_sync: SyncResult | None = None
     on_sync: Callable[[SyncResult], None] | None = None  # called after every sync
     # Called once, on the sync thread, after the sync that completed the first successful
-    # apply of every family (the controller removes the other modes' leftovers there).
+    # apply of every family, or one full-sync period after the first family's when another
+    # keeps failing (the controller removes the other modes' leftovers there: the old
+    # rules serve a failing family meanwhile, but not for ever).
     on_first_sync: Callable[[], None] | None = None
     service_cidrs: tuple[str, ...] = ()  # --service-cidr or the API's ServiceCIDRs
     tracker: ClusterTracker = field(init=False)
@@ -152,7 +154,8 @@ class Proxier:
         self._logged_node_addresses: list[Any] | None = None
         self._node_exists = False
         self._started = False  # the first sync was queued
-        self._all_synced_once = False  # every family's rules went in once (on_first_sync)
+        self._all_synced_once = False  # on_first_sync was called
+        self._first_applied_at: float | None = None  # when the first family's rules went in
         self._start_lock = threading.Lock()
         # Held by the controller while the initial lists arrive; released after the first sync.
         self.initial_load_gc = InitialLoadGC()
@@ -378,7 +381,9 @@ class Proxier:
             except Exception as err:
                 errors[family] = err
                 if _cancelled(err):  # stopping: the families not tried yet are not synced
-                    errors.update((f, err) for f in self.families if f not in synced)
+                    for other in self.families:
+                        if other not in synced:
+                            errors.setdefault(other, err)  # keep an earlier family's own error
                     break
                 continue
             synced[family] = snapshots[family]
@@ -414,7 +419,12 @@ class Proxier:
         self.last_sync = result
         if synced:
             self.initial_load_gc.release()
-            self._after_success(synced, full)
+            if self._first_applied_at is None:
+                self._first_applied_at = start
+            try:
+                self._after_success(synced, full)
+            except Exception:  # the rules are in: not a failed sync; the next sync redoes it
+                logger.exception("work after a successful sync failed")
             # kube-proxy cleans conntrack at the end of syncProxyRules, inside the time its
             # sync_proxy_rules_duration_seconds observes (a deferred call from the start):
             # so do we.
@@ -426,8 +436,9 @@ class Proxier:
             self._observe_latency(any(full[f] for f in synced), result.elapsed)
         if self.on_sync is not None:
             self.on_sync(result)
-        if not self._all_synced_once and all(
-            state.applied is not None for state in self._families.values()
+        if not self._all_synced_once and self._first_applied_at is not None and (
+            all(state.applied is not None for state in self._families.values())
+            or self.clock() - self._first_applied_at >= self.full_sync_period
         ):
             self._all_synced_once = True
             if self.on_first_sync is not None:

@@ -16,6 +16,7 @@ import pytest
 
 from minikproxy.config import ProxyConfig
 from minikproxy.ctreconcile import ConntrackReconciler
+from minikproxy.dataplane.execer import ExecCancelledError
 from minikproxy.healthz import ProxierHealth, ServiceHealthServer
 from minikproxy.metrics import ProxyMetrics
 from minikproxy.model.names import IPV4, IPV6, IPFamily
@@ -240,3 +241,72 @@ def test_on_first_sync_waits_for_every_family_and_runs_once(rig: DualRig) -> Non
     rig.objects(dns_v4("10.244.1.2"), update=True)
     assert rig.proxier.sync_proxy_rules()
     assert calls == [0]
+
+
+def test_on_first_sync_runs_one_sync_period_after_the_first_family_when_another_keeps_failing(
+    rig: DualRig,
+) -> None:
+    """The old mode's rules serve a failing family for a while, not for ever: one full-sync
+    period after the first family's rules went in, the leftovers go (as kube-proxy removes
+    them at start-up, whatever happens later)."""
+    clock = FakeClock(100.0)
+    rig.proxier.clock = clock.now
+    calls: list[int] = []
+    rig.proxier.on_first_sync = lambda: calls.append(len(calls))
+    rig.objects(DNS, dns_v4("10.244.1.1"), dns_v6("fd01::1"))
+    rig.proxier.handler("services").on_synced()
+    rig.proxier.handler("endpointslices").on_synced()
+    rig.kernels[IPV6].fail_next_restore()
+    assert rig.proxier.sync_proxy_rules() is False  # IPv4 in, IPv6 not
+    clock.advance(rig.proxier.full_sync_period - 1)
+    rig.kernels[IPV6].fail_next_restore()
+    assert rig.proxier.sync_proxy_rules() is False
+    assert calls == []
+    clock.advance(1)
+    rig.kernels[IPV6].fail_next_restore()
+    assert rig.proxier.sync_proxy_rules() is False
+    assert calls == [0]
+    assert rig.proxier.sync_proxy_rules()  # IPv6 in at last: not called again
+    assert calls == [0]
+
+
+def test_a_cancellation_keeps_an_earlier_familys_own_failure(
+    rig: DualRig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """IPv4 fails for real, then the stop cancels IPv6: IPv4's failure is still counted."""
+    start(rig)
+    real = rig.proxier._sync_family
+
+    def sync_family(family: IPFamily, *args: Any) -> None:
+        if family == IPV4:
+            raise RuntimeError("iptables-restore: line 7 failed")
+        try:
+            raise ExecCancelledError("stopping")
+        except ExecCancelledError as err:
+            raise RuntimeError("ip6tables-restore cancelled") from err
+
+    monkeypatch.setattr(rig.proxier, "_sync_family", sync_family)
+    rig.objects(dns_v4("10.244.1.3"), update=True)
+    assert rig.proxier.sync_proxy_rules() is False
+    result = rig.proxier.last_sync
+    assert result is not None and "line 7 failed" in result.error
+    assert rig.proxier._families[IPV4].failures == 1
+    monkeypatch.setattr(rig.proxier, "_sync_family", real)
+
+
+def test_a_failure_after_the_rules_went_in_is_logged_not_raised(
+    rig: DualRig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The post-sync work (health, metrics) failing must not escape to the runner: the
+    rules are in, and the conntrack cleanup and the duration metric still happen."""
+    start(rig)
+    before = rig.metric("sync_proxy_rules_duration_seconds_count")
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("health server broke")
+
+    monkeypatch.setattr(rig.proxier, "_after_success", broken)
+    rig.objects(dns_v4("10.244.1.4"), update=True)
+    assert rig.proxier.sync_proxy_rules()
+    assert "health server broke" in caplog.text
+    assert rig.metric("sync_proxy_rules_duration_seconds_count") == before + 1

@@ -110,7 +110,8 @@ LAYOUT_TABLES: dict[str, str] = {"flat": FLAT_TABLE, "kube-proxy": KUBE_PROXY_TA
 
 def remove_other_modes(mode: str, execer: Execer, nftables_layout: str = "flat") -> list[str]:
     """Once ``mode`` has its rules in (the controller calls this after the first sync in
-    which every family succeeded): remove every other mode's state; in nftables mode, the
+    which every family succeeded, or one full-sync period after the first family's when
+    another keeps failing): remove every other mode's state; in nftables mode, the
     other layout's table too (kube-proxy's nftables mode's leftovers, or ours): its hooks
     would still see every packet, and its stale rules could DNAT or reject our Services'
     traffic. Until then both rule sets are present; each DNATs a new connection to an
