@@ -436,9 +436,13 @@ class Proxier:
             self._observe_latency(any(full[f] for f in synced), result.elapsed)
         if self.on_sync is not None:
             self.on_sync(result)
-        if not self._all_synced_once and self._first_applied_at is not None and (
-            all(state.applied is not None for state in self._families.values())
-            or self.clock() - self._first_applied_at >= self.full_sync_period
+        if (
+            not self._all_synced_once
+            and self._first_applied_at is not None
+            and (
+                all(state.applied is not None for state in self._families.values())
+                or self.clock() - self._first_applied_at >= self.full_sync_period
+            )
         ):
             self._all_synced_once = True
             if self.on_first_sync is not None:
