@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from minikproxy.compile.ipvs import IPSETS, JUMPS, IpvsOptions, IpvsPlan, compile_ipvs, ipset_name
+from minikproxy.dataplane.iptables import IptablesError
 from minikproxy.dataplane.ipvs import (
     IpvsApplier,
     entry_from_netlink,
@@ -285,3 +288,25 @@ def test_full_apply_prepends_missing_jumps_in_its_one_restore() -> None:
         r for r in builtin_rules(ipt) if r.startswith("-A OUTPUT") and "KUBE-IPVS" not in r
     ]
     assert nat_output == [rules[1], "-A OUTPUT -j RETURN"]
+
+
+def test_a_failing_save_fails_the_full_apply_instead_of_duplicating_jumps() -> None:
+    """Only a table that does not exist has no jumps: any other iptables-save failure (a
+    timeout, a busy lock) must fail the sync, not make every jump look missing."""
+    ipt = FakeIptables()
+    applier = IpvsApplier(FakeIpvsKernel(), ipt, IPV4)
+    plan = compile_ipvs(state((port("web", "10.96.0.1"), eps(1))), OPTIONS)
+    applier.apply(plan)
+    rules = builtin_rules(ipt)
+    real_save = ipt.save
+
+    def timed_out(table: str) -> bytes:
+        raise IptablesError("iptables-save timed out", stderr="timed out after 300 s")
+
+    ipt.save = timed_out  # type: ignore[method-assign]
+    with pytest.raises(IptablesError, match="timed out"):
+        applier.apply(plan, full=True)
+    ipt.save = real_save  # type: ignore[method-assign]
+    assert builtin_rules(ipt) == rules
+    applier.apply(plan, full=True)
+    assert builtin_rules(ipt) == rules

@@ -736,8 +736,12 @@ class IpvsApplier:
         for table in {jump.table for jump in JUMPS}:
             try:
                 saved = self.iptables.save(table).decode()
-            except IptablesError:
-                continue  # no such table yet (nf_tables backend, fresh namespace)
+            except IptablesError as err:
+                if "does not exist" in err.stderr:
+                    continue  # no such table yet: every jump of it is missing
+                # Anything else (a timeout, a busy lock) must fail the sync: taking the
+                # jumps as missing would prepend duplicates of them.
+                raise
             present.update(
                 (table, *shlex.split(line)) for line in saved.splitlines() if line.startswith("-A ")
             )
