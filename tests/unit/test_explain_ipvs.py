@@ -337,7 +337,11 @@ def test_ipvsadm_ipset_and_address_text_is_read() -> None:
         "-a -t [fd00:96::10]:80 -r [fd00:10:2::2]:8080 -m -w 1\n"
         "-A -u 10.96.0.53:53 -s wrr\n-a -u 10.96.0.53:53 -r 10.10.2.2:53 -m -w 2\n"
         "-A --sctp-service 10.96.0.60:3868 -s mh -b mh-port\n"
+        # other LVS software's firewall-mark and one-packet services: read past, not an error
+        "-A -f 100 -s rr\n-a -f 100 -r 10.10.9.9:0 -g -w 1\n"
+        "-A -u 10.0.0.9:514 -s rr -o\n"
     )
+    assert ("UDP", "10.0.0.9", 514) in services and len(services) == 4
     v6 = services[("TCP", "fd00:96::10", 80)]
     assert v6.persistence == 10800 and v6.destinations[0].hostport == "[fd00:10:2::2]:8080"
     assert services[("UDP", "10.96.0.53", 53)].destinations[0].weight == 2

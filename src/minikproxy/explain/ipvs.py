@@ -240,6 +240,10 @@ def parse_ipvsadm(text: str) -> dict[tuple[str, str, int], Service]:
         tokens = line.split()
         if not tokens:
             continue
+        if tokens[0] in ("-A", "-a") and len(tokens) > 1 and tokens[1] in _FWMARK:
+            # A firewall-mark service (keepalived, LVS): never kube-proxy's, and chosen by a
+            # mangle-table mark, which explain does not model.
+            continue
         if tokens[0] not in ("-A", "-a") or len(tokens) < 3 or tokens[1] not in _PROTO:
             raise ExplainError(f"ipvsadm line not understood: {line!r}")
         key = (_PROTO[tokens[1]], *_hostport(tokens[2], line))
@@ -277,7 +281,8 @@ def parse_ipvsadm(text: str) -> dict[tuple[str, str, int], Service]:
 _VALUED = frozenset({"-s", "-p", "-M", "-b", "--pe", "-r", "-w", "-x", "-y", "--tun-type",
                      "--tun-port"})  # fmt: skip
 _FLAGS = frozenset({"-m", "-g", "-i", "--masquerading", "--gatewaying", "--ipip",
-                    "--tun-nocsum", "--tun-csum", "--tun-remcsum"})  # fmt: skip
+                    "--tun-nocsum", "--tun-csum", "--tun-remcsum", "-o", "--ops"})  # fmt: skip
+_FWMARK = frozenset({"-f", "--fwmark-service"})
 
 
 def _options(tokens: list[str], line: str) -> dict[str, str]:
