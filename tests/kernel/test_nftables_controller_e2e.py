@@ -254,7 +254,7 @@ def test_restart_without_a_failed_connection(harness: Harness, layout: str) -> N
     stopped and started again: the table stays, and the first sync (full) replaces it in
     one transaction."""
     api = harness.api
-    harness.start(layout)
+    harness.start(layout, cluster_cidr=UNMASQUERADED)  # continuity: no SNAT (see there)
     api.create(service("web", VIP))
     api.create(endpoint_slice("web", BACKENDS))
     wait_for(lambda: harness.lands() == set(BACKENDS), what="traffic")
@@ -264,7 +264,7 @@ def test_restart_without_a_failed_connection(harness: Harness, layout: str) -> N
         harness.stop()
         seen = len(prober.outcomes)
         wait_for(lambda: len(prober.outcomes) >= seen + 8, what="probes while stopped")
-        controller = harness.start(layout)
+        controller = harness.start(layout, cluster_cidr=UNMASQUERADED)
         wait_for(lambda: syncs(controller, "full") > 0, what="the first sync after the restart")
         seen = len(prober.outcomes)
         wait_for(lambda: len(prober.outcomes) >= seen + 8, what="probes after the restart")
