@@ -67,6 +67,19 @@ def median_p95(metric: str) -> Callable[[Index, str, int], str]:
     return cell
 
 
+#: The controller's and the data path's columns, shared by every mode's table.
+LIVE_COLUMNS: tuple[Column, ...] = (
+    Column("controller first sync (s)", median_of("controller_first_sync")),
+    Column("controller RSS (MiB)", median_of("controller_rss")),
+    Column("endpoint added p50/p95 (ms)", median_p95("update_endpoint_added")),
+    Column("endpoint removed p50/p95 (ms)", median_p95("update_endpoint_removed")),
+    Column("Service added p50/p95 (ms)", median_p95("update_service_added")),
+    Column("Service deleted p50/p95 (ms)", median_p95("update_service_deleted")),
+    Column("connect p50 (µs)", median_of("connect_latency")),
+    Column("connect p99 (µs)", median_of("connect_latency_p99")),
+    Column("new connections (1/s)", median_of("connections_per_second")),
+)
+
 COLUMNS: tuple[Column, ...] = (
     Column("full compile (ms)", median_of("compile_full")),
     Column("1 change compile (ms)", median_of("compile_one_change")),
@@ -78,15 +91,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("first load (s)", median_of("load_total")),
     Column("of it tools+kernel (s)", median_of("load_kernel")),
     Column("kernel table (KiB)", median_of("kernel_table_bytes", 1 / 1024)),
-    Column("controller first sync (s)", median_of("controller_first_sync")),
-    Column("controller RSS (MiB)", median_of("controller_rss")),
-    Column("endpoint added p50/p95 (ms)", median_p95("update_endpoint_added")),
-    Column("endpoint removed p50/p95 (ms)", median_p95("update_endpoint_removed")),
-    Column("Service added p50/p95 (ms)", median_p95("update_service_added")),
-    Column("Service deleted p50/p95 (ms)", median_p95("update_service_deleted")),
-    Column("connect p50 (µs)", median_of("connect_latency")),
-    Column("connect p99 (µs)", median_of("connect_latency_p99")),
-    Column("new connections (1/s)", median_of("connections_per_second")),
+    *LIVE_COLUMNS,
 )
 
 
@@ -130,15 +135,7 @@ IPVS_COLUMNS: tuple[Column, ...] = (
     Column("of it tools+kernel (s)", median_of("load_kernel")),
     Column("stock tools' load (s)", median_of("load_baseline_tools")),
     Column("first load / stock tools", median_of("load_vs_baseline")),
-    Column("controller first sync (s)", median_of("controller_first_sync")),
-    Column("controller RSS (MiB)", median_of("controller_rss")),
-    Column("endpoint added p50/p95 (ms)", median_p95("update_endpoint_added")),
-    Column("endpoint removed p50/p95 (ms)", median_p95("update_endpoint_removed")),
-    Column("Service added p50/p95 (ms)", median_p95("update_service_added")),
-    Column("Service deleted p50/p95 (ms)", median_p95("update_service_deleted")),
-    Column("connect p50 (µs)", median_of("connect_latency")),
-    Column("connect p99 (µs)", median_of("connect_latency_p99")),
-    Column("new connections (1/s)", median_of("connections_per_second")),
+    *LIVE_COLUMNS,
 )
 
 
