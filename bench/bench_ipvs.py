@@ -12,9 +12,10 @@ Run: .venv/bin/python -m pytest bench/bench_ipvs.py --benchmark-only
 from __future__ import annotations
 
 from itertools import count
+from typing import Any
 
 from minikproxy.benchmark.adapters import ipvs_options
-from minikproxy.compile.ipvs import IpvsOptions, compile_ipvs
+from minikproxy.compile.ipvs import IpvsOptions, IpvsPlan, compile_ipvs
 from minikproxy.dataplane.ipvs import IpvsApplier
 from minikproxy.model.names import IPV4
 from minikproxy.testing.fake_iptables import FakeIptables
@@ -28,6 +29,33 @@ def bench_ipvs_options() -> IpvsOptions:
     """Options like a real node's: ClusterCIDR detection, a node IP for NodePorts (the
     engine's, as ``minikproxy bench`` uses them)."""
     return ipvs_options()
+
+
+class EndpointFlip:
+    """One Service's last endpoint removed, then added back, in turn: each call of
+    :meth:`next_plan` changes the EndpointSlice in ``tracker`` and compiles incrementally
+    (snapshot + IPVS compile from the previous plan)."""
+
+    def __init__(self, tracker: Any, options: IpvsOptions, plan: IpvsPlan, which: int) -> None:
+        self.tracker, self.options, self.plan, self.which = tracker, options, plan, which
+        self._rounds = count()
+
+    def next_plan(self) -> IpvsPlan:
+        """The plan after the next change (kept as the previous one of the change after)."""
+        obj = synthetic_slice(self.which, ENDPOINTS_PER_SERVICE)
+        if next(self._rounds) % 2 == 0:
+            obj["endpoints"] = obj["endpoints"][:-1]
+        self.tracker.upsert_endpoint_slice(obj)
+        snap = self.tracker.snapshot(IPV4)
+        self.plan = compile_ipvs(
+            snap.state, self.options, previous=self.plan, changed_services=snap.changed
+        )
+        return self.plan
+
+    def restore(self) -> None:
+        """Leave the (shared) tracker as it was."""
+        self.tracker.upsert_endpoint_slice(synthetic_slice(self.which, ENDPOINTS_PER_SERVICE))
+        self.tracker.snapshot(IPV4)
 
 
 def test_full_compile(benchmark) -> None:  # type: ignore[no-untyped-def]
@@ -51,27 +79,16 @@ def test_one_endpoint_change_end_to_end(benchmark) -> None:  # type: ignore[no-u
     applier = IpvsApplier(kernel, FakeIptables(), IPV4)
     plan = compile_ipvs(snapshot.state, options)
     applier.apply(plan)
-    rounds = count()
+    flip = EndpointFlip(tracker, options, plan, 4242)
     operations: list[int] = []
-    state = {"plan": plan}
 
     def change_and_apply() -> None:
-        obj = synthetic_slice(4242, ENDPOINTS_PER_SERVICE)
-        if next(rounds) % 2 == 0:
-            obj["endpoints"] = obj["endpoints"][:-1]  # the last endpoint goes, then comes back
-        tracker.upsert_endpoint_slice(obj)
-        snap = tracker.snapshot(IPV4)
-        new = compile_ipvs(
-            snap.state, options, previous=state["plan"], changed_services=snap.changed
-        )
+        new = flip.next_plan()
         before = len(kernel.log)
         applier.apply(new)
         operations.append(len(kernel.log) - before)
-        state["plan"] = new
 
     benchmark.pedantic(change_and_apply, rounds=40, iterations=1)
     benchmark.extra_info["kernel_operations_per_change"] = sorted(set(operations))
     assert set(operations) == {1}, operations
-    # leave the shared tracker as it was
-    tracker.upsert_endpoint_slice(synthetic_slice(4242, ENDPOINTS_PER_SERVICE))
-    tracker.snapshot(IPV4)
+    flip.restore()

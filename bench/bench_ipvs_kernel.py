@@ -33,7 +33,6 @@ import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
-from itertools import count
 from typing import Any
 
 import pytest
@@ -47,10 +46,10 @@ from minikproxy.model.names import IPV4
 from minikproxy.testing.fake_iptables import FakeIptables
 from minikproxy.testing.fake_ipvs import FakeIpvsKernel
 from minikproxy.testing.ipvsload import kernel_has_ipvs
-from minikproxy.testing.synthetic import service_type, synthetic_slice
+from minikproxy.testing.synthetic import service_type
 
-from .bench_ipvs import bench_ipvs_options
-from .conftest import ENDPOINTS_PER_SERVICE, tracked
+from .bench_ipvs import EndpointFlip, bench_ipvs_options
+from .conftest import tracked
 
 pytestmark = pytest.mark.skipif(not kernel_has_ipvs(), reason="needs a kernel with IPVS")
 
@@ -182,31 +181,21 @@ def test_one_endpoint_change(benchmark, kind, namespaces) -> None:  # type: igno
         applier.apply(plan)
     applier.kernel = kernel
     kernel.seconds.clear()  # the changes' calls only
-    rounds = count()
     per_change: list[Counter[str]] = []
-    state = {"plan": plan}
     which = SERVICES // 2 + 1  # a ClusterIP Service: one virtual server
     assert service_type(which) == "ClusterIP"
+    flip = EndpointFlip(tracker, options, plan, which)
 
     def change_and_apply() -> None:
-        obj = synthetic_slice(which, ENDPOINTS_PER_SERVICE)
-        if next(rounds) % 2 == 0:
-            obj["endpoints"] = obj["endpoints"][:-1]  # the last endpoint goes, then comes back
-        tracker.upsert_endpoint_slice(obj)
-        snap = tracker.snapshot(IPV4)
-        new = compile_ipvs(
-            snap.state, options, previous=state["plan"], changed_services=snap.changed
-        )
+        new = flip.next_plan()
         kernel.calls.clear()
         applier.apply(new)
         per_change.append(Counter(kernel.calls))
-        state["plan"] = new
 
     try:
         benchmark.pedantic(change_and_apply, rounds=40, iterations=1)
     finally:
-        tracker.upsert_endpoint_slice(synthetic_slice(which, ENDPOINTS_PER_SERVICE))
-        tracker.snapshot(IPV4)
+        flip.restore()
         if netlink is not None:
             netlink.close()
     kinds = sorted({tuple(sorted(c.items())) for c in per_change})
