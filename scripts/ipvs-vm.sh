@@ -1,5 +1,6 @@
 #!/bin/bash
-# ipvs-vm.sh (from the shared ipvs-vm-host.sh, unchanged): run ONE command of the host's own userland inside a qemu TCG guest that boots
+# ipvs-vm.sh (from the shared ipvs-vm-host.sh; one change: `timeout --foreground`, so that a
+# signal to this script's process group reaches qemu too): run ONE command of the host's own userland inside a qemu TCG guest that boots
 # Debian 12's kernel (IPVS, ipset, iptables-legacy/nft modules), so Python tests can drive a real IPVS.
 # The host's / is shared read-only over virtio-9p; a tmpfs overlay on top makes it all writable
 # (writes are lost at power-off). Companion of ipvs-vm.sh (busybox-only guest), which is unchanged.
@@ -107,7 +108,9 @@ elif [ "$cmd" = run ]; then
     printf 'exec'; printf ' %q' "$@"; printf '\n'; } > "$RUN/cmd.sh"
   KOPT="quiet loglevel=3"; [ "${IPVS_VM_DEBUG:-0}" = 1 ] && KOPT=""
   rc=0
-  timeout -k 5 "${IPVS_VM_TIMEOUT:-600}" qemu-system-x86_64 -accel tcg -cpu max -m "${IPVS_VM_MEM:-1024}" \
+  # --foreground: timeout stays in our process group (it makes a group of its own otherwise),
+  # so whoever stops this script by its group (minikproxy bench on ^C) stops qemu with it.
+  timeout --foreground -k 5 "${IPVS_VM_TIMEOUT:-600}" qemu-system-x86_64 -accel tcg -cpu max -m "${IPVS_VM_MEM:-1024}" \
     -smp "${IPVS_VM_SMP:-1}" -nodefaults -no-user-config -display none -no-reboot \
     -chardev stdio,id=con -serial chardev:con -serial file:"$RUN/status" \
     -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap "${RW[@]}" \

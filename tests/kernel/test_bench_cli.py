@@ -10,6 +10,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -133,6 +134,49 @@ def test_interrupt_leaves_no_namespace_or_controller_behind(tmp_path: Path) -> N
     assert "interrupted" in stderr
     assert _namespaces(prefix) == []
     assert _processes_mentioning(str(tmp_path)) == []
+
+
+def test_stopping_the_ipvs_vm_stops_qemu(tmp_path: Path) -> None:
+    """What an interrupted ``bench`` does to its IPVS VM (``ipvsvm._stop``: SIGTERM to the VM
+    script's process group) stops qemu at once. ``timeout`` used to give qemu a group of its
+    own: it outlived the run until it next wrote to its closed output, or for hours."""
+    from minikproxy.benchmark import ipvsvm
+
+    ipvsvm.ensure_vm()
+    proc = subprocess.Popen(
+        ipvsvm.vm_argv(["sh", "-c", "echo guest-ready; exec sleep 600"]), cwd=tmp_path,
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    lines: list[str] = []
+    assert proc.stdout is not None
+    threading.Thread(target=lambda: lines.extend(proc.stdout or ()), daemon=True).start()
+    try:
+        # The guest runs its command (as a bench's VM part runs for an hour, silent at times):
+        # before that, a guest that lost its run directory powered itself off.
+        wait_for(lambda: "guest-ready\n" in lines, timeout=240, what="the guest's command")
+        ipvsvm._stop(proc)  # the output pipe stays open: qemu must go by the signal alone
+        wait_for(lambda: _qemu_in_session(proc.pid) == [], timeout=10, what="qemu stopped")
+    finally:
+        for pid in _qemu_in_session(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def _qemu_in_session(session: int) -> list[int]:
+    """The qemu processes of ``session`` (the VM script started its own)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+        except (OSError, ValueError):
+            continue
+        name, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :]
+        if name.startswith("qemu-system") and int(rest.split()[3]) == session:
+            found.append(int(entry.name))
+    return found
 
 
 def test_legacy_table_bytes_grow_with_the_rules() -> None:
