@@ -143,7 +143,8 @@ def progress_display(
         elapsed = time.monotonic() - start
         left = elapsed / done[0] * (total - done[0]) if done[0] else None
         eta = "" if left is None else f", ~{left:.0f} s left"
-        print(f"[{elapsed:5.0f} s{eta}] {text}", file=sys.stderr, flush=True)
+        share = f", {100 * min(done[0] / total, 1.0):.1f}% done" if total else ""
+        print(f"[{elapsed:5.0f} s{eta}{share}] {text}", file=sys.stderr, flush=True)
 
     yield show
 

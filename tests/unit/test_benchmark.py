@@ -4,6 +4,7 @@ Markdown table and report, the CLI's settings."""
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 
 from minikproxy.benchmark.adapters import count_elements, iptables_size, nft_size
 from minikproxy.benchmark.cluster import backend_addresses, cluster_objects
+from minikproxy.benchmark.ipvsvm import GuestProgress, progress_text
 from minikproxy.benchmark.report import (
     COLUMNS,
     markdown_table,
@@ -29,7 +31,7 @@ from minikproxy.benchmark.results import (
 from minikproxy.benchmark.runner import Settings
 from minikproxy.benchmark.stats import percentile, summarize
 from minikproxy.cli import build_parser
-from minikproxy.cli_bench import settings_from_args
+from minikproxy.cli_bench import progress_display, settings_from_args
 from minikproxy.testing.synthetic import service_type, synthetic_service
 
 
@@ -240,3 +242,16 @@ def test_bench_flags_reject_bad_values(argv: list[str], capsys: pytest.CaptureFi
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", *argv])
     assert "bench: error" in capsys.readouterr().err
+
+
+def test_plain_progress_lines_say_the_time_left_and_the_share_done(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with progress_display(4.0, plain=True) as show:
+        show("starting", 0.0)
+        show("compiled", 1.0)
+    first, second = capsys.readouterr().err.splitlines()
+    assert re.fullmatch(r"\[\s*\d+ s, 0\.0% done\] starting", first), first
+    assert re.fullmatch(r"\[\s*\d+ s, ~\d+ s left, 25\.0% done\] compiled", second), second
+    # What the host reads back from the IPVS VM's lines.
+    assert progress_text(second) == GuestProgress("compiled", 0.25)

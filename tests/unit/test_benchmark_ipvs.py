@@ -12,7 +12,15 @@ import pytest
 
 from minikproxy.benchmark import ipvsvm, runner
 from minikproxy.benchmark.adapters import Ipvs, ipvs_size
-from minikproxy.benchmark.ipvsvm import VmError, VmOutcome, is_vm, mark, merge, progress_text
+from minikproxy.benchmark.ipvsvm import (
+    GuestProgress,
+    VmError,
+    VmOutcome,
+    is_vm,
+    mark,
+    merge,
+    progress_text,
+)
 from minikproxy.benchmark.report import (
     IPVS_VM_TITLE,
     ipvs_table,
@@ -66,9 +74,14 @@ def test_ipvs_adapter_compiles_and_sizes_a_cluster() -> None:
 
 
 def test_progress_text_reads_the_guests_plain_progress_lines() -> None:
-    assert progress_text("[  12 s, ~340 s left] ipvs @ 1000: compile") == "ipvs @ 1000: compile"
-    assert progress_text("[    0 s] 1000 Services: building the cluster") == (
-        "1000 Services: building the cluster"
+    assert progress_text("[  12 s, ~340 s left, 3.5% done] ipvs @ 1000: compile") == (
+        GuestProgress("ipvs @ 1000: compile", 0.035)
+    )
+    assert progress_text("[    0 s, 0.0% done] 1000 Services: building the cluster") == (
+        GuestProgress("1000 Services: building the cluster", 0.0)
+    )
+    assert progress_text("[  12 s, ~340 s left] ipvs @ 1000: compile") == (
+        GuestProgress("ipvs @ 1000: compile", None)
     )
     assert progress_text("The ipvs proxier is deprecated upstream") is None
 
@@ -182,9 +195,13 @@ def no_ipvs_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(runner, "kernel_has_ipvs", lambda: False)
 
 
-def _run(settings: Settings, tmp_path: Path) -> Outcome:
-    shown: list[str] = []
-    progress = runner.Progress(runner.plan_weight(settings), lambda text, _: shown.append(text))
+def _run(
+    settings: Settings, tmp_path: Path, shown: list[tuple[str, float]] | None = None
+) -> Outcome:
+    sink = shown if shown is not None else []
+    progress = runner.Progress(
+        runner.plan_weight(settings), lambda text, advance: sink.append((text, advance))
+    )
     return Runner(settings, progress, tmp_path).run()
 
 
@@ -195,12 +212,25 @@ def test_without_ipvs_compile_runs_here_and_the_rest_in_the_vm(
 
     def fake_vm(settings: dict[str, Any], timeout: float, show: Any) -> VmOutcome:
         calls.append((settings, timeout))
-        show("[  30 s, ~60 s left] ipvs @ 50: first load into empty namespaces")
+        show("[  30 s, ~60 s left, 25.0% done] ipvs @ 50: first load into empty namespaces")
+        show("[  40 s, ~50 s left, 30.0% done] ipvs @ 50: the stock tools' load")
         return _vm_outcome(tmp_path)
 
     monkeypatch.setattr(ipvsvm, "run_vm_part", fake_vm)
     settings = Settings(modes=("ipvs",), sizes=(20,), vm_sizes=(50,), rounds=2)
-    outcome = _run(settings, tmp_path)
+    shown: list[tuple[str, float]] = []
+    outcome = _run(settings, tmp_path, shown)
+    # The guest's share done moves the host's estimate along; "done" counts the rest.
+    vm_weight = 50 / 1000 * runner.VM_WEIGHT
+    vm_steps = [(text, advance) for text, advance in shown if text.startswith("ipvs in the VM")]
+    assert [text for text, _ in vm_steps] == [
+        "ipvs in the VM: ipvs @ 50: first load into empty namespaces",
+        "ipvs in the VM: ipvs @ 50: the stock tools' load",
+        "ipvs in the VM: done",
+    ]
+    advances = [advance for _, advance in vm_steps]
+    assert advances == pytest.approx([0.25 * vm_weight, 0.05 * vm_weight, 0.7 * vm_weight])
+    assert sum(advance for _, advance in shown) == pytest.approx(runner.plan_weight(settings))
     [(sent, timeout)] = calls
     assert (
         sent["vm_part"] is True

@@ -65,13 +65,26 @@ def vm_argv(command: Sequence[str], vm_dir: Path = VM_DIR) -> list[str]:
     return ["bash", str(script()), "run", str(vm_dir), "--", *command]
 
 
-_PROGRESS = re.compile(r"^\[\s*\d+ s(?:, ~\d+ s left)?\] (.+)$")
+_PROGRESS = re.compile(
+    r"^\[\s*\d+ s(?:, ~\d+ s left)?(?:, (?P<done>[\d.]+)% done)?\] (?P<step>.+)$"
+)
 
 
-def progress_text(line: str) -> str | None:
-    """The step a progress line of the VM's run announces (None: not a progress line)."""
+@dataclass(frozen=True)
+class GuestProgress:
+    """A progress line of the VM's run: its step, and the share of the guest's plan done."""
+
+    step: str
+    done: float | None  # 0..1; None when the line does not say
+
+
+def progress_text(line: str) -> GuestProgress | None:
+    """What a progress line of the VM's run announces (None: not a progress line)."""
     match = _PROGRESS.match(line.strip())
-    return match.group(1) if match else None
+    if match is None:
+        return None
+    done = match.group("done")
+    return GuestProgress(match.group("step"), None if done is None else float(done) / 100)
 
 
 def mark(mode: str) -> str:

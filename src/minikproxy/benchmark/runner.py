@@ -221,11 +221,18 @@ class Runner:
         timeout = VM_BOOT_SECONDS + sum(s.vm_sizes) / 1000 * VM_SECONDS_PER_1000
         sizes = ", ".join(str(x) for x in s.vm_sizes)
         self.progress.step(f"ipvs in the IPVS VM ({sizes} Services): booting")
+        weight = sum(s.vm_sizes) / 1000 * VM_WEIGHT
+        counted = [0.0]  # of weight, advanced as the guest reports its share done
 
         def show(line: str) -> None:
-            step = ipvsvm.progress_text(line)
-            if step is not None:
-                self.progress.step(f"ipvs in the VM: {step}")
+            guest = ipvsvm.progress_text(line)
+            if guest is None:
+                return
+            advance = 0.0
+            if guest.done is not None and guest.done * weight > counted[0]:
+                advance = guest.done * weight - counted[0]
+                counted[0] += advance
+            self.progress.step(f"ipvs in the VM: {guest.step}", advance)
 
         try:
             vm = ipvsvm.run_vm_part(vm_settings, timeout, show)
@@ -233,7 +240,7 @@ class Runner:
             self._skip(ipvsvm.mark("ipvs"), "everything in the IPVS VM", str(exc)[-1500:])
             return
         finally:
-            self.progress.step("ipvs in the VM: done", sum(s.vm_sizes) / 1000 * VM_WEIGHT)
+            self.progress.step("ipvs in the VM: done", weight - counted[0])
         self.outcome.records += vm.records
         self.outcome.skipped += vm.skipped
         self.outcome.header["ipvs_vm"] = vm.header
