@@ -320,6 +320,21 @@ def _close_when(stop: threading.Event, execer: RealExecer) -> None:
     execer.close()
 
 
+#: How often the main thread looks up while it waits for a signal (see :func:`_wait_for_stop`).
+SIGNAL_POLL_SECONDS = 0.5
+
+
+def _wait_for_stop(stop: threading.Event) -> None:
+    """Wait in the main thread until a signal handler sets ``stop``.
+
+    The kernel may hand a process's SIGTERM to any of its threads, and Python runs the
+    handler only when the main thread next runs Python code: a main thread blocked for good
+    in ``stop.wait()`` would never see it (until the kubelet's SIGKILL). So it looks up
+    regularly."""
+    while not stop.wait(SIGNAL_POLL_SECONDS):
+        pass
+
+
 def main_run(args: argparse.Namespace) -> int:
     """``minikproxy run``."""
     from minikproxy.flags import config_from_args
@@ -416,7 +431,7 @@ def main_run(args: argparse.Namespace) -> int:
         logger.error("cannot start: %s", err)
         controller.stop()
         return 1
-    stop.wait()
+    _wait_for_stop(stop)
     controller.stop()
     return 0
 

@@ -210,7 +210,10 @@ class Node:
 
     def stop(self, name: str, grace: int) -> int:
         podman("stop", "-t", str(grace), name, timeout=grace + 30)
-        return int(podman("inspect", "--format", "{{.State.ExitCode}}", name).stdout)
+        code = int(podman("inspect", "--format", "{{.State.ExitCode}}", name).stdout)
+        if code != 0:  # shown by pytest when the test fails: what the process was doing
+            print(f"{name} exited {code}; its logs end with:\n{self.logs(name)[-6000:]}")
+        return code
 
     def exit_code(self, name: str, timeout: float = 60) -> int:
         return int(podman("wait", name, timeout=timeout).stdout.strip())
