@@ -5,6 +5,9 @@ separate IPVS section."""
 from __future__ import annotations
 
 import json
+import signal
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -278,3 +281,24 @@ def test_quick_compiles_ipvs_here_and_says_why_the_vm_is_left_out(
     assert ("ipvs", "compile_one_change") in {(r.mode, r.metric) for r in outcome.records}
     [skipped] = outcome.skipped
     assert skipped.mode == "ipvs (VM)" and skipped.reason == QUICK_WITHOUT_VM
+
+
+def test_a_ctrl_c_taken_by_another_thread_stops_a_silent_vm_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guest can stay silent for many minutes (a 10k first load): a ^C the kernel hands
+    another thread of ``bench`` must not wait for its next line."""
+    monkeypatch.setattr(ipvsvm, "ensure_vm", lambda vm_dir=None: None)
+    silent_guest = ["sh", "-c", "echo guest-ready; exec sleep 120"]
+    monkeypatch.setattr(ipvsvm, "vm_argv", lambda command, vm_dir=None: silent_guest)
+    ready = threading.Event()
+
+    def interrupt_from_another_thread() -> None:
+        ready.wait(30)
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_from_another_thread, daemon=True).start()
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        ipvsvm.run_vm_part({}, 300, show=lambda line: ready.set())
+    assert time.monotonic() - start < 20  # not the guest's 120 s of silence

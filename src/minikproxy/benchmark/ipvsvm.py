@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -155,9 +157,7 @@ def run_vm_part(
             stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
         )  # fmt: skip
         try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                line = line.rstrip()
+            for line in _lines_of(proc):
                 tail = [*tail[-19:], line]
                 if line:
                     show(line)
@@ -172,6 +172,29 @@ def run_vm_part(
             raise VmError(f"the IPVS VM's run exited {proc.returncode}:\n{output}")
         header, records = read_results(results)
     return merge(header, records, seconds)
+
+
+def _lines_of(proc: subprocess.Popen[str]) -> Iterator[str]:
+    """``proc``'s output lines, read in a thread: the guest may stay silent for many minutes,
+    and a ^C the kernel hands another thread is seen only when the main thread runs Python
+    code, so it waits for lines a little at a time."""
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line.rstrip())
+        lines.put(None)
+
+    threading.Thread(target=pump, name="ipvs-vm-output", daemon=True).start()
+    while True:
+        try:
+            line = lines.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        if line is None:
+            return
+        yield line
 
 
 def _stop(proc: subprocess.Popen[str]) -> None:
