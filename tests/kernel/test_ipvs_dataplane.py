@@ -96,6 +96,7 @@ def test_apply_programs_what_render_prints(node: Any) -> None:
     kernel.writes = 0
     applier.apply(plan, full=True)
     assert kernel.writes == 0
+    kernel.add_address("10.96.0.20")  # bound already: no error (kube-proxy's EnsureAddressBind)
 
 
 def test_initial_load_in_bulk_gives_the_same_state(node: Any) -> None:

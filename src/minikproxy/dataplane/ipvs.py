@@ -13,6 +13,7 @@ once their active and inactive connections are gone; UDP and SCTP ones are delet
 
 from __future__ import annotations
 
+import errno
 import functools
 import ipaddress
 import shlex
@@ -91,7 +92,11 @@ class IpvsKernel(Protocol):
     def ensure_dummy(self) -> None: ...
     def delete_dummy(self) -> bool: ...
     def addresses(self, family: IPFamily) -> set[str]: ...
-    def add_address(self, address: str) -> None: ...
+    def add_address(self, address: str) -> None:
+        """Bind ``address`` to kube-ipvs0; already bound is no error (as kube-proxy's
+        ``EnsureAddressBind``), so a partial sync need not read every address first."""
+        ...
+
     def delete_address(self, address: str) -> None: ...
 
 
@@ -411,11 +416,17 @@ class NetlinkIpvsKernel:
 
     @_in_worker
     def add_address(self, address: str) -> None:
+        from pyroute2.netlink.exceptions import NetlinkError
+
         self.writes += 1
         prefix = 128 if ":" in address else 32
-        self._ipr.addr(
-            "add", index=self._dummy_index or self._index(), address=address, prefixlen=prefix
-        )
+        try:
+            self._ipr.addr(
+                "add", index=self._dummy_index or self._index(), address=address, prefixlen=prefix
+            )
+        except NetlinkError as err:
+            if err.code != errno.EEXIST:
+                raise
 
     @_in_worker
     def delete_address(self, address: str) -> None:
@@ -669,12 +680,8 @@ class IpvsApplier:
                 touched[vs.key] = vs
         for key, vs in sorted(touched.items()):
             self._sync_service(vs, kernel.service(key))
-        bound_now = set(addresses_new)
-        if bound_now:
-            bound = kernel.addresses(self.family)
-            for address in addresses_new:
-                if address not in bound:
-                    kernel.add_address(address)
+        for address in addresses_new:  # no read of every bound address: "exists" is fine
+            kernel.add_address(address)
         infos = {info.name: info for info in IPSETS}
         sizes = self._set_sizes
         for set_name, entry in entries_new:

@@ -13,7 +13,8 @@ from minikproxy.model.names import IPFamily
 
 @dataclass
 class FakeIpvsKernel:
-    """Kernel state as plain dictionaries; ``log`` lists each write as a short string."""
+    """Kernel state as plain dictionaries; ``log`` lists each write as a short string,
+    ``table_reads`` each read of a whole table (every virtual server, set or address)."""
 
     services_: dict[ServiceKey, ServiceState] = field(default_factory=dict)
     dests_: dict[ServiceKey, dict[DestKey, DestState]] = field(default_factory=dict)
@@ -21,8 +22,10 @@ class FakeIpvsKernel:
     dummy: bool = False
     bound: set[str] = field(default_factory=set)
     log: list[str] = field(default_factory=list)
+    table_reads: list[str] = field(default_factory=list)
 
     def services(self) -> dict[ServiceKey, ServiceState]:
+        self.table_reads.append("services")
         return dict(self.services_)
 
     def service(self, key: ServiceKey) -> ServiceState | None:
@@ -76,6 +79,7 @@ class FakeIpvsKernel:
         self.log.append(f"create-set {name}")
 
     def set_entries(self, name: str, info: IpsetInfo) -> set[str]:
+        self.table_reads.append(f"set {name}")
         return set(self.sets[name])
 
     def add_entry(self, name: str, info: IpsetInfo, entry: str, family: IPFamily) -> None:
@@ -103,6 +107,7 @@ class FakeIpvsKernel:
         return existed
 
     def addresses(self, family: IPFamily) -> set[str]:
+        self.table_reads.append(f"addresses {family}")
         return {a for a in self.bound if (":" in a) == (family == "IPv6")}
 
     def add_address(self, address: str) -> None:
