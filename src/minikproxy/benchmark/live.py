@@ -6,8 +6,10 @@ controller reaches it on 127.0.0.1 as a node's kube-proxy reaches its API server
 latency is measured from just before the object changes on the API server to the first
 probe from the client namespace that sees the new behaviour (the rule is then in the
 kernel): a connection answered once an endpoint or Service is added, not answered once it is
-removed. Probes run every millisecond, which bounds the resolution, except where the state
-before or after drops packets: then a probe waits up to its 10 ms timeout.
+removed. A probe starts every millisecond without waiting for the ones before it, and the
+latency ends at the send time of the earliest probe that saw the new state: the resolution
+is that millisecond even where the state before or after drops packets (a dropped probe
+only takes its 10 ms timeout longer to count as unanswered).
 """
 
 from __future__ import annotations

@@ -3,13 +3,18 @@ ClusterIP to start or stop answering (how update latency sees a rule reach the k
 
 from __future__ import annotations
 
+import errno
 import itertools
+import math
 import os
+import select
 import socket
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from minikproxy.dataplane.nsenter import NetnsThread
 
@@ -21,9 +26,12 @@ class ProbeError(RuntimeError):
     """A connection that should have been answered was not."""
 
 
-#: Seconds :meth:`Prober.wait_answering` waits for one probe's handshake (scaled in the
+#: Seconds :func:`wait_answering` waits for one probe's handshake (scaled in the
 #: emulated IPVS VM, where a handshake's p99 passes 10 ms).
 PROBE_TIMEOUT = 0.01 * float(os.environ.get("MINIKPROXY_TIME_SCALE", "1"))
+#: Probes :func:`wait_answering` keeps in flight at most (one a millisecond, each up to
+#: :data:`PROBE_TIMEOUT`: about 11 natively).
+MAX_IN_FLIGHT = 64
 #: Source ports :meth:`Prober.wait_answering` cycles through.
 SOURCE_PORTS = range(20000, 60000)
 
@@ -119,26 +127,138 @@ class Prober:
     ) -> float:
         """Probe until ``vip:port`` answers (``answering``) or stops answering; return the
         ``time.perf_counter()`` at which the first probe that saw it was sent. Raises
-        TimeoutError.
-
-        A probe is unanswered after :data:`PROBE_TIMEOUT` (a dropped SYN, as nftables mode
-        drops traffic to unallocated ClusterIPs): where the old or new state drops packets,
-        the resolution is that timeout rather than the probe interval."""
+        TimeoutError. See :func:`wait_answering`."""
+        ports = self._source_port
 
         def run() -> float:
-            deadline = time.perf_counter() + timeout
-            while time.perf_counter() < deadline and not self._stop.is_set():
-                sent = time.perf_counter()
-                # A fresh source port each time: the kernel may otherwise reuse the tuple of a
-                # probe that went unanswered, whose conntrack entry (SYN_SENT, not NATed)
-                # turns the new SYN INVALID, and kube-proxy's rules drop INVALID packets.
-                took = _attempt(vip, port, PROBE_TIMEOUT, self._source_port())
-                if (took is not None) == answering:
-                    return sent
-                time.sleep(interval)
-            state = "answering" if answering else "refusing"
-            raise TimeoutError(f"{vip}:{port} was not {state} after {timeout:.0f} s")
+            return wait_answering(
+                vip, port, answering, timeout, interval=interval, stop=self._stop, ports=ports
+            )
 
         result = self._call(run)
         assert isinstance(result, float)
         return result
+
+
+@dataclass
+class _Probe:
+    """One connection attempt in flight: its socket, when its SYN went out, and its outcome
+    (None while pending)."""
+
+    sock: socket.socket | None
+    sent: float
+    answered: bool | None = None
+
+
+def _open_probe(vip: str, port: int, source_port: int) -> _Probe:
+    """Start a non-blocking connect from ``source_port`` (0: the kernel's choice)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        if source_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("0.0.0.0", source_port))
+        sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    sent = time.perf_counter()
+    err = sock.connect_ex((vip, port))
+    if err == errno.EINPROGRESS:
+        return _Probe(sock, sent)
+    sock.close()
+    return _Probe(None, sent, err == 0)
+
+
+def wait_answering(
+    vip: str,
+    port: int,
+    answering: bool,
+    timeout: float,
+    *,
+    interval: float = 0.001,
+    probe_timeout: float | None = None,
+    max_in_flight: int = MAX_IN_FLIGHT,
+    stop: threading.Event | None = None,
+    ports: Callable[[], int] | None = None,
+) -> float:
+    """Probe ``vip:port`` until it answers (``answering``) or stops answering; return the
+    ``time.perf_counter()`` at which the earliest probe that saw the new state was sent.
+    Raises TimeoutError after ``timeout`` seconds.
+
+    A probe is a non-blocking connect: answered once its handshake completes, unanswered when
+    refused (RST, ICMP) or after ``probe_timeout`` (default :data:`PROBE_TIMEOUT`: a dropped
+    SYN, as nftables mode drops traffic to unallocated ClusterIPs). A new probe starts every
+    ``interval`` without waiting for the ones before, at most ``max_in_flight`` at once, each
+    from its own source port (``ports()``; the kernel's choice if None) and with its own send
+    time, so the resolution is ``interval`` even where the state before or after drops
+    packets: only the answer takes up to ``probe_timeout`` longer to come. The result is
+    decided in send order: a probe counts once every probe sent before it has shown the old
+    state.
+
+    A new source port for every probe: the kernel may otherwise reuse the tuple of a probe
+    that went unanswered, whose conntrack entry (SYN_SENT, not NATed) turns the new SYN
+    INVALID, and kube-proxy's rules drop INVALID packets."""
+    limit = PROBE_TIMEOUT if probe_timeout is None else probe_timeout
+    poller = select.poll()
+    pending: deque[_Probe] = deque()
+    by_fd: dict[int, _Probe] = {}
+    seen = False  # a probe showed the new state: send no more, wait for the older ones
+
+    def finish(probe: _Probe, answered: bool) -> None:
+        nonlocal seen
+        probe.answered = answered
+        seen = seen or answered == answering
+        if probe.sock is not None:
+            by_fd.pop(probe.sock.fileno(), None)
+            poller.unregister(probe.sock)
+            probe.sock.close()
+            probe.sock = None
+
+    try:
+        start = time.perf_counter()
+        deadline = start + timeout
+        next_send = start
+        while True:
+            now = time.perf_counter()
+            # Expire probes whose SYN went unanswered for ``limit``.
+            for probe in pending:
+                if probe.answered is None and now - probe.sent >= limit:
+                    finish(probe, False)
+            while pending and pending[0].answered is not None:
+                probe = pending.popleft()
+                if probe.answered == answering:
+                    return probe.sent
+            if not pending and (now >= deadline or (stop is not None and stop.is_set())):
+                break
+            if (not seen and now >= next_send and now < deadline
+                    and len(pending) < max_in_flight
+                    and not (stop is not None and stop.is_set())):  # fmt: skip
+                try:
+                    probe = _open_probe(vip, port, ports() if ports else 0)
+                except OSError:  # the source port is still taken: the next one
+                    next_send = now + interval
+                    continue
+                pending.append(probe)
+                if probe.sock is not None:
+                    by_fd[probe.sock.fileno()] = probe
+                    poller.register(probe.sock, select.POLLOUT)
+                elif probe.answered == answering:
+                    seen = True
+                next_send = max(next_send + interval, now)
+                continue
+            waits = [p.sent + limit for p in pending if p.answered is None]
+            if not seen and now < deadline:
+                waits.append(next_send)
+            wake = min(waits, default=now + interval)
+            for fd, _ in poller.poll(max(0, math.ceil((wake - now) * 1000))):
+                probe = by_fd[fd]
+                assert probe.sock is not None
+                finish(probe, probe.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0)
+    finally:
+        for probe in pending:
+            if probe.sock is not None:
+                probe.sock.close()
+    state = "answering" if answering else "refusing"
+    raise TimeoutError(f"{vip}:{port} was not {state} after {timeout:.0f} s")

@@ -296,10 +296,14 @@ FIGURES: tuple[tuple[str, str, str], ...] = (
         "once an endpoint or Service is added, refused once it is removed), through the real "
         "controller (`minikproxy run`, `--min-sync-period 0`) watching the API server with "
         "the `kubernetes` client. It includes the watch delivery, the controller's sync "
-        "(snapshot, incremental compile, the kernel write) and the probe's own resolution: "
-        "one probe a millisecond where connections are answered or refused, but up to the "
-        "10 ms probe timeout where the state before or after drops packets (nftables mode "
-        "drops traffic to unallocated ClusterIPs: its Service added and deleted). Solid "
+        "(snapshot, incremental compile, the kernel write) and the probe's own resolution, "
+        "about a millisecond: a probe (a non-blocking connect from a new source port) "
+        "starts every millisecond without waiting for the ones before it, and the time "
+        "taken is the send time of the earliest probe that saw the change. This holds for "
+        "all four kinds, also where the state before or after drops packets (nftables mode "
+        "drops traffic to unallocated ClusterIPs: its Service added and deleted): a dropped "
+        "probe only takes up to its 10 ms timeout longer to count as unanswered, which "
+        "delays the end of the measurement, not the time it reports. Solid "
         "lines are medians, dashed p95. Where a line is "
         "missing, the controller could not run that mode (see Skipped).",
     ),
