@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from minikproxy.benchmark import ALL_MODES, DEFAULT_SIZES
@@ -149,16 +147,13 @@ def progress_display(
     yield show
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def main_bench(args: argparse.Namespace) -> int:
     """``minikproxy bench``."""
     from minikproxy.benchmark import report
     from minikproxy.benchmark.ipvsvm import is_vm
     from minikproxy.benchmark.results import machine_info, make_header, now_utc, write_results
     from minikproxy.benchmark.runner import plan_weight, run_benchmark
+    from minikproxy.benchmark.shield import interruptible
 
     if os.geteuid() != 0:
         print("minikproxy bench needs root (network namespaces, iptables, nftables)",
@@ -168,12 +163,9 @@ def main_bench(args: argparse.Namespace) -> int:
         return vm_part_main(args.ipvs_vm_part)
     settings = settings_from_args(args)
     machine, started = machine_info(), now_utc()  # the load average before the run
-    signal.signal(signal.SIGTERM, _interrupt)  # cleaned up like Ctrl-C
-    # Python leaves SIGINT ignored when it starts ignored (a background job of a
-    # non-interactive shell): the run must stay interruptible all the same.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # SIGTERM is cleaned up like Ctrl-C; a second one while the run cleans up is ignored.
     try:
-        with progress_display(plan_weight(settings)) as show:
+        with interruptible(), progress_display(plan_weight(settings)) as show:
             outcome = run_benchmark(settings, show)
     except KeyboardInterrupt:
         print("minikproxy bench: interrupted; its network namespaces were deleted",

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -107,7 +108,7 @@ def test_quick_run_writes_results_report_and_plots(tmp_path: Path) -> None:
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10000
 
 
-def test_interrupt_leaves_no_namespace_or_controller_behind(tmp_path: Path) -> None:
+def test_interrupts_leave_no_namespace_or_controller_behind(tmp_path: Path) -> None:
     prefix = f"mkpbi{secrets.token_hex(2)}"
     # Many update rounds on a small cluster: the controller runs long enough to be caught.
     argv = [sys.executable, "-m", "minikproxy", "bench", "--quick", "--modes", "iptables",
@@ -125,6 +126,11 @@ def test_interrupt_leaves_no_namespace_or_controller_behind(tmp_path: Path) -> N
         )
         assert f"{prefix}-t1-node" in _namespaces(prefix)
         proc.send_signal(signal.SIGINT)
+        # A second ^C and a SIGTERM while it stops the controller and deletes namespaces:
+        # ignored, the cleanup runs to its end.
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:

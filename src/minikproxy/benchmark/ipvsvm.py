@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from minikproxy.benchmark.results import Record, Skipped, read_results, write_results
+from minikproxy.benchmark.shield import cleanup_shield
 
 #: Appended to the mode of every record measured in the VM.
 VM_SUFFIX = " (VM)"
@@ -163,8 +164,9 @@ def run_vm_part(
                     show(line)
             proc.wait()
         finally:
-            if proc.poll() is None:
-                _stop(proc)
+            with cleanup_shield():
+                if proc.poll() is None:
+                    _stop(proc)
         seconds = time.monotonic() - start
         results = shared / RESULTS_FILE
         if proc.returncode != 0 or not results.exists():

@@ -40,6 +40,7 @@ from minikproxy.benchmark.cluster import (
     bench_slice,
 )
 from minikproxy.benchmark.probing import Prober
+from minikproxy.benchmark.shield import cleanup_shield
 from minikproxy.dataplane.nsenter import run_in_netns
 from minikproxy.testing.apiserver import FakeApiServer
 
@@ -126,13 +127,14 @@ def controller(
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        with cleanup_shield():  # up to 20 s: a second interrupt meanwhile waits
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
 
 
 def _log_tail(log: Path) -> str:

@@ -28,6 +28,7 @@ from typing import Any
 from minikproxy.benchmark.adapters import ModeAdapter, RulesetSize, ToolTimer
 from minikproxy.benchmark.cluster import DATAPATH_VIP, NODE, PORT, cluster_objects
 from minikproxy.benchmark.probing import Prober
+from minikproxy.benchmark.shield import cleanup_shield
 from minikproxy.changes import ClusterTracker, Snapshot
 from minikproxy.compile.ipvs import DUMMY_DEVICE
 from minikproxy.dataplane.execer import RealExecer
@@ -136,9 +137,10 @@ class Scratch:
         self._live.remove(name)
 
     def close(self) -> None:
-        """Delete every namespace still there."""
-        while self._live:
-            self.drop(self._live[-1])
+        """Delete every namespace still there (a second interrupt meanwhile waits)."""
+        with cleanup_shield():
+            while self._live:
+                self.drop(self._live[-1])
 
 
 @contextmanager

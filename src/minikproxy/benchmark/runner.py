@@ -41,6 +41,7 @@ from minikproxy.benchmark.measure import (
 )
 from minikproxy.benchmark.probing import ProbeError, Prober
 from minikproxy.benchmark.results import Record, Skipped
+from minikproxy.benchmark.shield import closing
 from minikproxy.benchmark.stats import percentile, summarize
 from minikproxy.testing.ipvsload import kernel_has_ipvs
 from minikproxy.testing.netns import DEFAULT_CLIENTS, Topology
@@ -370,21 +371,20 @@ class Runner:
 
     @contextmanager
     def _topology(self, backends: tuple[str, ...]) -> Iterator[tuple[Topology, Prober]]:
-        with Topology(
+        # Closed under cleanup_shield: a second interrupt must not leave namespaces behind.
+        with closing(Topology(
             clients=DEFAULT_CLIENTS,
             backends=(*backends, "fd00:10:2::2"),  # an IPv6 address too: the harness routes both
             prefix=f"{self.settings.prefix}-t{self._topologies}",
-        ) as topo:
+        )) as topo:  # fmt: skip
+            topo.setup()
             # Connections no rule rewrote are refused by the upstream (TCP RST) rather than
             # answered with ICMP net unreachable, which the kernel rate-limits per source
             # (routing errors: 5, then one a second): probes must all get an answer quickly.
             topo.exec_in("upstream", ["ip", "route", "add", "local", SERVICE_CIDR, "dev", "lo"])
             topo.serve_many([(ip, TARGET_PORT, "tcp") for ip in backends])
-            prober = Prober(topo.namespaces["client"])
-            try:
+            with closing(Prober(topo.namespaces["client"])) as prober:
                 yield topo, prober
-            finally:
-                prober.close()
 
     def _datapath(self, mode: str, size: int, prober: Prober) -> None:
         s = self.settings
