@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from minikproxy.benchmark import ALL_MODES, DEFAULT_SIZES
+from minikproxy.benchmark.cluster import MAX_ENDPOINTS
 
 if TYPE_CHECKING:
     from minikproxy.benchmark.runner import Settings
@@ -52,6 +53,17 @@ def _positive(text: str) -> int:
     return value
 
 
+def _endpoints(text: str) -> int:
+    value = _positive(text)
+    if value > MAX_ENDPOINTS:
+        # The answering Services' endpoints are addresses of one /24 in the backend namespace.
+        raise argparse.ArgumentTypeError(
+            f"at most {MAX_ENDPOINTS} (the backend namespace's /24 holds the answering "
+            f"endpoints), got {value}"
+        )
+    return value
+
+
 def add_subcommand(sub: Any) -> None:
     """Register ``bench`` on the top-level subparsers."""
     bench = sub.add_parser(
@@ -66,8 +78,13 @@ def add_subcommand(sub: Any) -> None:
                        help=f"default: {','.join(ALL_MODES)}")  # fmt: skip
     bench.add_argument("--sizes", type=_sizes, default=None, metavar="N[,N...]",
                        help="Services per cluster (default: 1000,5000,10000)")  # fmt: skip
-    bench.add_argument("--endpoints", type=_positive, default=10, metavar="N",
-                       help="endpoints per Service (default 10)")  # fmt: skip
+    bench.add_argument(
+        "--endpoints",
+        type=_endpoints,
+        default=10,
+        metavar="N",
+        help=f"endpoints per Service (default 10, at most {MAX_ENDPOINTS})",
+    )
     bench.add_argument("--rounds", type=_positive, default=None, metavar="N",
                        help="rounds of each update kind and of each compile (default 20; "
                        "--quick: 5)")  # fmt: skip

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from minikproxy.benchmark.adapters import count_elements, iptables_size, nft_size
-from minikproxy.benchmark.cluster import backend_addresses, cluster_objects
+from minikproxy.benchmark.cluster import MAX_ENDPOINTS, backend_addresses, cluster_objects
 from minikproxy.benchmark.ipvsvm import GuestProgress, progress_text
 from minikproxy.benchmark.report import (
     COLUMNS,
@@ -236,12 +236,31 @@ def test_bench_flags() -> None:
 
 
 @pytest.mark.parametrize(
-    "argv", [["--modes", "userspace"], ["--sizes", "1k"], ["--sizes", "0"], ["--rounds", "0"]]
+    "argv",
+    [
+        ["--modes", "userspace"],
+        ["--sizes", "1k"],
+        ["--sizes", "0"],
+        ["--rounds", "0"],
+        ["--endpoints", "0"],
+        ["--endpoints", "251"],
+    ],
 )
 def test_bench_flags_reject_bad_values(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", *argv])
     assert "bench: error" in capsys.readouterr().err
+
+
+def test_bench_endpoints_above_the_address_plan_are_rejected_by_name(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert _args("--endpoints", "250").endpoints == 250 == MAX_ENDPOINTS
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--endpoints", "251"])
+    err = capsys.readouterr().err
+    assert "bench: error: argument --endpoints: at most 250" in err, err
+    assert "Traceback" not in err
 
 
 def test_plain_progress_lines_say_the_time_left_and_the_share_done(

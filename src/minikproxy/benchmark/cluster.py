@@ -33,12 +33,16 @@ DATAPATH_VIP = "10.100.0.10"
 FLIP_ENDPOINT_VIP = "10.100.0.11"
 FLIP_SERVICE_VIP = "10.100.0.12"
 BACKEND_SUBNET = "10.10.2"  # the Topology's backend /24
+#: Endpoints per Service the backend /24 can answer for (.2 to .251; ``--endpoints``).
+MAX_ENDPOINTS = 250
 
 
 def backend_addresses(count: int) -> tuple[str, ...]:
     """``count`` backend addresses in the topology's backend subnet (.2 upwards)."""
-    if not 1 <= count <= 250:
-        raise ValueError(f"--endpoints must be 1..250 for the answering Service, got {count}")
+    if not 1 <= count <= MAX_ENDPOINTS:
+        raise ValueError(
+            f"--endpoints must be 1..{MAX_ENDPOINTS} for the answering Service, got {count}"
+        )
     return tuple(f"{BACKEND_SUBNET}.{2 + i}" for i in range(count))
 
 
