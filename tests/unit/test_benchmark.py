@@ -274,3 +274,11 @@ def test_plain_progress_lines_say_the_time_left_and_the_share_done(
     assert re.fullmatch(r"\[\s*\d+ s, ~\d+ s left, 25\.0% done\] compiled", second), second
     # What the host reads back from the IPVS VM's lines.
     assert progress_text(second) == GuestProgress("compiled", 0.25)
+
+
+def test_the_package_docstring_names_exactly_its_modules() -> None:
+    import minikproxy.benchmark as package
+
+    named = set(re.findall(r":mod:`\.(\w+)`", package.__doc__ or ""))
+    modules = {p.stem for p in Path(package.__file__).parent.glob("*.py")} - {"__init__"}
+    assert named == modules
