@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 
-from minikproxy.benchmark import measure
 from minikproxy.benchmark.measure import Scratch
 from minikproxy.benchmark.shield import cleanup_shield, interruptible
 
@@ -36,7 +35,7 @@ class FakeIp:
 
 
 def scratch_of(ip: FakeIp, monkeypatch: pytest.MonkeyPatch, count: int = 3) -> Scratch:
-    monkeypatch.setattr(measure.subprocess, "run", ip)
+    monkeypatch.setattr("minikproxy.benchmark.measure.subprocess.run", ip)
     scratch = Scratch("mkpbtest")
     for _ in range(count):
         scratch.fresh()
