@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from minikproxy.benchmark import ipvsvm, runner
-from minikproxy.benchmark.adapters import Ipvs, ipvs_size
+from minikproxy.benchmark.adapters import Ipvs, IpvsRulesetSize, ipvs_size
 from minikproxy.benchmark.ipvsvm import (
     GuestProgress,
     VmError,
@@ -25,10 +25,12 @@ from minikproxy.benchmark.ipvsvm import (
     progress_text,
 )
 from minikproxy.benchmark.report import (
+    FIGURES,
     IPVS_VM_TITLE,
     ipvs_table,
     markdown_table,
     report_markdown,
+    ruleset_lines,
     write_plots,
 )
 from minikproxy.benchmark.results import Record, Skipped, make_header, write_results
@@ -69,7 +71,8 @@ def test_ipvs_adapter_compiles_and_sizes_a_cluster() -> None:
 
     cluster = build_cluster(20, 3)
     compiled = measure_compile(Ipvs(), cluster, rounds=2)
-    assert compiled.size is not None and len(compiled.full) == len(compiled.incremental) == 2
+    assert isinstance(compiled.size, IpvsRulesetSize)
+    assert len(compiled.full) == len(compiled.incremental) == 2
     # 20 synthetic Services (some with NodePorts and LBs) + the benchmark's three ClusterIPs.
     assert compiled.size.virtual_servers > 23
     assert compiled.size.real_servers >= 20 * 3
@@ -302,3 +305,30 @@ def test_a_ctrl_c_taken_by_another_thread_stops_a_silent_vm_at_once(
     with pytest.raises(KeyboardInterrupt):
         ipvsvm.run_vm_part({}, 300, show=lambda line: ready.set())
     assert time.monotonic() - start < 20  # not the guest's 120 s of silence
+
+
+def test_ipvs_ruleset_size_counts_its_virtual_and_real_servers() -> None:
+    """IPVS's per-Service kernel objects are IPVS servers, not rules or ipset entries: the
+    main table and ruleset_size.png show them, labelled, or IPVS would look tiny."""
+    records = [
+        Record.of("nftables", 10000, 10, "ruleset_rules", "count", [38.0]),
+        Record.of("nftables", 10000, 10, "ruleset_elements", "count", [254000.0]),
+        Record.of("ipvs", 10000, 10, "ruleset_rules", "count", [32.0]),
+        Record.of("ipvs", 10000, 10, "ruleset_elements", "count", [3000.0]),
+        Record.of("ipvs", 10000, 10, "ruleset_virtual_servers", "count", [12003.0]),
+        Record.of("ipvs", 10000, 10, "ruleset_real_servers", "count", [120011.0]),
+    ]
+    table = markdown_table(records)
+    assert "| ipvs | 10000 | - | - | 32 iptables + IPVS 12003 virtual, 120011 real servers |" in (
+        table
+    )
+    assert "| nftables | 10000 | - | - | 38 |" in table
+    assert ruleset_lines(records) == [
+        ("nftables rules", "-", [(10000, 38.0)]),
+        ("ipvs iptables rules", "-", [(10000, 32.0)]),
+        ("nftables set/map elements", ":", [(10000, 254000.0)]),
+        ("ipvs ipset entries", ":", [(10000, 3000.0)]),
+        ("ipvs IPVS virtual + real servers", "-.", [(10000, 132014.0)]),
+    ]
+    [caption] = [text for name, _, text in FIGURES if name == "ruleset_size.png"]
+    assert "IPVS virtual servers" in caption and "real servers" in caption

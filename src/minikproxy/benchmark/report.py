@@ -67,6 +67,22 @@ def median_p95(metric: str) -> Callable[[Index, str, int], str]:
     return cell
 
 
+def rules_cell(idx: Index, mode: str, size: int) -> str:
+    """The rules column: IPVS's few iptables rules come with its per-Service kernel objects,
+    the IPVS virtual and real servers, or its row would look tiny."""
+    rules = idx.get((mode, size, "ruleset_rules"))
+    if rules is None:
+        return "-"
+    virtual = idx.get((mode, size, "ruleset_virtual_servers"))
+    real = idx.get((mode, size, "ruleset_real_servers"))
+    if virtual is None or real is None:
+        return f"{rules.median:.0f}"
+    return (
+        f"{rules.median:.0f} iptables + IPVS {virtual.median:.0f} virtual, "
+        f"{real.median:.0f} real servers"
+    )
+
+
 #: The controller's and the data path's columns, shared by every mode's table.
 LIVE_COLUMNS: tuple[Column, ...] = (
     Column("controller first sync (s)", median_of("controller_first_sync")),
@@ -83,7 +99,7 @@ LIVE_COLUMNS: tuple[Column, ...] = (
 COLUMNS: tuple[Column, ...] = (
     Column("full compile (ms)", median_of("compile_full")),
     Column("1 change compile (ms)", median_of("compile_one_change")),
-    Column("rules", count_of("ruleset_rules")),
+    Column("rules", rules_cell),
     Column("chains", count_of("ruleset_chains")),
     Column("sets+maps", count_of("ruleset_sets")),
     Column("elements", count_of("ruleset_elements")),
@@ -219,6 +235,28 @@ def _finish(ax: Any, title: str, ylabel: str, logy: bool = True) -> None:
         ax.legend(fontsize=7)
 
 
+def ruleset_lines(records: Sequence[Record]) -> list[tuple[str, str, list[tuple[int, float]]]]:
+    """The lines of ruleset_size.png's count panel: (label, line style, (Services, count)
+    points). A mode with IPVS servers (IPVS) shows them as a line of their own, virtual and
+    real servers together: its per-Service kernel objects, next to its iptables rules (a
+    fixed few) and ipset entries."""
+    virtual = _series(records, "ruleset_virtual_servers")
+    real = _series(records, "ruleset_real_servers")
+    lines: list[tuple[str, str, list[tuple[int, float]]]] = []
+    for mode, rows in _series(records, "ruleset_rules").items():
+        label = f"{mode} iptables rules" if mode in virtual else f"{mode} rules"
+        lines.append((label, "-", [(r.size, r.median) for r in rows]))
+    for mode, rows in _series(records, "ruleset_elements").items():
+        if any(r.median for r in rows):
+            label = f"{mode} ipset entries" if mode in virtual else f"{mode} set/map elements"
+            lines.append((label, ":", [(r.size, r.median) for r in rows]))
+    for mode, rows in virtual.items():
+        reals = {r.size: r.median for r in real.get(mode, [])}
+        points = [(r.size, r.median + reals[r.size]) for r in rows if r.size in reals]
+        lines.append((f"{mode} IPVS virtual + real servers", "-.", points))
+    return lines
+
+
 def write_plots(records: Sequence[Record], out: Path) -> list[str]:
     """Write the PNGs of :data:`PLOTS` into ``out``; return their names. Records measured in
     the IPVS VM are left out: emulation makes their times incomparable."""
@@ -269,12 +307,10 @@ def write_plots(records: Sequence[Record], out: Path) -> list[str]:
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for mode, rows in _series(records, "ruleset_rules").items():
-        _line(axes[0], rows, f"{mode} rules")
-    for mode, rows in _series(records, "ruleset_elements").items():
-        if any(r.median for r in rows):
-            _line(axes[0], rows, f"{mode} set/map elements", linestyle=":")
-    _finish(axes[0], "Rules and set/map elements", "count")
+    for label, style, points in ruleset_lines(records):
+        axes[0].plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label,
+                     linestyle=style)  # fmt: skip
+    _finish(axes[0], "Rules, set/map elements, IPVS servers", "count")
     for mode, rows in _series(records, "ruleset_bytes").items():
         axes[1].plot([r.size for r in rows], [r.median / 2**20 for r in rows], marker="o",
                      label=mode)  # fmt: skip
@@ -337,7 +373,13 @@ FIGURES: tuple[tuple[str, str, str], ...] = (
         "Ruleset size",
         "Counted in the rendered text a first sync loads (IPv4): rules and chains, sets and "
         "maps with their elements, and bytes. iptables puts every Service in rules and "
-        "chains; nftables' flat layout puts them in set and map elements.",
+        "chains; nftables' flat layout puts them in set and map elements. IPVS puts them in "
+        "neither: its per-Service kernel objects are IPVS virtual servers (one per Service "
+        "port on each of its addresses: ClusterIP, the node's for a NodePort, load-balancer "
+        "IP) and real servers (one per endpoint of each), drawn as one line (dash-dot, virtual + real) and counted in the "
+        "table's rules cell next to its few dozen iptables rules; its elements are ipset "
+        "entries, and its bytes the whole rendered state (ipvsadm, ipset, iptables and "
+        "kube-ipvs0 address lines).",
     ),
 )
 
