@@ -91,7 +91,7 @@ def add_subcommand(sub: Any) -> None:
     bench.add_argument("--out", type=Path, default=None, metavar="DIR",
                        help="write results.json, report.md and the plots here")  # fmt: skip
     bench.add_argument("--quick", action="store_true",
-                       help="1000 Services only, few rounds (a few minutes at most)")  # fmt: skip
+                       help="1000 Services only, few rounds (under 3 minutes)")  # fmt: skip
     bench.add_argument("--netns-prefix", default=None, metavar="PREFIX",
                        help="name the run's network namespaces PREFIX-... "
                        "(default: mkpb and random hex)")  # fmt: skip

@@ -77,7 +77,7 @@ class Settings:
 
     @classmethod
     def quick(cls, **overrides: Any) -> Settings:
-        """``--quick``: 1k Services only, few rounds (a few minutes at most)."""
+        """``--quick``: 1k Services only, few rounds (under 3 minutes)."""
         base: dict[str, Any] = dict(
             sizes=(1000,), rounds=3, load_rounds=2, update_rounds=5, connections=200,
             rate_rounds=2, rate_seconds=0.5, strategy_rounds=1, sync_timeout=120.0,
@@ -99,7 +99,7 @@ VM_BOOT_SECONDS = 300.0
 
 #: Why ``--quick`` leaves the IPVS VM out (measured on this project's 2-core machine).
 QUICK_WITHOUT_VM = (
-    "not in --quick (1000 Services in 3 minutes): the IPVS VM's part took 80 s at 50 "
+    "not in --quick (1000 Services in under 3 minutes): the IPVS VM's part took 80 s at 50 "
     "Services on a quiet machine and 19 min at 1000 under load (emulation: each tool "
     "process and controller sync is 10-50x slower); --ipvs-vm-sizes adds it, and the "
     "ipvs-marked test tests/kernel/test_ipvs_bench.py runs it at 5 Services in CI's IPVS VM"
