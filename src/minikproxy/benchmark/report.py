@@ -376,8 +376,9 @@ FIGURES: tuple[tuple[str, str, str], ...] = (
         "chains; nftables' flat layout puts them in set and map elements. IPVS puts them in "
         "neither: its per-Service kernel objects are IPVS virtual servers (one per Service "
         "port on each of its addresses: ClusterIP, the node's for a NodePort, load-balancer "
-        "IP) and real servers (one per endpoint of each), drawn as one line (dash-dot, virtual + real) and counted in the "
-        "table's rules cell next to its few dozen iptables rules; its elements are ipset "
+        "IP) and real servers (one per endpoint of each), drawn as one line (dash-dot, "
+        "virtual + real) and counted in the table's rules cell next to its few dozen "
+        "iptables rules; its elements are ipset "
         "entries, and its bytes the whole rendered state (ipvsadm, ipset, iptables and "
         "kube-ipvs0 address lines).",
     ),
