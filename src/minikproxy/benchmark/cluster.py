@@ -33,6 +33,9 @@ DATAPATH_VIP = "10.100.0.10"
 FLIP_ENDPOINT_VIP = "10.100.0.11"
 FLIP_SERVICE_VIP = "10.100.0.12"
 BACKEND_SUBNET = "10.10.2"  # the Topology's backend /24
+#: A backend address nothing listens on (a connection to it is refused at once), in a
+#: topology made with ``refusing=(REFUSING_BACKEND,)``; above every :func:`backend_addresses`.
+REFUSING_BACKEND = f"{BACKEND_SUBNET}.254"
 
 
 def backend_addresses(count: int) -> tuple[str, ...]:
