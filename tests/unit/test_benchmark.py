@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from minikproxy.benchmark.adapters import count_elements, iptables_size, nft_size
-from minikproxy.benchmark.cluster import backend_addresses, cluster_objects
+from minikproxy.benchmark.cluster import REFUSING_BACKEND, backend_addresses, cluster_objects
 from minikproxy.benchmark.ipvsvm import GuestProgress, progress_text
 from minikproxy.benchmark.report import (
     COLUMNS,
@@ -255,3 +255,20 @@ def test_plain_progress_lines_say_the_time_left_and_the_share_done(
     assert re.fullmatch(r"\[\s*\d+ s, ~\d+ s left, 25\.0% done\] compiled", second), second
     # What the host reads back from the IPVS VM's lines.
     assert progress_text(second) == GuestProgress("compiled", 0.25)
+
+
+def test_run_rewrite_top_level_is_a_hidden_benchmark_flag(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """bench/bench_e2e_latency.py starts kube-proxy-style partial syncs with it; ``run
+    --help`` does not show it."""
+    parser = build_parser()
+    assert parser.parse_args(["run", "--iptables-rewrite-top-level"]).iptables_rewrite_top_level
+    assert not parser.parse_args(["run"]).iptables_rewrite_top_level
+    with pytest.raises(SystemExit):
+        parser.parse_args(["run", "--help"])
+    assert "rewrite-top-level" not in capsys.readouterr().out
+
+
+def test_refusing_backend_is_outside_every_answering_one() -> None:
+    assert REFUSING_BACKEND not in backend_addresses(250)
