@@ -1,13 +1,19 @@
 """nftables mode, end to end: an API change on the fake API server, through the real
-``kubernetes`` client and the controller's partial sync (``--min-sync-period 0``), to the
-libnftables transaction that carries it returning in a node network namespace (the change is
+controller (``minikproxy run``, its real ``kubernetes`` client, ``--min-sync-period 0``) and
+its partial sync, to the first probe from the client namespace that sees the change (it is
 then in the kernel).
 
-Per layout (flat, kube-proxy) and size (1k and 10k Services x 10 endpoints): one EndpointSlice
-changed, one Service added (with its slice: both must be in the kernel), one Service deleted;
-plus the initial full sync and the controller's RSS after it (``extra_info``). The kube-proxy
-layout at 10k takes minutes to load (kube-proxy's own layout: every chain is validated), so
-it runs only with ``MINIKPROXY_BENCH_KUBEPROXY_10K=1``. Needs root. Run:
+The benchmark engine's machinery (:mod:`minikproxy.benchmark.live`, what ``minikproxy bench``
+runs for its update latency): its cluster, topology, fake API server and controller. Per
+layout (flat, kube-proxy) and size (1k and 10k Services x 10 endpoints): one EndpointSlice
+changed (the engine's ``flip-endpoint`` Service's one endpoint replaced: an answering
+backend, then a refusing one, in turn), the engine's ``flip-service`` Service created (its
+EndpointSlice exists: answering) and deleted (no longer answering; nftables drops traffic
+to an unallocated ClusterIP, so that last probe waits its 10 ms timeout); plus the
+controller's first sync and RSS after it (``extra_info``). The benchmark's time runs from the
+API change to the end of the probe that saw it; ``extra_info`` has the engine's figure (to
+that probe's sending). The kube-proxy layout at 10k takes minutes to load (every chain is
+validated), so it runs only with ``MINIKPROXY_BENCH_KUBEPROXY_10K=1``. Needs root. Run:
 
     .venv/bin/python -m pytest bench/bench_nftables_e2e.py --benchmark-only
 """
@@ -15,25 +21,18 @@ it runs only with ``MINIKPROXY_BENCH_KUBEPROXY_10K=1``. Needs root. Run:
 from __future__ import annotations
 
 import os
-import resource
-import threading
-import time
 from collections.abc import Iterator
-from itertools import count
 from typing import Any
 
 import pytest
 
-from minikproxy.config import ProxyConfig
-from minikproxy.controller import Controller
-from minikproxy.dataplane.execer import RealExecer
-from minikproxy.model.names import IPV4
-from minikproxy.sources.kubeclient import load_api_client
-from minikproxy.testing.apiserver import FakeApiServer
-from minikproxy.testing.netns import Topology
-from minikproxy.testing.synthetic import synthetic_node, synthetic_service, synthetic_slice
+from minikproxy.benchmark.adapters import NftablesFlat, NftablesKubeProxy
+from minikproxy.benchmark.live import LiveController, set_flip_service
+from minikproxy.benchmark.probing import Prober
 
-ENDPOINTS = 10
+from .conftest import UPDATE_TIMEOUT, bench_endpoint_change, live_node, record_engine, record_live
+
+ADAPTERS = {"flat": NftablesFlat, "kube-proxy": NftablesKubeProxy}
 LAYOUTS = [
     pytest.param(("flat", 1000), id="flat-1k"),
     pytest.param(("flat", 10000), id="flat-10k"),
@@ -48,121 +47,52 @@ LAYOUTS = [
         ),
     ),
 ]
+ROUNDS = 20
 
-
-class TransactionWatch:
-    """Wraps the applier's libnftables context: ``done`` is set when a script containing
-    ``marker`` has been committed."""
-
-    def __init__(self, controller: Controller) -> None:
-        applier = controller.mode.applier  # type: ignore[attr-defined]
-        self.context = applier.context
-        self._run = self.context.run
-        self.markers: tuple[str, ...] = ("\x00",)
-        self.done = threading.Event()
-        self.context.run = self.run
-
-    def run(self, script: str, *, json: bool = False) -> str:
-        out: str = self._run(script, json=json)
-        if all(m in script for m in self.markers):
-            self.done.set()
-        return out
-
-    def expect(self, *markers: str) -> None:
-        self.markers = markers
-        self.done.clear()
-
-    def wait(self) -> None:
-        assert self.done.wait(120), f"{self.markers} never reached the kernel"
+Running = tuple[LiveController, Prober]
 
 
 @pytest.fixture(scope="module", params=LAYOUTS)
 def running(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[Controller, TransactionWatch, FakeApiServer, int, str]]:
+) -> Iterator[Running]:
     layout, services = request.param
-    with Topology() as topo, FakeApiServer() as api:
-        api.create(synthetic_node())
-        for i in range(services):
-            api.create(synthetic_service(i))
-            api.create(synthetic_slice(i, ENDPOINTS))
-        kubeconfig = api.write_kubeconfig(tmp_path_factory.mktemp("kube") / "config")
-        config = ProxyConfig(
-            mode="nftables",
-            nftables_layout=layout,
-            hostname_override="node-0",
-            min_sync_period=0.0,
-            sync_period=600.0,
-            node_ips=("10.10.1.1",),
-        )
-        controller = Controller(
-            config, "node-0", load_api_client(str(kubeconfig)),
-            execer=RealExecer(topo.namespaces["node"]), families=[IPV4],
-        )  # fmt: skip
-        watch = TransactionWatch(controller)
-        start = time.perf_counter()
-        controller.start()
-        while controller.proxier.last_sync is None or not controller.proxier.last_sync.ok:
-            time.sleep(0.05)
-            assert time.perf_counter() - start < 900, "initial sync did not finish"
-        initial = time.perf_counter() - start
-        rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        try:
-            yield controller, watch, api, services, f"{initial:.2f} s, peak RSS {rss_mb:.0f} MB"
-        finally:
-            controller.stop()
+    with live_node(ADAPTERS[layout](), services, tmp_path_factory.mktemp("live")) as node:
+        yield node
 
 
-_generations = count(1)
+def test_endpoint_change_to_kernel(benchmark: Any, running: Running) -> None:
+    """One EndpointSlice's address replaced; the new endpoint seen through the ClusterIP."""
+    live, prober = running
+    record_live(benchmark, live)
+    bench_endpoint_change(benchmark, live, prober, rounds=ROUNDS)
 
 
-def test_endpoint_change_to_kernel(benchmark: Any, running: Any) -> None:
-    """One EndpointSlice changes all its addresses; the new ones must be in the kernel."""
-    _, watch, api, services, initial = running
-    benchmark.extra_info["initial_sync_and_rss"] = initial
-    target = services // 2
+def bench_flip_service(benchmark: Any, running: Running, present: bool) -> None:
+    """``ROUNDS`` creations (``present``) or deletions of ``flip-service``: a creation after
+    a deletion made outside the timing, a deletion followed by a creation outside it (the
+    Service exists at first and after each test)."""
+    live, prober = running
+    seen: list[float] = []
 
-    def change() -> None:
-        new_slice = synthetic_slice(target, ENDPOINTS, generation=next(_generations))
-        del new_slice["metadata"]["resourceVersion"]  # an unconditional update
-        watch.expect(new_slice["endpoints"][0]["addresses"][0])
-        api.update(new_slice)
-        watch.wait()
+    def untimed() -> None:
+        set_flip_service(live.api, prober, not present, UPDATE_TIMEOUT)
 
-    benchmark.pedantic(change, rounds=20, iterations=1, warmup_rounds=1)
+    def flip() -> None:
+        seen.append(set_flip_service(live.api, prober, present, UPDATE_TIMEOUT))
 
-
-def test_service_added_to_kernel(benchmark: Any, running: Any) -> None:
-    """A Service and its EndpointSlice created; both in the kernel (its VIP and an endpoint)."""
-    _, watch, api, services, _ = running
-    # Numbers after the cluster's: their cluster IPs and NodePorts are free (a real API server
-    # refuses duplicates; nftables maps would too).
-    new_services = count(services + 1)
-
-    def add() -> None:
-        i = next(new_services)
-        svc, eps = synthetic_service(i), synthetic_slice(i, ENDPOINTS, generation=3)
-        for obj in (svc, eps):
-            del obj["metadata"]["resourceVersion"]
-        watch.expect(svc["spec"]["clusterIP"], eps["endpoints"][0]["addresses"][0])
-        api.create(svc)
-        api.create(eps)
-        watch.wait()
-
-    benchmark.pedantic(add, rounds=20, iterations=1, warmup_rounds=1)
+    before, after = (untimed, None) if present else (None, untimed)
+    benchmark.pedantic(
+        flip, setup=before, teardown=after, rounds=ROUNDS, iterations=1, warmup_rounds=1
+    )
+    record_engine(benchmark, seen[1:])
 
 
-def test_service_deleted_from_kernel(benchmark: Any, running: Any) -> None:
-    """A Service and its EndpointSlice deleted; the delete transaction committed."""
-    _, watch, api, services, _ = running
-    victims = iter(range(services - 1, 0, -1))
+def test_service_added_to_kernel(benchmark: Any, running: Running) -> None:
+    """A Service created (its EndpointSlice there already); its ClusterIP answers."""
+    bench_flip_service(benchmark, running, present=True)
 
-    def delete() -> None:
-        i = next(victims)
-        svc = synthetic_service(i)
-        watch.expect("delete element", svc["spec"]["clusterIP"])
-        api.delete("services", svc["metadata"]["namespace"], svc["metadata"]["name"])
-        api.delete("endpointslices", svc["metadata"]["namespace"], f"svc-{i}-abcde")
-        watch.wait()
 
-    benchmark.pedantic(delete, rounds=20, iterations=1, warmup_rounds=1)
+def test_service_deleted_from_kernel(benchmark: Any, running: Running) -> None:
+    """A Service deleted; its ClusterIP no longer answers."""
+    bench_flip_service(benchmark, running, present=False)

@@ -50,6 +50,10 @@ def add_subcommands(sub: Any) -> None:
         "when it runs longer than this (0: never; default 5m)",
     )
 
+    # Benchmarks only: kube-proxy's partial sync (KUBE-SERVICES and the other top-level
+    # chains rewritten on every sync), to compare ours with (bench/bench_e2e_latency.py).
+    run.add_argument("--iptables-rewrite-top-level", action="store_true", help=argparse.SUPPRESS)
+
     cleanup = sub.add_parser(
         "cleanup",
         help="remove every chain and rule minikproxy (or kube-proxy's iptables mode) installed",

@@ -34,6 +34,7 @@ from minikproxy.healthz import HealthzServer, ProxierHealth, ServiceHealthServer
 from minikproxy.metrics import MetricsServer, ProxyMetrics
 from minikproxy.model.names import IPV4, IPV6, IPFamily
 from minikproxy.modes.factory import build_mode
+from minikproxy.modes.iptables import IptablesMode
 from minikproxy.modes.leftovers import (
     CleanupError,
     remove_iptables_state,
@@ -425,6 +426,12 @@ def main_run(args: argparse.Namespace) -> int:
             return 0
         logger.error("cannot start: %s", err)
         return 1
+    if getattr(args, "iptables_rewrite_top_level", False):
+        if not isinstance(controller.mode, IptablesMode):
+            logger.error("--iptables-rewrite-top-level needs --proxy-mode iptables")
+            controller.stop()
+            return 2
+        controller.mode.rewrite_top_level = True
     try:
         controller.start()
     except OSError as err:  # a server could not bind its address, say

@@ -11,7 +11,12 @@ from pathlib import Path
 import pytest
 
 from minikproxy.benchmark.adapters import count_elements, iptables_size, nft_size
-from minikproxy.benchmark.cluster import MAX_ENDPOINTS, backend_addresses, cluster_objects
+from minikproxy.benchmark.cluster import (
+    MAX_ENDPOINTS,
+    REFUSING_BACKEND,
+    backend_addresses,
+    cluster_objects,
+)
 from minikproxy.benchmark.ipvsvm import GuestProgress, progress_text
 from minikproxy.benchmark.report import (
     COLUMNS,
@@ -282,3 +287,20 @@ def test_the_package_docstring_names_exactly_its_modules() -> None:
     named = set(re.findall(r":mod:`\.(\w+)`", package.__doc__ or ""))
     modules = {p.stem for p in Path(package.__file__).parent.glob("*.py")} - {"__init__"}
     assert named == modules
+
+
+def test_run_rewrite_top_level_is_a_hidden_benchmark_flag(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """bench/bench_e2e_latency.py starts kube-proxy-style partial syncs with it; ``run
+    --help`` does not show it."""
+    parser = build_parser()
+    assert parser.parse_args(["run", "--iptables-rewrite-top-level"]).iptables_rewrite_top_level
+    assert not parser.parse_args(["run"]).iptables_rewrite_top_level
+    with pytest.raises(SystemExit):
+        parser.parse_args(["run", "--help"])
+    assert "rewrite-top-level" not in capsys.readouterr().out
+
+
+def test_refusing_backend_is_outside_every_answering_one() -> None:
+    assert REFUSING_BACKEND not in backend_addresses(250)

@@ -35,6 +35,9 @@ FLIP_SERVICE_VIP = "10.100.0.12"
 BACKEND_SUBNET = "10.10.2"  # the Topology's backend /24
 #: Endpoints per Service the backend /24 can answer for (.2 to .251; ``--endpoints``).
 MAX_ENDPOINTS = 250
+#: A backend address nothing listens on (a connection to it is refused at once), in a
+#: topology made with ``refusing=(REFUSING_BACKEND,)``; above every :func:`backend_addresses`.
+REFUSING_BACKEND = f"{BACKEND_SUBNET}.254"
 
 
 def backend_addresses(count: int) -> tuple[str, ...]:

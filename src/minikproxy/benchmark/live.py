@@ -105,10 +105,14 @@ def api_server(node_netns: str, objects: list[dict[str, Any]]) -> Iterator[FakeA
 
 @contextmanager
 def controller(
-    adapter: ModeAdapter, node_netns: str, kubeconfig: Path, log: Path
+    adapter: ModeAdapter,
+    node_netns: str,
+    kubeconfig: Path,
+    log: Path,
+    extra_flags: tuple[str, ...] = (),
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """``minikproxy run`` in ``node_netns`` in this mode (its own session: stopped here, with
-    SIGTERM then SIGKILL, not by a terminal's Ctrl-C)."""
+    """``minikproxy run`` in ``node_netns`` in this mode, plus ``extra_flags`` (its own
+    session: stopped here, with SIGTERM then SIGKILL, not by a terminal's Ctrl-C)."""
     argv = [
         "nsenter", f"--net=/run/netns/{node_netns}", "--",
         sys.executable, "-m", "minikproxy", "run",
@@ -116,7 +120,7 @@ def controller(
         "--cluster-cidr", CLUSTER_CIDR, "--min-sync-period", "0", "--sync-period", "1h",
         "--metrics-bind-address", f"127.0.0.1:{METRICS_PORT}",
         "--healthz-bind-address", "127.0.0.1:10256",
-        *adapter.run_flags,
+        *adapter.run_flags, *extra_flags,
     ]  # fmt: skip
     if adapter.name.startswith("nftables"):
         argv += ["--service-cidr", SERVICE_CIDR]
@@ -160,6 +164,83 @@ def wait_first_sync(proc: subprocess.Popen[bytes], netns: str, log: Path, timeou
     raise ControllerError(f"no first sync within {timeout:.0f} s: {_log_tail(log)}")
 
 
+@dataclass
+class LiveController:
+    """A running controller (``minikproxy run``) after its first sync, and its API server."""
+
+    api: FakeApiServer
+    proc: subprocess.Popen[bytes]
+    log: Path
+    first_sync: float  # the controller's own first-sync duration
+    startup: float  # from its start to the end of its first sync
+    rss_mib: float  # after its first sync
+
+    def check_running(self) -> None:
+        """Raise ControllerError if the controller has exited."""
+        if self.proc.poll() is not None:
+            raise ControllerError(
+                f"minikproxy run exited {self.proc.returncode}: {_log_tail(self.log)}"
+            )
+
+
+@contextmanager
+def live_controller(
+    adapter: ModeAdapter,
+    node_netns: str,
+    objects: list[dict[str, Any]],
+    workdir: Path,
+    *,
+    sync_timeout: float,
+    extra_flags: tuple[str, ...] = (),
+) -> Iterator[LiveController]:
+    """A fake API server holding ``objects`` and the controller in ``adapter``'s mode (plus
+    ``extra_flags``) in ``node_netns``, after its first sync; both stopped on leaving."""
+    kubeconfig = workdir / f"kubeconfig-{adapter.name}"
+    log = workdir / f"controller-{adapter.name}.log"
+    with api_server(node_netns, objects) as api:
+        api.write_kubeconfig(kubeconfig)
+        start = time.monotonic()
+        with controller(adapter, node_netns, kubeconfig, log, extra_flags) as proc:
+            first = wait_first_sync(proc, node_netns, log, sync_timeout)
+            startup = time.monotonic() - start
+            yield LiveController(api, proc, log, first, startup, rss_mib(proc.pid))
+
+
+def timed_update(
+    prober: Prober, change: Callable[[], object], vip: str, answering: bool, timeout: float
+) -> float:
+    """Make ``change`` (on the API server); seconds from just before it to the sending of the
+    first probe that sees ``vip`` answering (or no longer answering)."""
+    start = time.perf_counter()
+    change()
+    return prober.wait_answering(vip, PORT, answering, timeout) - start
+
+
+def set_flip_endpoint(
+    api: FakeApiServer, prober: Prober, addresses: tuple[str, ...], answering: bool, timeout: float
+) -> float:
+    """``flip-endpoint``'s EndpointSlice set to ``addresses``, timed by :func:`timed_update`
+    until its ClusterIP is ``answering`` (or not)."""
+
+    def change() -> None:
+        api.update(bench_slice("flip-endpoint", addresses))
+
+    return timed_update(prober, change, FLIP_ENDPOINT_VIP, answering, timeout)
+
+
+def set_flip_service(api: FakeApiServer, prober: Prober, present: bool, timeout: float) -> float:
+    """``flip-service`` created (``present``: its EndpointSlice always exists) or deleted,
+    timed by :func:`timed_update` until its ClusterIP answers (or stops answering)."""
+
+    def change() -> None:
+        if present:
+            api.create(bench_service("flip-service", FLIP_SERVICE_VIP))
+        else:
+            api.delete("services", NAMESPACE, "flip-service")
+
+    return timed_update(prober, change, FLIP_SERVICE_VIP, present, timeout)
+
+
 def measure_updates(
     api: FakeApiServer,
     prober: Prober,
@@ -172,35 +253,11 @@ def measure_updates(
     probe that saw it."""
     answer = backend_addresses(endpoints)[:1]
     results: dict[str, list[float]] = {kind: [] for kind in UPDATE_KINDS}
-
-    def timed(kind: str, change: Callable[[], object], vip: str, answering: bool) -> None:
-        start = time.perf_counter()
-        change()
-        seen = prober.wait_answering(vip, PORT, answering, timeout)
-        results[kind].append(seen - start)
-
     for _ in range(rounds):
-        timed(
-            "endpoint_added",
-            lambda: api.update(bench_slice("flip-endpoint", answer)),
-            FLIP_ENDPOINT_VIP,
-            True,
-        )
-        timed(
-            "endpoint_removed",
-            lambda: api.update(bench_slice("flip-endpoint", ())),
-            FLIP_ENDPOINT_VIP,
-            False,
-        )
-        timed(
-            "service_deleted",
-            lambda: api.delete("services", NAMESPACE, "flip-service"),
-            FLIP_SERVICE_VIP,
-            False,
-        )
-        timed("service_added",
-              lambda: api.create(bench_service("flip-service", FLIP_SERVICE_VIP)),
-              FLIP_SERVICE_VIP, True)  # fmt: skip
+        results["endpoint_added"].append(set_flip_endpoint(api, prober, answer, True, timeout))
+        results["endpoint_removed"].append(set_flip_endpoint(api, prober, (), False, timeout))
+        results["service_deleted"].append(set_flip_service(api, prober, False, timeout))
+        results["service_added"].append(set_flip_service(api, prober, True, timeout))
         progress()
     return results
 
@@ -218,16 +275,7 @@ def run_live(
     progress: Callable[[], None] = lambda: None,
 ) -> LiveResults:
     """Start the controller against ``objects``; measure its first sync, RSS and updates."""
-    kubeconfig = workdir / f"kubeconfig-{adapter.name}"
-    log = workdir / f"controller-{adapter.name}.log"
-    with api_server(node_netns, objects) as api:
-        api.write_kubeconfig(kubeconfig)
-        start = time.monotonic()
-        with controller(adapter, node_netns, kubeconfig, log) as proc:
-            first = wait_first_sync(proc, node_netns, log, sync_timeout)
-            startup = time.monotonic() - start
-            rss = rss_mib(proc.pid)
-            updates = measure_updates(api, prober, rounds, endpoints, sync_timeout, progress)
-            if proc.poll() is not None:
-                raise ControllerError(f"minikproxy run exited {proc.returncode}: {_log_tail(log)}")
-    return LiveResults(first, startup, rss, updates)
+    with live_controller(adapter, node_netns, objects, workdir, sync_timeout=sync_timeout) as live:
+        updates = measure_updates(live.api, prober, rounds, endpoints, sync_timeout, progress)
+        live.check_running()
+    return LiveResults(live.first_sync, live.startup, live.rss_mib, updates)

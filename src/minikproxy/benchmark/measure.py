@@ -26,14 +26,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from minikproxy.benchmark.adapters import ModeAdapter, RulesetSize, ToolTimer
-from minikproxy.benchmark.cluster import DATAPATH_VIP, NODE, PORT, cluster_objects
+from minikproxy.benchmark.cluster import (
+    DATAPATH_VIP,
+    NODE,
+    PORT,
+    SERVICE_CIDR,
+    TARGET_PORT,
+    cluster_objects,
+)
 from minikproxy.benchmark.probing import Prober
-from minikproxy.benchmark.shield import cleanup_shield
+from minikproxy.benchmark.shield import cleanup_shield, closing
 from minikproxy.changes import ClusterTracker, Snapshot
 from minikproxy.compile.ipvs import DUMMY_DEVICE
 from minikproxy.dataplane.execer import RealExecer
 from minikproxy.model.names import IPV4
 from minikproxy.testing.ipvsload import split_sections
+from minikproxy.testing.netns import DEFAULT_CLIENTS, Topology
 from minikproxy.testing.synthetic import synthetic_slice
 
 
@@ -238,6 +246,39 @@ def measure_tool_baseline(
             scratch.drop(netns)
         tick()
     return out
+
+
+def load_direct(adapter: ModeAdapter, netns: str, cluster: Cluster) -> None:
+    """The mode's full apply of ``cluster`` into ``netns`` (no controller)."""
+    mode = adapter.build(netns)
+    try:
+        mode.apply(adapter.compile(mode, cluster.snapshot.state), None, True)
+    finally:
+        mode.close()
+
+
+@contextmanager
+def datapath_topology(
+    backends: tuple[str, ...], prefix: str | None = None, refusing: tuple[str, ...] = ()
+) -> Iterator[tuple[Topology, Prober]]:
+    """A :class:`~minikproxy.testing.netns.Topology` whose backend namespace answers TCP on
+    the Services' target port at ``backends`` and holds ``refusing`` too (nothing listening
+    there), and a :class:`Prober` in its client namespace; all deleted on leaving."""
+    # Closed under cleanup_shield: a second interrupt must not leave namespaces behind.
+    with closing(Topology(
+        clients=DEFAULT_CLIENTS,
+        # An IPv6 address too: the harness routes both families.
+        backends=(*backends, *refusing, "fd00:10:2::2"),
+        prefix=prefix,
+    )) as topo:  # fmt: skip
+        topo.setup()
+        # Connections no rule rewrote are refused by the upstream (TCP RST) rather than
+        # answered with ICMP net unreachable, which the kernel rate-limits per source
+        # (routing errors: 5, then one a second): probes must all get an answer quickly.
+        topo.exec_in("upstream", ["ip", "route", "add", "local", SERVICE_CIDR, "dev", "lo"])
+        topo.serve_many([(ip, TARGET_PORT, "tcp") for ip in backends])
+        with closing(Prober(topo.namespaces["client"])) as prober:
+            yield topo, prober
 
 
 @dataclass

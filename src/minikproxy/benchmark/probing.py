@@ -15,9 +15,11 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from minikproxy.dataplane.nsenter import NetnsThread
 
+_T = TypeVar("_T")
 _IP_RECVERR = 11
 _LINGER_RESET = struct.pack("ii", 1, 0)  # close() sends a RST: no TIME_WAIT on the client
 
@@ -58,6 +60,16 @@ def _attempt(vip: str, port: int, timeout: float, source_port: int = 0) -> float
         sock.close()
 
 
+def connect_time(vip: str, port: int, timeout: float = 1.0) -> float:
+    """One new connection (the kernel's choice of source port, reset on close): its
+    handshake's seconds. Raises ProbeError when it is not answered. Call it inside the
+    client namespace (:meth:`Prober.run`)."""
+    took = _attempt(vip, port, timeout)
+    if took is None:
+        raise ProbeError(f"{vip}:{port} did not answer a connection")
+    return took
+
+
 class Prober:
     """Runs probes on one thread inside the client namespace; close it when done.
 
@@ -81,6 +93,11 @@ class Prober:
     def _call(self, fn: Callable[[], object]) -> object:
         return self._thread.call(fn)
 
+    def run(self, fn: Callable[[], _T]) -> _T:
+        """``fn()`` on the probing thread, inside the client namespace (a measurement of the
+        caller's own, made of :func:`connect_time` calls, say)."""
+        return self._thread.call(fn)
+
     def connect_latencies(
         self, vip: str, port: int, count: int, timeout: float = 1.0
     ) -> list[float]:
@@ -92,10 +109,7 @@ class Prober:
             for _ in range(count):
                 if self._stop.is_set():
                     break
-                took = _attempt(vip, port, timeout)
-                if took is None:
-                    raise ProbeError(f"{vip}:{port} did not answer a connection")
-                samples.append(took)
+                samples.append(connect_time(vip, port, timeout))
             return samples
 
         result = self._call(run)

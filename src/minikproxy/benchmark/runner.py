@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import secrets
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -26,13 +26,15 @@ from typing import Any, TypeVar
 
 from minikproxy.benchmark import ALL_MODES, DEFAULT_SIZES, ipvsvm, strategies
 from minikproxy.benchmark.adapters import ADAPTERS, MISSING, IptablesNft, Ipvs, ModeAdapter
-from minikproxy.benchmark.cluster import SERVICE_CIDR, TARGET_PORT, backend_addresses
+from minikproxy.benchmark.cluster import backend_addresses
 from minikproxy.benchmark.live import ControllerError, run_live
 from minikproxy.benchmark.measure import (
     Cluster,
     CompileResults,
     Scratch,
     build_cluster,
+    datapath_topology,
+    load_direct,
     measure_compile,
     measure_datapath,
     measure_load,
@@ -41,10 +43,9 @@ from minikproxy.benchmark.measure import (
 )
 from minikproxy.benchmark.probing import ProbeError, Prober
 from minikproxy.benchmark.results import Record, Skipped
-from minikproxy.benchmark.shield import closing
 from minikproxy.benchmark.stats import percentile, summarize
 from minikproxy.testing.ipvsload import kernel_has_ipvs
-from minikproxy.testing.netns import DEFAULT_CLIENTS, Topology
+from minikproxy.testing.netns import Topology
 
 _T = TypeVar("_T")
 
@@ -356,11 +357,7 @@ class Runner:
     @staticmethod
     def _load_direct(adapter: ModeAdapter, topo: Topology, cluster: Cluster) -> None:
         """The mode's full apply of the cluster into the topology's node."""
-        direct = adapter.build(topo.namespaces["node"])
-        try:
-            direct.apply(adapter.compile(direct, cluster.snapshot.state), None, True)
-        finally:
-            direct.close()
+        load_direct(adapter, topo.namespaces["node"], cluster)
 
     def _reference_datapath(self, adapter: ModeAdapter, cluster: Cluster) -> None:
         """The data path of ``adapter``'s rules loaded directly (no controller)."""
@@ -369,22 +366,10 @@ class Runner:
             self._load_direct(adapter, topo, cluster)
             self._datapath(adapter.name, cluster.size, prober)
 
-    @contextmanager
-    def _topology(self, backends: tuple[str, ...]) -> Iterator[tuple[Topology, Prober]]:
-        # Closed under cleanup_shield: a second interrupt must not leave namespaces behind.
-        with closing(Topology(
-            clients=DEFAULT_CLIENTS,
-            backends=(*backends, "fd00:10:2::2"),  # an IPv6 address too: the harness routes both
-            prefix=f"{self.settings.prefix}-t{self._topologies}",
-        )) as topo:  # fmt: skip
-            topo.setup()
-            # Connections no rule rewrote are refused by the upstream (TCP RST) rather than
-            # answered with ICMP net unreachable, which the kernel rate-limits per source
-            # (routing errors: 5, then one a second): probes must all get an answer quickly.
-            topo.exec_in("upstream", ["ip", "route", "add", "local", SERVICE_CIDR, "dev", "lo"])
-            topo.serve_many([(ip, TARGET_PORT, "tcp") for ip in backends])
-            with closing(Prober(topo.namespaces["client"])) as prober:
-                yield topo, prober
+    def _topology(
+        self, backends: tuple[str, ...]
+    ) -> AbstractContextManager[tuple[Topology, Prober]]:
+        return datapath_topology(backends, f"{self.settings.prefix}-t{self._topologies}")
 
     def _datapath(self, mode: str, size: int, prober: Prober) -> None:
         s = self.settings
