@@ -71,7 +71,7 @@ def test_a_dropped_probe_does_not_round_the_latency_up_to_its_timeout() -> None:
             stop.set()
             thread.join()
     late = seen - switched[0]
-    assert -0.002 < late < 0.015, f"seen {late * 1000:.1f} ms after it answered"
+    assert -0.002 < late < 0.03, f"seen {late * 1000:.1f} ms after it answered"
 
 
 def test_refused_then_answering_and_answering_then_refused() -> None:
@@ -91,7 +91,7 @@ def test_refused_then_answering_and_answering_then_refused() -> None:
     with suppress(BlockingIOError):
         while True:
             server.accept()[0].close()
-    assert -0.002 < seen - switched[0] < 0.015
+    assert -0.002 < seen - switched[0] < 0.03
 
     def close_later() -> None:
         time.sleep(0.05)
@@ -100,7 +100,7 @@ def test_refused_then_answering_and_answering_then_refused() -> None:
 
     threading.Thread(target=close_later).start()
     seen = wait_answering("127.0.0.1", port, False, 5, probe_timeout=PROBE_TIMEOUT)
-    assert -0.002 < seen - switched[1] < 0.015
+    assert -0.002 < seen - switched[1] < 0.03
 
 
 def test_probes_in_flight_are_bounded_and_closed(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -122,3 +122,39 @@ def test_probes_in_flight_are_bounded_and_closed(monkeypatch: pytest.MonkeyPatch
     assert len(opened) > 4  # it went on probing as the old probes expired
     assert most == 4
     assert all(s.fileno() == -1 for s in opened)
+
+
+def test_answers_that_came_while_the_prober_was_paused_count_as_answers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The probing thread can be paused (the GIL, a busy machine) past a probe's timeout
+    while its handshake is done: that probe was answered, not dropped, or an endpoint or a
+    Service removed looks gone before it is."""
+    real_open = probing._open_probe
+    opened = 0
+
+    def pausing_open(vip: str, port: int, source_port: int) -> probing._Probe:
+        nonlocal opened
+        probe = real_open(vip, port, source_port)
+        opened += 1
+        if opened == 5:
+            time.sleep(3 * 0.01)
+        return probe
+
+    monkeypatch.setattr(probing, "_open_probe", pausing_open)
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(1024)
+    try:
+        with pytest.raises(TimeoutError):  # it answers throughout: never seen refusing
+            wait_answering("127.0.0.1", server.getsockname()[1], False, 0.3, probe_timeout=0.01)
+    finally:
+        server.close()
+
+
+def test_a_local_failure_is_raised_not_taken_for_a_refusal() -> None:
+    """A connect the kernel refuses locally (here EACCES: broadcast without SO_BROADCAST)
+    says nothing about the target: it used to count as "not answering"."""
+    with pytest.raises(OSError) as caught:
+        wait_answering("255.255.255.255", 80, False, 1)
+    assert not isinstance(caught.value, TimeoutError)

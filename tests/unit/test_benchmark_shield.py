@@ -89,3 +89,19 @@ def test_the_shield_hands_a_held_signal_on_to_the_handler_before() -> None:
             os.kill(os.getpid(), signal.SIGTERM)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_signal_held_during_a_failing_cleanup_is_not_lost() -> None:
+    """A cleanup that fails (a probe server's stop raising) is recorded and the run moves on:
+    the ^C that came during it must still interrupt the run."""
+    with pytest.raises(KeyboardInterrupt) as caught, cleanup_shield():
+        os.kill(os.getpid(), signal.SIGINT)
+        raise OSError("stopping the probe server failed")
+    assert isinstance(caught.value.__context__, OSError)
+
+
+def test_the_interrupt_that_started_a_cleanup_is_not_delivered_twice() -> None:
+    with pytest.raises(KeyboardInterrupt) as caught, cleanup_shield():
+        os.kill(os.getpid(), signal.SIGINT)  # a second ^C, held ...
+        raise KeyboardInterrupt("the first")  # ... while the first propagates
+    assert str(caught.value) == "the first"

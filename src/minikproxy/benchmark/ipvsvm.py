@@ -155,7 +155,7 @@ def run_vm_part(
         tail: list[str] = []
         proc = subprocess.Popen(
             vm_argv(command, vm_dir), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
+            stderr=subprocess.STDOUT, text=True, errors="replace", env=env, start_new_session=True,
         )  # fmt: skip
         try:
             for line in _lines_of(proc):
@@ -180,13 +180,17 @@ def _lines_of(proc: subprocess.Popen[str]) -> Iterator[str]:
     """``proc``'s output lines, read in a thread: the guest may stay silent for many minutes,
     and a ^C the kernel hands another thread is seen only when the main thread runs Python
     code, so it waits for lines a little at a time."""
-    lines: queue.Queue[str | None] = queue.Queue()
+    lines: queue.Queue[str | BaseException | None] = queue.Queue()
 
     def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.put(line.rstrip())
-        lines.put(None)
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.put(line.rstrip())
+        except BaseException as exc:  # handed to the reader, which raises it
+            lines.put(exc)
+        finally:
+            lines.put(None)
 
     threading.Thread(target=pump, name="ipvs-vm-output", daemon=True).start()
     while True:
@@ -196,6 +200,8 @@ def _lines_of(proc: subprocess.Popen[str]) -> Iterator[str]:
             continue
         if line is None:
             return
+        if isinstance(line, BaseException):
+            raise VmError(f"reading the IPVS VM's output failed: {line!r}") from line
         yield line
 
 

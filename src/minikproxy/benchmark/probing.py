@@ -34,6 +34,10 @@ PROBE_TIMEOUT = 0.01 * float(os.environ.get("MINIKPROXY_TIME_SCALE", "1"))
 #: Probes :func:`wait_answering` keeps in flight at most (one a millisecond, each up to
 #: :data:`PROBE_TIMEOUT`: about 11 natively).
 MAX_IN_FLIGHT = 64
+#: Connect errors that are the target's (or the path's) answer, coming back after the SYN
+#: went out: a RST, an ICMP unreachable. Any other error is a local failure and is raised
+#: (an immediate one too, but a RST from a local listener).
+_REFUSALS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH})
 #: Source ports :meth:`Prober.wait_answering` cycles through.
 SOURCE_PORTS = range(20000, 60000)
 
@@ -182,6 +186,8 @@ def _open_probe(vip: str, port: int, source_port: int) -> _Probe:
     if err == errno.EINPROGRESS:
         return _Probe(sock, sent)
     sock.close()
+    if err not in (0, errno.ECONNREFUSED):  # a local failure (no route...), not an answer
+        raise OSError(err, f"connect to {vip}:{port}: {os.strerror(err)}")
     return _Probe(None, sent, err == 0)
 
 
@@ -230,12 +236,25 @@ def wait_answering(
             probe.sock.close()
             probe.sock = None
 
+    def collect(wait_ms: int) -> None:
+        """Finish the probes whose handshake ended (answered, or refused by the target)."""
+        for fd, _ in poller.poll(wait_ms):
+            probe = by_fd[fd]
+            assert probe.sock is not None
+            err = probe.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err != 0 and err not in _REFUSALS:
+                raise OSError(err, f"connect to {vip}:{port}: {os.strerror(err)}")
+            finish(probe, err == 0)
+
     try:
         start = time.perf_counter()
         deadline = start + timeout
         next_send = start
         while True:
             now = time.perf_counter()
+            # Handshakes that ended count before any expiry: this thread may have been
+            # paused (the GIL) past a probe's limit while its answer was already in.
+            collect(0)
             # Expire probes whose SYN went unanswered for ``limit``.
             for probe in pending:
                 if probe.answered is None and now - probe.sent >= limit:
@@ -251,8 +270,10 @@ def wait_answering(
                     and not (stop is not None and stop.is_set())):  # fmt: skip
                 try:
                     probe = _open_probe(vip, port, ports() if ports else 0)
-                except OSError:  # the source port is still taken: the next one
-                    next_send = now + interval
+                except OSError as err:
+                    if err.errno != errno.EADDRINUSE:
+                        raise
+                    next_send = now + interval  # the source port is still taken: the next one
                     continue
                 pending.append(probe)
                 if probe.sock is not None:
@@ -263,13 +284,10 @@ def wait_answering(
                 next_send = max(next_send + interval, now)
                 continue
             waits = [p.sent + limit for p in pending if p.answered is None]
-            if not seen and now < deadline:
-                waits.append(next_send)
+            if not seen and now < deadline and len(pending) < max_in_flight:
+                waits.append(next_send)  # (at the cap, the next send waits for a probe's end)
             wake = min(waits, default=now + interval)
-            for fd, _ in poller.poll(max(0, math.ceil((wake - now) * 1000))):
-                probe = by_fd[fd]
-                assert probe.sock is not None
-                finish(probe, probe.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0)
+            collect(max(0, math.ceil((wake - now) * 1000)))
     finally:
         for probe in pending:
             if probe.sock is not None:

@@ -36,8 +36,10 @@ def _deliver(handler: _Handler, signum: int) -> None:
 def cleanup_shield() -> Iterator[None]:
     """Run the block (a cleanup) to its end: a SIGINT or SIGTERM arriving meanwhile is held,
     and handed to the handler it would have met once the block is done, unless the block
-    ends with an exception (such as the interrupt that started the cleanup): then it is
-    dropped. Off the main thread, where Python cannot set handlers, it does nothing."""
+    ends with the interrupt (KeyboardInterrupt) that started the cleanup: then it is
+    dropped. A block failing otherwise still gets it delivered (a ^C must not be lost to a
+    cleanup error the caller records and moves on from). Off the main thread, where Python
+    cannot set handlers, it does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -47,13 +49,17 @@ def cleanup_shield() -> Iterator[None]:
         held.append(signum)
 
     previous = {sig: signal.signal(sig, hold) for sig in SIGNALS}
+    interrupted = False
     try:
         yield
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if held:
-        _deliver(previous[signal.Signals(held[0])], held[0])
+        if held and not interrupted:
+            _deliver(previous[signal.Signals(held[0])], held[0])
 
 
 @contextmanager

@@ -418,7 +418,6 @@ class NetlinkIpvsKernel:
     def add_address(self, address: str) -> None:
         from pyroute2.netlink.exceptions import NetlinkError
 
-        self.writes += 1
         prefix = 128 if ":" in address else 32
         try:
             self._ipr.addr(
@@ -427,6 +426,8 @@ class NetlinkIpvsKernel:
         except NetlinkError as err:
             if err.code != errno.EEXIST:
                 raise
+            return  # bound already: nothing changed
+        self.writes += 1
 
     @_in_worker
     def delete_address(self, address: str) -> None:

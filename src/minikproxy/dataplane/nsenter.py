@@ -129,7 +129,10 @@ class _Reply:
         self._done.set()
 
     def wait(self) -> object:
-        self._done.wait()
+        # Looking up every 0.5 s: a ^C the kernel hands another thread runs its handler only
+        # when this (often the main) thread runs Python code again.
+        while not self._done.wait(0.5):
+            pass
         if self._error is not None:
             raise self._error
         return self._value
