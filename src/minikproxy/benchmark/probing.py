@@ -42,18 +42,32 @@ _REFUSALS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH
 SOURCE_PORTS = range(20000, 60000)
 
 
-def _attempt(vip: str, port: int, timeout: float, source_port: int = 0) -> float | None:
-    """Connect once (from ``source_port`` if not 0); the handshake's duration in seconds, or
-    None if not answered."""
+def _probe_socket(source_port: int, timeout: float | None) -> socket.socket:
+    """A TCP socket for one probe: bound to ``source_port`` (0: the kernel's choice), failing
+    at once on ICMP unreachable instead of after SYN retries, closed with a RST (no
+    TIME_WAIT); ``timeout`` None makes it non-blocking."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         if source_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(("0.0.0.0", source_port))
-        # ICMP unreachable fails the connect at once instead of after SYN retries.
         sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-        sock.settimeout(timeout)
+        if timeout is None:
+            sock.setblocking(False)
+        else:
+            sock.settimeout(timeout)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _attempt(vip: str, port: int, timeout: float, source_port: int = 0) -> float | None:
+    """Connect once (from ``source_port`` if not 0); the handshake's duration in seconds, or
+    None if not answered."""
+    sock = _probe_socket(source_port, timeout)
+    try:
         start = time.perf_counter()
         try:
             sock.connect((vip, port))
@@ -170,17 +184,7 @@ class _Probe:
 
 def _open_probe(vip: str, port: int, source_port: int) -> _Probe:
     """Start a non-blocking connect from ``source_port`` (0: the kernel's choice)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        if source_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(("0.0.0.0", source_port))
-        sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
+    sock = _probe_socket(source_port, None)
     sent = time.perf_counter()
     err = sock.connect_ex((vip, port))
     if err == errno.EINPROGRESS:
