@@ -15,7 +15,6 @@ import json
 import os
 import queue
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from minikproxy.benchmark.results import Record, Skipped, read_results, write_results
-from minikproxy.benchmark.shield import cleanup_shield
+from minikproxy.benchmark.shield import stop_process_group
 
 #: Appended to the mode of every record measured in the VM.
 VM_SUFFIX = " (VM)"
@@ -164,9 +163,7 @@ def run_vm_part(
                     show(line)
             proc.wait()
         finally:
-            with cleanup_shield():
-                if proc.poll() is None:
-                    _stop(proc)
+            _stop(proc)
         seconds = time.monotonic() - start
         results = shared / RESULTS_FILE
         if proc.returncode != 0 or not results.exists():
@@ -207,12 +204,7 @@ def _lines_of(proc: subprocess.Popen[str]) -> Iterator[str]:
 
 def _stop(proc: subprocess.Popen[str]) -> None:
     """Stop the VM script and qemu (SIGTERM, so the script removes its run directory)."""
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    stop_process_group(proc, 15)
 
 
 def write_vm_results(directory: Path, header: dict[str, Any], records: Sequence[Record]) -> None:

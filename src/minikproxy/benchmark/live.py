@@ -14,8 +14,6 @@ only takes its 10 ms timeout longer to count as unanswered).
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -40,7 +38,7 @@ from minikproxy.benchmark.cluster import (
     bench_slice,
 )
 from minikproxy.benchmark.probing import Prober
-from minikproxy.benchmark.shield import cleanup_shield
+from minikproxy.benchmark.shield import stop_process_group
 from minikproxy.dataplane.nsenter import run_in_netns
 from minikproxy.testing.apiserver import FakeApiServer
 
@@ -131,14 +129,7 @@ def controller(
     try:
         yield proc
     finally:
-        with cleanup_shield():  # up to 20 s: a second interrupt meanwhile waits
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+        stop_process_group(proc, 20)  # up to 20 s: a second interrupt meanwhile waits
 
 
 def _log_tail(log: Path) -> str:

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 #: The signals that interrupt ``minikproxy bench`` (Ctrl-C, and ``kill``/a supervisor).
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -93,3 +94,17 @@ def interruptible() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def stop_process_group(proc: subprocess.Popen[Any], grace: float) -> None:
+    """Stop ``proc``'s process group (it was started with ``start_new_session``): SIGTERM,
+    then SIGKILL after ``grace`` seconds; under :func:`cleanup_shield`."""
+    with cleanup_shield():
+        if proc.poll() is not None:
+            return
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -85,6 +85,16 @@ class Selection:
         return False
 
 
+def _object_key(obj: Mapping[str, Any]) -> _GroupKey | None:
+    """(kind, namespace, name) of an object the tracker names; None for one it does not
+    track (a Node) or cannot name (metadata not a mapping), which it skips."""
+    kind = obj.get("kind")
+    meta = obj.get("metadata") or {}
+    if kind not in _TRACKED or not (type(meta) is dict or isinstance(meta, Mapping)):
+        return None
+    return (str(kind), str(meta.get("namespace") or "default"), str(meta.get("name") or ""))
+
+
 def _batches(groups: Sequence[list[SourcedObject]]) -> Iterator[list[SourcedObject]]:
     start, size = 0, 16
     while start < len(groups):
@@ -108,13 +118,12 @@ def select(
     for side, objects in enumerate(sides):
         for i, item in enumerate(objects):
             obj = item.obj
-            kind = obj.get("kind")
-            meta = obj.get("metadata") or {}
-            if kind not in _TRACKED or not (type(meta) is dict or isinstance(meta, Mapping)):
+            key = _object_key(obj)
+            if key is None:
                 # Not chosen here (a Node), or the tracker cannot name it and skips it.
                 always[side].add(i)
                 continue
-            key = (kind, str(meta.get("namespace") or "default"), str(meta.get("name") or ""))
+            kind = key[0]
             group = groups.get(key)
             if group is None:
                 group = groups[key] = _Group(key, [[] for _ in sides])
@@ -266,12 +275,10 @@ def changed_frontends(
     for side, objects in enumerate((old, new)):
         for item in objects:
             obj = item.obj
-            kind = obj.get("kind")
-            meta = obj.get("metadata") or {}
-            if kind not in _TRACKED or not (type(meta) is dict or isinstance(meta, Mapping)):
+            key = _object_key(obj)
+            if key is None:
                 others[side].append(obj)
                 continue
-            key = (str(kind), str(meta.get("namespace") or "default"), str(meta.get("name") or ""))
             sides[side].setdefault(key, []).append(obj)
     if others[0] != others[1]:
         return None
